@@ -1,0 +1,51 @@
+"""Small file helpers shared by every stage: atomic writes and strict JSON."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` and move it into place only if the block succeeds.
+
+    A job killed or failing half-way leaves no file that a workflow manager would take as complete.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        if tmp.is_file():
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.is_file():
+            tmp.unlink()
+
+
+def _finite(value):
+    """Replace NaN/inf (not valid JSON) by null, keeping the rest of the structure."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def write_json(path: str | Path, data) -> None:
+    """Write strict JSON atomically: non-finite numbers become null, never NaN/Infinity."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(_finite(data), indent=2, allow_nan=False) + "\n")
+
+
+def read_json(path: str | Path):
+    return json.loads(Path(path).read_text())

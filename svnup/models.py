@@ -1,0 +1,287 @@
+"""One block engine for decoder-only LMs: load, capture block inputs, run blocks, score with the head.
+
+Every stage (perplexity, pruning, coalition evaluation) works on the same view of a model: an input
+stage (embeddings, positions), a list of decoder blocks that each map hidden states to hidden states,
+and an output stage (final norm, projection, LM head). Model families differ only in where those
+modules live, so a family is a few attribute paths chosen by ``config.model_type``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where a model family keeps its input stage, blocks and output stage."""
+
+    blocks: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    head: str = "lm_head"
+
+
+_LLAMA_LIKE = Family(
+    blocks="model.layers",
+    inputs=("model.embed_tokens", "model.rotary_emb"),
+    outputs=("model.norm",),
+)
+FAMILIES: dict[str, Family] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "opt": Family(
+        blocks="model.decoder.layers",
+        inputs=(
+            "model.decoder.embed_tokens",
+            "model.decoder.embed_positions",
+            "model.decoder.project_in",
+        ),
+        outputs=("model.decoder.final_layer_norm", "model.decoder.project_out"),
+    ),
+}
+
+
+def family_of(model_type: str) -> Family:
+    """The family for ``config.model_type``, or a one-line error listing the supported ones."""
+    try:
+        return FAMILIES[model_type]
+    except KeyError:
+        supported = ", ".join(sorted(FAMILIES))
+        raise ValueError(
+            f"unsupported model_type {model_type!r}; supported model types: {supported}"
+        ) from None
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} requested but CUDA is not available; use device: cpu")
+    return device
+
+
+def _get(root: nn.Module, path: str) -> nn.Module | None:
+    module = root
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+def linear_layers(block: nn.Module) -> dict[str, nn.Linear]:
+    """Every linear layer of a block, by its name inside the block (the pruning targets)."""
+    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+
+class _StopForward(Exception):
+    """Raised by the catcher once block 0 has seen its inputs."""
+
+
+class _Catcher(nn.Module):
+    """Stands in for block 0 to record what the model passes to its blocks."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+        self.hidden: torch.Tensor | None = None
+        self.kwargs: dict = {}
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        if args:
+            raise TypeError("blocks are expected to receive keyword arguments after hidden_states")
+        self.hidden = hidden_states
+        self.kwargs = kwargs
+        raise _StopForward
+
+
+class BlockModel:
+    """A causal LM seen as input stage -> blocks -> output stage, on a compute device.
+
+    With ``offload`` the weights stay on the CPU and each stage is moved to the compute device only
+    while it runs, so a model larger than the device can still be pruned block by block.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        device: str | torch.device = "cpu",
+        offload: bool | str = "auto",
+        batch_size: int = 8,
+    ) -> None:
+        self.model = model.eval()
+        self.family = family_of(model.config.model_type)
+        self.device = resolve_device(device)
+        self.blocks: nn.ModuleList = _get(model, self.family.blocks)
+        self.batch_size = batch_size
+        self.dtype = next(model.parameters()).dtype
+        self.offload = self._decide_offload(offload)
+        self._resident: dict[int, int] = {}
+        if not self.offload:
+            self.model.to(self.device)
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.blocks)
+
+    def _decide_offload(self, offload: bool | str) -> bool:
+        if offload != "auto":
+            return bool(offload)
+        if self.device.type != "cuda":
+            return False
+        weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return weight_bytes > 0.7 * free
+
+    @contextlib.contextmanager
+    def on_device(self, *modules: nn.Module | None) -> Iterator[None]:
+        """Keep ``modules`` on the compute device for the duration (a no-op without offload).
+
+        Re-entrant: a module entered twice goes back to the CPU only when the outer use ends.
+        """
+        present = [m for m in modules if m is not None]
+        if not self.offload:
+            yield
+            return
+        for module in present:
+            if self._resident.get(id(module), 0) == 0:
+                module.to(self.device)
+            self._resident[id(module)] = self._resident.get(id(module), 0) + 1
+        try:
+            yield
+        finally:
+            for module in present:
+                self._resident[id(module)] -= 1
+                if self._resident[id(module)] == 0:
+                    module.to("cpu")
+
+    def _stage(self, paths: tuple[str, ...]) -> list[nn.Module]:
+        return [m for m in (_get(self.model, p) for p in paths) if m is not None]
+
+    def block_params(self) -> list[int]:
+        """Number of prunable (linear) weights per block, the weights of the weighted mean."""
+        return [
+            sum(m.weight.numel() for m in linear_layers(block).values()) for block in self.blocks
+        ]
+
+    @torch.no_grad()
+    def embed(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Hidden states entering block 0 for every sequence, and the block keyword arguments.
+
+        The keyword arguments (position embeddings, masks, ...) are whatever the model itself passes
+        its blocks, captured from a one-sequence forward so they broadcast over any batch size.
+        """
+        catcher = _Catcher(self.blocks[0])
+        self.blocks[0] = catcher
+        batches = [input_ids[:1], *input_ids.split(self.batch_size)]
+        captured = []
+        try:
+            with self.on_device(*self._stage(self.family.inputs)):
+                for batch in batches:
+                    with contextlib.suppress(_StopForward):
+                        self.model(input_ids=batch.to(self.device), use_cache=False)
+                    captured.append((catcher.hidden, catcher.kwargs))
+        finally:
+            self.blocks[0] = catcher.block
+        kwargs = captured[0][1]
+        hidden = torch.cat([h for h, _ in captured[1:]])
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
+        kwargs["use_cache"] = False
+        return hidden, kwargs
+
+    @torch.no_grad()
+    def forward_block(self, index: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """Run block ``index`` on ``hidden`` [N, T, d] in micro-batches; returns new hidden states."""
+        block = self.blocks[index]
+        with self.on_device(block):
+            out = torch.empty_like(hidden)
+            for start in range(0, hidden.shape[0], self.batch_size):
+                out[start : start + self.batch_size] = block(
+                    hidden[start : start + self.batch_size], **kwargs
+                )
+        return out
+
+    def forward_blocks(
+        self, hidden: torch.Tensor, kwargs: dict, blocks: range | None = None, desc: str = ""
+    ) -> torch.Tensor:
+        """Propagate ``hidden`` through ``blocks`` (all by default), with a progress bar."""
+        blocks = range(self.n_blocks) if blocks is None else blocks
+        for index in tqdm(blocks, desc=desc or "blocks", leave=False, disable=not desc):
+            hidden = self.forward_block(index, hidden, kwargs)
+        return hidden
+
+    @torch.no_grad()
+    def sequence_nll(
+        self, hidden: torch.Tensor, input_ids: torch.Tensor, chunk_tokens: int = 4096
+    ) -> torch.Tensor:
+        """Summed next-token NLL of each sequence (float64 [N]) from the last block's output.
+
+        Logits are produced ``chunk_tokens`` at a time so a large vocabulary at a long sequence
+        length never materialises the whole float32 logit tensor.
+        """
+        head = _get(self.model, self.family.head)
+        outputs = self._stage(self.family.outputs)
+        n, seqlen = input_ids.shape
+        rows_per_chunk = max(1, chunk_tokens // seqlen)
+        targets = input_ids[:, 1:].to(self.device)
+        sums = torch.zeros(n, dtype=torch.float64)
+        with self.on_device(head, *outputs):
+            for start in range(0, n, rows_per_chunk):
+                h = hidden[start : start + rows_per_chunk, :-1]
+                for module in outputs:
+                    h = module(h)
+                logits = head(h).float()
+                nll = F.cross_entropy(
+                    logits.flatten(0, 1),
+                    targets[start : start + rows_per_chunk].flatten(),
+                    reduction="none",
+                ).view(logits.shape[:2])
+                sums[start : start + rows_per_chunk] = nll.double().sum(dim=1).cpu()
+        return sums
+
+
+def load_model(
+    name_or_path: str | Path,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    offload: bool | str = "auto",
+    batch_size: int = 8,
+) -> tuple[BlockModel, object]:
+    """Load a causal LM and its tokenizer from a hub id or a local directory.
+
+    Returns the block view of the model (weights on the CPU or the device, see ``offload``) and the
+    tokenizer. The model type is checked before any weights are read.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source = str(name_or_path)
+    looks_local = source.startswith((".", "/", "~")) or Path(source).exists()
+    if looks_local and not Path(source).expanduser().is_dir():
+        raise FileNotFoundError(
+            f"model path {source!r} does not exist; give a local model directory or a hub id"
+        )
+    config = AutoConfig.from_pretrained(source)
+    family_of(config.model_type)
+    resolve_device(device)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(dtype))
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    return BlockModel(model, device=device, offload=offload, batch_size=batch_size), tokenizer

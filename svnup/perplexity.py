@@ -1,0 +1,95 @@
+"""Perplexity with the protocol of the SparseGPT / Wanda reference code.
+
+The stream is cut into non-overlapping windows of ``seqlen`` tokens (the tail is dropped). Each
+window contributes its mean next-token cross-entropy over ``seqlen - 1`` predictions, weighted by
+``seqlen``; ``ppl = exp(sum / (n_windows * seqlen))``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from svnup.models import BlockModel
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    ppl: float
+    mean_nll: float
+    dataset: str
+    split: str
+    seqlen: int
+    windows: int
+    tokens: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _exp(x: float) -> float:
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
+@torch.no_grad()
+def stream_perplexity(
+    model: BlockModel,
+    stream: torch.Tensor,
+    seqlen: int,
+    *,
+    dataset: str = "",
+    split: str = "",
+    windows_per_pass: int = 256,
+) -> PerplexityResult:
+    """Perplexity of ``stream`` ([1, T] token ids) under the block engine.
+
+    Windows go through the blocks ``windows_per_pass`` at a time, so the hidden states held on the
+    device stay bounded however long the evaluation set is.
+    """
+    start_time = time.perf_counter()
+    n_windows = stream.shape[-1] // seqlen
+    if n_windows == 0:
+        raise ValueError(f"{dataset or 'stream'} has {stream.shape[-1]} tokens, fewer than seqlen={seqlen}")
+    windows = stream.reshape(-1)[: n_windows * seqlen].view(n_windows, seqlen)
+    weighted = 0.0
+    for first in range(0, n_windows, windows_per_pass):
+        batch = windows[first : first + windows_per_pass]
+        hidden, kwargs = model.embed(batch)
+        hidden = model.forward_blocks(hidden, kwargs, desc=f"ppl {dataset} {first}/{n_windows}")
+        window_mean = model.sequence_nll(hidden, batch) / (seqlen - 1)
+        weighted += float(window_mean.sum()) * seqlen
+    mean_nll = weighted / (n_windows * seqlen)
+    return PerplexityResult(
+        ppl=_exp(mean_nll),
+        mean_nll=mean_nll,
+        dataset=dataset,
+        split=split,
+        seqlen=seqlen,
+        windows=n_windows,
+        tokens=n_windows * seqlen,
+        seconds=time.perf_counter() - start_time,
+    )
+
+
+def dataset_perplexity(
+    model: BlockModel,
+    tokenizer,
+    source: str,
+    *,
+    split: str = "test",
+    seqlen: int = 2048,
+    cache_dir: str | Path | None = None,
+) -> PerplexityResult:
+    """Perplexity on a named dataset (``wikitext2``, ``c4``, ``ptb``) or a local file."""
+    from svnup.data import eval_stream
+
+    stream = eval_stream(tokenizer, source, split=split, seqlen=seqlen, cache_dir=cache_dir)
+    return stream_perplexity(model, stream, seqlen, dataset=source, split=split)
