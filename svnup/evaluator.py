@@ -1,0 +1,151 @@
+"""Coalition evaluation with shared prefixes.
+
+A coalition is the bitmask of ablated blocks. Its raw result is the summed next-token NLL of the
+Shapley evaluation set when those blocks are ablated and every other block is dense. Coalitions are
+walked as a trie over blocks 0..L-1: all coalitions that agree on blocks 0..b-1 share the hidden
+states entering block b, so a coalition that ablates blocks 9 and 11 starts from the dense states
+at block 9, and the sibling coalitions of a window share every forward up to where they differ.
+Ablation is applied in place by swapping weight tensors; the model is never copied.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from svnup.models import BlockModel, linear_layers
+
+ABLATIONS = ("prune", "skip")
+
+ResultCallback = Callable[[int, float, int, float], None]
+
+
+@dataclass(frozen=True)
+class EvaluationStats:
+    coalitions: int
+    block_forwards: int
+    naive_block_forwards: int
+    seconds: float
+
+    @property
+    def forward_ratio(self) -> float:
+        return self.naive_block_forwards / max(self.block_forwards, 1)
+
+
+class CoalitionEvaluator:
+    """Evaluates coalitions of ablated blocks on a fixed evaluation set.
+
+    ``probe_masks[b][layer]`` (bool, True = pruned) defines the ``prune`` ablation of block b; the
+    ``skip`` ablation replaces the block by the identity (the residual stream passes through).
+    """
+
+    def __init__(
+        self,
+        model: BlockModel,
+        input_ids: torch.Tensor,
+        ablation: str = "prune",
+        probe_masks: dict[int, dict[str, torch.Tensor]] | None = None,
+    ) -> None:
+        if ablation not in ABLATIONS:
+            raise ValueError(f"unknown ablation {ablation!r}; choose one of {', '.join(ABLATIONS)}")
+        if ablation == "prune" and probe_masks is None:
+            raise ValueError("ablation 'prune' needs probe masks for the ablated blocks")
+        self.model = model
+        self.input_ids = input_ids
+        self.ablation = ablation
+        self.probe_masks = probe_masks or {}
+        self._pruned: dict[int, dict[str, torch.Tensor]] = {}
+        self.block_forwards = 0
+
+    @property
+    def n_tokens(self) -> int:
+        """Predictions per evaluation: every position but the last of every sequence."""
+        return self.input_ids.shape[0] * (self.input_ids.shape[1] - 1)
+
+    def _pruned_weights(self, index: int) -> dict[str, torch.Tensor]:
+        if index not in self._pruned:
+            if index not in self.probe_masks:
+                raise KeyError(f"no probe mask for block {index}")
+            layers = linear_layers(self.model.blocks[index])
+            self._pruned[index] = {
+                name: layer.weight.data.masked_fill(
+                    self.probe_masks[index][name].to(layer.weight.device), 0
+                )
+                for name, layer in layers.items()
+            }
+        return self._pruned[index]
+
+    def _forward(self, index: int, hidden: torch.Tensor, kwargs: dict, ablated: bool):
+        if ablated and self.ablation == "skip":
+            return hidden
+        self.block_forwards += 1
+        if not ablated:
+            return self.model.forward_block(index, hidden, kwargs)
+        layers = linear_layers(self.model.blocks[index])
+        dense = {name: layer.weight.data for name, layer in layers.items()}
+        pruned = self._pruned_weights(index)
+        try:
+            for name, layer in layers.items():
+                layer.weight.data = pruned[name]
+            return self.model.forward_block(index, hidden, kwargs)
+        finally:
+            for name, layer in layers.items():
+                layer.weight.data = dense[name]
+
+    def naive_forwards(self, mask: int) -> int:
+        """Block forwards a full forward per coalition would spend on ``mask``."""
+        skipped = bin(mask).count("1") if self.ablation == "skip" else 0
+        return self.model.n_blocks - skipped
+
+    @torch.no_grad()
+    def evaluate(self, coalitions: Iterable[int], on_result: ResultCallback) -> EvaluationStats:
+        """Evaluate each coalition once, calling ``on_result(mask, nll_sum, n_tokens, seconds)``.
+
+        ``seconds`` is the wall time since the previous result, so the stored times add up to the
+        job's time. Memory holds one set of hidden states per branching depth of the trie.
+        """
+        masks = sorted(set(coalitions))
+        if masks and not (masks[0] >= 0 and masks[-1] < 1 << self.model.n_blocks):
+            raise ValueError(f"coalition mask {masks[-1]:#x} names blocks beyond the model's")
+        if not masks:
+            return EvaluationStats(0, 0, 0, 0.0)
+        start = time.perf_counter()
+        self.block_forwards = 0
+        progress = tqdm(total=len(masks), desc="coalitions", unit="coalition")
+        clock = [time.perf_counter()]
+
+        def finish(mask: int, hidden: torch.Tensor) -> None:
+            nll = float(self.model.sequence_nll(hidden, self.input_ids).sum())
+            now = time.perf_counter()
+            on_result(mask, nll, self.n_tokens, now - clock[0])
+            clock[0] = now
+            progress.update(1)
+
+        def walk(index: int, box: list[torch.Tensor], group: list[int]) -> None:
+            hidden = box.pop()
+            while index < self.model.n_blocks:
+                dense = [m for m in group if not (m >> index) & 1]
+                ablated = [m for m in group if (m >> index) & 1]
+                if dense and ablated:
+                    walk(index + 1, [self._forward(index, hidden, kwargs, False)], dense)
+                    group = ablated
+                is_ablated = bool((group[0] >> index) & 1)
+                hidden = self._forward(index, hidden, kwargs, is_ablated)
+                index += 1
+            finish(group[0], hidden)
+
+        hidden, kwargs = self.model.embed(self.input_ids)
+        box = [hidden]
+        del hidden
+        walk(0, box, masks)
+        progress.close()
+        return EvaluationStats(
+            coalitions=len(masks),
+            block_forwards=self.block_forwards,
+            naive_block_forwards=sum(self.naive_forwards(m) for m in masks),
+            seconds=time.perf_counter() - start,
+        )
