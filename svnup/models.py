@@ -1,7 +1,7 @@
-"""One block engine for decoder-only LMs: load, capture block inputs, run blocks, score with the head.
+"""One block engine for decoder-only LMs: load, capture block inputs, run blocks, score.
 
-Every stage (perplexity, pruning, coalition evaluation) works on the same view of a model: an input
-stage (embeddings, positions), a list of decoder blocks that each map hidden states to hidden states,
+Every stage (perplexity, pruning, coalition evaluation) works on the same view of a model: an
+input stage (embeddings, positions), decoder blocks mapping hidden states to hidden states,
 and an output stage (final norm, projection, LM head). Model families differ only in where those
 modules live, so a family is a few attribute paths chosen by ``config.model_type``.
 """
@@ -75,7 +75,9 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 def resolve_device(device: str | torch.device) -> torch.device:
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} requested but CUDA is not available; use device: cpu")
+        raise ValueError(
+            f"device {str(device)!r} requested but CUDA is not available; use device: cpu"
+        )
     return device
 
 
@@ -210,7 +212,7 @@ class BlockModel:
 
     @torch.no_grad()
     def forward_block(self, index: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        """Run block ``index`` on ``hidden`` [N, T, d] in micro-batches; returns new hidden states."""
+        """Run block ``index`` on ``hidden`` [N, T, d] in micro-batches; returns the new states."""
         block = self.blocks[index]
         with self.on_device(block):
             out = torch.empty_like(hidden)
@@ -265,11 +267,13 @@ def load_model(
     device: str | torch.device = "cpu",
     offload: bool | str = "auto",
     batch_size: int = 8,
-) -> tuple[BlockModel, object]:
+    with_tokenizer: bool = True,
+) -> tuple[BlockModel, object | None]:
     """Load a causal LM and its tokenizer from a hub id or a local directory.
 
     Returns the block view of the model (weights on the CPU or the device, see ``offload``) and the
-    tokenizer. The model type is checked before any weights are read.
+    tokenizer (None when ``with_tokenizer`` is off). The model type is checked before any weights
+    are read.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -283,5 +287,5 @@ def load_model(
     family_of(config.model_type)
     resolve_device(device)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(dtype))
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(source) if with_tokenizer else None
     return BlockModel(model, device=device, offload=offload, batch_size=batch_size), tokenizer

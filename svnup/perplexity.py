@@ -57,7 +57,9 @@ def stream_perplexity(
     start_time = time.perf_counter()
     n_windows = stream.shape[-1] // seqlen
     if n_windows == 0:
-        raise ValueError(f"{dataset or 'stream'} has {stream.shape[-1]} tokens, fewer than seqlen={seqlen}")
+        raise ValueError(
+            f"{dataset or 'stream'} has {stream.shape[-1]} tokens, fewer than seqlen={seqlen}"
+        )
     windows = stream.reshape(-1)[: n_windows * seqlen].view(n_windows, seqlen)
     weighted = 0.0
     for first in range(0, n_windows, windows_per_pass):
