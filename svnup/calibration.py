@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 
-import h5py
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from svnup.io import atomic_path
+from svnup.io import atomic_path, open_h5
 from svnup.kernels import LayerStats, magnitude_mask, wanda_mask
 from svnup.models import BlockModel, linear_layers
 
@@ -76,7 +75,7 @@ def probe_masks(
 
 def save_statistics(path, calibration: torch.Tensor, stats: list[BlockStats], attrs: dict) -> None:
     """HDF5: the calibration token ids and every block's per-layer input statistics."""
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    with atomic_path(path) as tmp, open_h5(tmp, "w") as f:
         f.create_dataset("input_ids", data=calibration.cpu().numpy().astype(np.int64))
         for index, block in enumerate(stats):
             group = f.create_group(f"blocks/{index}")
@@ -86,7 +85,7 @@ def save_statistics(path, calibration: torch.Tensor, stats: list[BlockStats], at
 
 
 def load_statistics(path) -> tuple[torch.Tensor, list[BlockStats], dict]:
-    with h5py.File(path, "r") as f:
+    with open_h5(path, "r") as f:
         ids = torch.from_numpy(f["input_ids"][()])
         blocks = f["blocks"]
         stats = [
@@ -98,7 +97,7 @@ def load_statistics(path) -> tuple[torch.Tensor, list[BlockStats], dict]:
 
 def save_masks(path, masks: list[BlockMasks], attrs: dict) -> None:
     """HDF5 with bit-packed masks (one bit per weight, True = pruned)."""
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    with atomic_path(path) as tmp, open_h5(tmp, "w") as f:
         for index, block in enumerate(masks):
             for name, mask in block.items():
                 data = np.packbits(mask.numpy().reshape(-1))
@@ -109,7 +108,7 @@ def save_masks(path, masks: list[BlockMasks], attrs: dict) -> None:
 
 def load_masks(path, blocks: set[int] | None = None) -> tuple[dict[int, BlockMasks], dict]:
     """Masks of ``blocks`` (all by default) as bool tensors, and the file's metadata."""
-    with h5py.File(path, "r") as f:
+    with open_h5(path, "r") as f:
         result = {}
         for key, group in f["blocks"].items():
             index = int(key)

@@ -30,6 +30,21 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+_H5_LOCKING = {"FALSE": False, "0": False, "TRUE": True, "1": True, "BEST_EFFORT": "best-effort"}
+
+
+def open_h5(path: str | Path, mode: str = "r"):
+    """Open an HDF5 file honouring HDF5_USE_FILE_LOCKING as it is *now*.
+
+    HDF5 reads the variable once, when the library loads, so a value set later (a job script, a
+    test) would otherwise be ignored. Unset means the library's own default.
+    """
+    import h5py
+
+    value = os.environ.get("HDF5_USE_FILE_LOCKING", "").strip().upper()
+    return h5py.File(path, mode, locking=_H5_LOCKING.get(value))
+
+
 def _finite(value):
     """Replace NaN/inf (not valid JSON) by null, keeping the rest of the structure."""
     if isinstance(value, float) and not math.isfinite(value):

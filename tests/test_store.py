@@ -1,0 +1,314 @@
+"""The coalition store survives killed jobs, concurrent readers and concurrent publishers."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from svnup.store import CoalitionRecord, CoalitionStore, read_records, write_records
+
+N = 12
+IDENTITY = {"model": "tiny", "calibration": "c4:128", "probe": "wikitext", "ablation": "block"}
+CTX = multiprocessing.get_context("fork")  # children inherit the test's imports: fast and simple
+
+
+def rec(mask: int) -> CoalitionRecord:
+    """A record derived from the mask, so any reader can check what it sees is exact."""
+    return CoalitionRecord(nll_sum=mask * 0.1 + 1 / 3, n_tokens=mask % 1000 + 7, seconds=mask / 7)
+
+
+def journal(root: Path, tag: str) -> Path:
+    return root / "journal" / f"{tag}.jsonl"
+
+
+def _append_then_die(root: Path, tag: str, masks: list[int]) -> None:
+    """A job killed while writing its sixth record: SIGKILL runs no cleanup at all."""
+    store = CoalitionStore(root, N, IDENTITY)
+    with store.writer(tag) as w:
+        for mask in masks:
+            w.append(mask, rec(mask))
+        with open(journal(root, tag), "ab") as f:
+            f.write(b'{"mask": "fff", "nll_sum": 0.12')
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_a_writer(root: Path, tag: str, masks: list[int]) -> None:
+    child = CTX.Process(target=_append_then_die, args=(root, tag, masks))
+    child.start()
+    child.join(timeout=20)
+    assert child.exitcode == -signal.SIGKILL
+
+
+def test_write_read_round_trip_with_wide_masks(tmp_path):
+    records = {0: rec(0), 1 << 69: rec(5), (1 << 70) - 1: rec(9), 0b101: rec(3)}
+    path = tmp_path / "window.h5"
+    write_records(path, records, 70, {"window": "0004-0008", "seed": 3})
+    got, attrs = read_records(path)
+    assert got == records and list(got) == list(records)
+    assert attrs == {"window": "0004-0008", "seed": 3, "n_blocks": 70}
+    with h5py.File(path, "r") as f:
+        assert f["mask"].dtype == np.uint8 and f["mask"].shape == (4, 9)
+        assert f["mask"][1].tolist() == [0] * 8 + [0x20]  # bit 69 = byte 8, bit 5
+        assert f["n_tokens"].dtype == np.int64 and f["nll_sum"].dtype == np.float64
+    write_records(path, {}, 70, {})
+    assert read_records(path) == ({}, {"n_blocks": 70})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["window.h5"]  # no temp files left
+
+
+def test_bad_input_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="outside"):
+        write_records(tmp_path / "x.h5", {1 << 8: rec(1)}, 8, {})
+    with pytest.raises(ValueError, match="JSON string"):
+        write_records(tmp_path / "x.h5", {}, 8, {"identity": {"model": "m"}})
+    with pytest.raises(FileNotFoundError, match="path="):
+        read_records(tmp_path / "absent.h5")
+    store = CoalitionStore(tmp_path / "s", N, IDENTITY)
+    with pytest.raises(ValueError, match="tag="):
+        store.writer("../escape")
+    with pytest.raises(ValueError, match="masks"):
+        store.missing([-1])
+    with store.writer("w") as w:
+        with pytest.raises(ValueError, match="outside"):
+            w.append(1 << N, rec(1))
+        with pytest.raises(ValueError, match="int64"):
+            w.append(1, CoalitionRecord(0.0, 1 << 63, 0.0))
+
+
+def test_store_keeps_records_of_70_blocks(tmp_path):
+    store = CoalitionStore(tmp_path, 70, IDENTITY)
+    masks = [0, 1 << 69, (1 << 70) - 1, 5]
+    with store.writer("window-0000-0070") as w:
+        for mask in masks:
+            w.append(mask, rec(mask))
+    assert not journal(tmp_path, "window-0000-0070").exists()
+    assert store.records() == {m: rec(m) for m in masks}
+    published, attrs = read_records(store.path)
+    assert published == {m: rec(m) for m in masks} and attrs["n_blocks"] == 70
+    assert json.loads(attrs["identity"]) == IDENTITY and attrs["created"]
+    assert set(json.loads(attrs["versions"])) == {"svnup", "torch", "transformers", "h5py", "numpy"}
+    assert store.missing([5, 6, 1 << 69, 6, 7]) == [6, 7]
+
+
+def test_identity_mismatch_names_the_keys(tmp_path):
+    CoalitionStore(tmp_path, N, IDENTITY)
+    CoalitionStore(tmp_path, N, dict(reversed(IDENTITY.items())))  # key order is irrelevant
+    with pytest.raises(ValueError, match=r"model: 'tiny' vs 'other'") as err:
+        CoalitionStore(tmp_path, N, {**IDENTITY, "model": "other", "eval": "ptb"})
+    assert "eval" in str(err.value) and "n_blocks" not in str(err.value)
+    with pytest.raises(ValueError, match="n_blocks: 12 vs 13"):
+        CoalitionStore(tmp_path, N + 1, IDENTITY)
+
+
+def test_restart_after_kill_resumes_where_the_job_died(tmp_path):
+    todo = list(range(1, 11))
+    kill_a_writer(tmp_path, "window-0004-0008", todo[:5])
+    path = journal(tmp_path, "window-0004-0008")
+    assert not path.read_bytes().endswith(b"\n")  # the torn line
+    store = CoalitionStore(tmp_path, N, IDENTITY)
+    assert store.records() == {m: rec(m) for m in todo[:5]}
+    with store.writer("window-0004-0008") as w:
+        lines = path.read_bytes().split(b"\n")
+        assert len(lines) == 7 and lines[-1] == b""  # header + the 5 done, torn tail dropped
+        assert store.missing(todo) == todo[5:]
+        for mask in store.missing(todo):
+            w.append(mask, rec(mask))
+    assert read_records(store.path)[0] == {m: rec(m) for m in todo}
+    assert not path.exists()
+
+
+def test_publish_merges_only_journals_of_exited_writers_here(tmp_path):
+    store = CoalitionStore(tmp_path, N, IDENTITY)
+    kill_a_writer(tmp_path, "dead", [1, 2, 3, 4, 5])
+    header = {"journal": 1, "tag": "remote", "pid": 1, "host": "elsewhere", "start": 0}
+    lines = [
+        json.dumps(header),
+        json.dumps({"mask": "64", "nll_sum": 0.5, "n_tokens": 9, "seconds": 1.0}),
+    ]
+    journal(tmp_path, "remote").write_text("\n".join(lines) + "\n")
+    with store.writer("live") as w:
+        w.append(50, rec(50))
+        assert store.publish() == 5  # "dead" only
+        assert not journal(tmp_path, "dead").exists()
+        assert journal(tmp_path, "live").exists() and journal(tmp_path, "remote").exists()
+        with pytest.raises(RuntimeError, match="still written"):
+            store.publish(tags=["live"])
+        assert store.publish(tags=["remote", "never-written"]) == 1
+        assert not journal(tmp_path, "remote").exists()
+    assert set(read_records(store.path)[0]) == {1, 2, 3, 4, 5, 50, 100}
+
+
+def test_interrupt_leaves_the_journal_but_an_error_publishes(tmp_path):
+    store = CoalitionStore(tmp_path, N, IDENTITY)
+    with pytest.raises(KeyboardInterrupt), store.writer("ctrl-c") as w:
+        w.append(1, rec(1))
+        raise KeyboardInterrupt
+    assert journal(tmp_path, "ctrl-c").exists() and store.records() == {1: rec(1)}
+    with pytest.raises(ZeroDivisionError), store.writer("crash") as w:
+        w.append(2, rec(2))
+        raise ZeroDivisionError
+    assert not journal(tmp_path, "crash").exists()
+    assert read_records(store.path)[0] == {2: rec(2)}
+    assert store.publish() == 1  # this process no longer writes "ctrl-c"
+    assert read_records(store.path)[0] == {2: rec(2), 1: rec(1)}
+
+
+def test_a_recorded_mask_is_stored_once(tmp_path):
+    store = CoalitionStore(tmp_path, N, IDENTITY)
+    other = CoalitionRecord(99.0, 1, 1.0)
+    with store.writer("late") as late:
+        with store.writer("early") as early:
+            early.append(3, rec(3))
+            early.append(3, other)  # no-op
+            late.append(3, other)  # late opened before 3 was journaled: publishing dedupes
+            assert len(journal(tmp_path, "early").read_bytes().splitlines()) == 2
+        assert store.records()[3] == rec(3)  # the first published wins
+    with store.writer("c") as c:
+        c.append(3, other)  # no-op: published
+        assert len(journal(tmp_path, "c").read_bytes().splitlines()) == 1
+    assert read_records(store.path)[0] == {3: rec(3)}
+    with h5py.File(store.path, "r") as f:
+        assert f["mask"].shape[0] == 1
+
+
+def test_corrupt_journal_line_is_reported(tmp_path):
+    store = CoalitionStore(tmp_path, N, IDENTITY)
+    journal(tmp_path, "bad").write_text('{"journal": 1}\nnot json\n{"mask": "1"')
+    with pytest.raises(ValueError, match=r"bad.jsonl line 2"):
+        store.records()
+
+
+def _read_forever(root: Path, first_read, stop, out) -> None:
+    try:
+        store = CoalitionStore(root, N, IDENTITY)
+        seen: set[int] = set()
+        reads = 0
+        while True:
+            last = stop.is_set()
+            now = store.records()
+            assert seen <= now.keys(), f"records vanished: {sorted(seen - now.keys())}"
+            assert all(r == rec(m) for m, r in now.items()), "a record changed or is corrupt"
+            seen, reads = set(now), reads + 1
+            first_read.set()
+            if last:
+                break
+        out.put((reads, len(seen)))
+    except BaseException as err:
+        out.put(repr(err))
+
+
+def test_reader_sees_growing_valid_data_while_a_writer_publishes(tmp_path):
+    store = CoalitionStore(tmp_path, N, IDENTITY)
+    first_read, stop, out = CTX.Event(), CTX.Event(), CTX.Queue()
+    reader = CTX.Process(target=_read_forever, args=(tmp_path, first_read, stop, out))
+    reader.start()
+    assert first_read.wait(timeout=20)
+    for chunk in range(4):
+        with store.writer(f"window-{chunk}") as w:
+            for mask in range(chunk * 50, chunk * 50 + 50):
+                w.append(mask, rec(mask))
+    stop.set()
+    result = out.get(timeout=20)
+    reader.join(timeout=20)
+    assert isinstance(result, tuple), result
+    reads, last_seen = result
+    assert last_seen == 200 and reads > 5
+    assert len(read_records(store.path)[0]) == 200
+
+
+def round_masks(who: int, rnd: int) -> list[int]:
+    return [who * 1000 + rnd * 20 + i for i in range(20)] + [3000 + rnd]  # last one is shared
+
+
+def _publish_in_step(root: Path, who: int, barrier) -> None:
+    store = CoalitionStore(root, N, IDENTITY)
+    for rnd in range(5):
+        with store.writer(f"p{who}-r{rnd}") as w:
+            for mask in round_masks(who, rnd):
+                w.append(mask, rec(mask))
+            barrier.wait(timeout=20)  # both leave the block, i.e. publish, together
+
+
+def test_concurrent_publishers_lose_nothing(tmp_path):
+    store = CoalitionStore(tmp_path, N, IDENTITY)
+    barrier = CTX.Barrier(2)
+    procs = [CTX.Process(target=_publish_in_step, args=(tmp_path, who, barrier)) for who in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=30)
+    assert [p.exitcode for p in procs] == [0, 0]
+    expected = {m for who in (0, 1) for rnd in range(5) for m in round_masks(who, rnd)}
+    published = read_records(store.path)[0]
+    assert set(published) == expected
+    with h5py.File(store.path, "r") as f:
+        assert f["mask"].shape[0] == len(expected) == 205
+    assert not list((tmp_path / "journal").iterdir())
+
+
+def _lock_owner(root: Path, **owner) -> Path:
+    lock = root / ".lock"
+    lock.mkdir()
+    (lock / "owner.json").write_text(json.dumps({"start": 1, "token": "theirs", **owner}))
+    return lock
+
+
+def test_lock_of_an_exited_process_is_broken_with_a_warning(tmp_path):
+    store = CoalitionStore(tmp_path, N, IDENTITY)
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True
+    )
+    lock = _lock_owner(tmp_path, pid=int(gone.stdout), host=socket.gethostname(), time=time.time())
+    with pytest.warns(UserWarning, match="stale lock .*has exited"):
+        assert store.publish() == 0
+    assert not lock.exists()
+
+
+def test_old_lock_of_another_host_is_broken_and_a_fresh_one_times_out(tmp_path):
+    store = CoalitionStore(tmp_path, N, IDENTITY, lock_timeout_s=0.3, stale_lock_s=60)
+    lock = _lock_owner(tmp_path, pid=1, host="elsewhere", time=time.time() - 120)
+    with pytest.warns(UserWarning, match="older than 60 s"):
+        store.publish()
+    assert not lock.exists()
+    _lock_owner(tmp_path, pid=1, host="elsewhere", time=time.time())
+    with pytest.raises(TimeoutError, match="elsewhere.*remove that directory"):
+        store.publish()
+
+
+def test_hdf5_file_locking_env_is_honoured(tmp_path, monkeypatch):
+    store = CoalitionStore(tmp_path, N, IDENTITY)
+    with store.writer("w") as w:
+        w.append(7, rec(7))
+    hold = (
+        "import h5py, sys; f = h5py.File(sys.argv[1], 'r+', locking=True); "
+        "print('held', flush=True); sys.stdin.read()"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "HDF5_USE_FILE_LOCKING"}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(store.path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"  # an exclusive HDF5 lock on the file
+        if "HDF5_USE_FILE_LOCKING" not in os.environ:  # HDF5 itself has not disabled locking
+            monkeypatch.setenv("HDF5_USE_FILE_LOCKING", "TRUE")
+            with pytest.raises(OSError, match="lock"):
+                store.records()
+        monkeypatch.setenv("HDF5_USE_FILE_LOCKING", "FALSE")
+        assert CoalitionStore(tmp_path, N, IDENTITY).records() == {7: rec(7)}
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=20)
