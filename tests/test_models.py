@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from svnup.models import BlockModel, family_of, load_model
-from tests.conftest import STORIES, needs_shared
+from conftest import STORIES, needs_shared
 
 
 def _block_logits_match(path, attn="sdpa", batch_size=3):

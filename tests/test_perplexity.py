@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from svnup.data import eval_stream
 from svnup.models import load_model
 from svnup.perplexity import stream_perplexity
-from tests.conftest import STORIES, WIKITEXT, needs_shared
+from conftest import STORIES, WIKITEXT, needs_shared
 
 
 def _reference_ppl(model, stream, seqlen):
