@@ -6,28 +6,40 @@ import contextlib
 import json
 import math
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path`` and move it into place only if the block succeeds.
+    """Yield a temporary sibling of ``path`` (a file or a directory to create) and move it into
+    place only if the block succeeds.
 
-    A job killed or failing half-way leaves no file that a workflow manager would take as complete.
+    A job killed or failing half-way leaves no output that a workflow manager would take as
+    complete; an existing ``path`` is replaced.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    _remove(tmp)
     try:
         yield tmp
         if tmp.is_file():
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
+        if tmp.is_dir():
+            _remove(path)
         os.replace(tmp, path)
     finally:
-        if tmp.is_file():
-            tmp.unlink()
+        _remove(tmp)
 
 
 _H5_LOCKING = {"FALSE": False, "0": False, "TRUE": True, "1": True, "BEST_EFFORT": "best-effort"}

@@ -95,6 +95,10 @@ def linear_layers(block: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
 
 
+def _linear_weights(block: nn.Module) -> int:
+    return sum(m.weight.numel() for m in linear_layers(block).values())
+
+
 class _StopForward(Exception):
     """Raised by the catcher once block 0 has seen its inputs."""
 
@@ -181,9 +185,7 @@ class BlockModel:
 
     def block_params(self) -> list[int]:
         """Number of prunable (linear) weights per block, the weights of the weighted mean."""
-        return [
-            sum(m.weight.numel() for m in linear_layers(block).values()) for block in self.blocks
-        ]
+        return [_linear_weights(block) for block in self.blocks]
 
     @torch.no_grad()
     def embed(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -289,3 +291,15 @@ def load_model(
     model = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(dtype))
     tokenizer = AutoTokenizer.from_pretrained(source) if with_tokenizer else None
     return BlockModel(model, device=device, offload=offload, batch_size=batch_size), tokenizer
+
+
+def block_param_counts(name_or_path: str | Path) -> list[int]:
+    """Prunable weights per block, from the model's config alone (no weights are read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(name_or_path))
+    family = family_of(config.model_type)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    blocks = _get(skeleton, family.blocks)
+    return [_linear_weights(block) for block in blocks]

@@ -271,3 +271,21 @@ def make_estimator(name: str, n_blocks: int, **params: object) -> Estimator:
             f"it takes {allowed}"
         ) from None
     return cls(n_blocks, **params)
+
+
+def coalition_jobs(estimator: Estimator) -> dict[str, list[int]]:
+    """Split the coalitions an estimator needs into independent jobs, each coalition in one job.
+
+    SWSV gets one job per window, named by its block range; a coalition shared by overlapping
+    windows belongs to the first of them, so concurrent jobs never evaluate it twice. Other
+    estimators are a single job.
+    """
+    if not isinstance(estimator, SlidingWindow):
+        return {estimator.name: estimator.coalitions()}
+    jobs: dict[str, list[int]] = {}
+    assigned: set[int] = set()
+    for start, end in estimator.windows:
+        owned = [m for m in estimator.window_coalitions(start, end) if m not in assigned]
+        assigned.update(owned)
+        jobs[f"window-{start:03d}-{end:03d}"] = owned
+    return jobs

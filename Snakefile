@@ -1,0 +1,33 @@
+# svnup: Shapley-value-based non-uniform pruning (SV-NUP) of large language models.
+#
+#   snakemake --cores all                                  # the embedded demo (default target)
+#   snakemake --cores all results/llama-7b/s0.7/ppl.json   # one model at one target sparsity
+#   snakemake --profile profiles/slurm results/llama-7b/summary.csv
+
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/demo.smk"
+include: "rules/calibration.smk"
+include: "rules/shapley.smk"
+include: "rules/allocation.smk"
+include: "rules/pruning.smk"
+include: "rules/evaluation.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        default_targets(),
+
+
+onsuccess:
+    print_outputs()

@@ -1,0 +1,44 @@
+rule calibrate:
+    input:
+        lambda wc: local_inputs(
+            settings(wc)["path"], settings(wc)["calibration"]["dataset"]
+        ),
+    output:
+        "results/{model}/calibration/{key}/calibration.h5",
+    log:
+        "results/{model}/logs/calibrate/{key}.log",
+    benchmark:
+        "results/{model}/benchmarks/calibrate/{key}.tsv"
+    conda:
+        "../envs/svnup.yaml"
+    resources:
+        **runtime_resources(),
+    params:
+        spec=lambda wc: checked(wc, cfg.calibration_spec(settings(wc))),
+    shell:
+        "python -m svnup calibrate --spec {params.spec:q} "
+        "--device {resources.device} --batch-size {resources.batch_size} "
+        "--offload {resources.offload} --out {output} > {log} 2>&1"
+
+
+rule probe:
+    input:
+        lambda wc: calibration_path(wc.model, settings(wc)),
+    output:
+        "results/{model}/probe/{key}/masks.h5",
+    log:
+        "results/{model}/logs/probe/{key}.log",
+    benchmark:
+        "results/{model}/benchmarks/probe/{key}.tsv"
+    conda:
+        "../envs/svnup.yaml"
+    resources:
+        **runtime_resources(),
+    params:
+        spec=lambda wc: checked(wc, cfg.probe_spec(settings(wc))),
+        model=lambda wc: as_json(cfg.model_spec(settings(wc))),
+    shell:
+        "python -m svnup probe --spec {params.spec:q} --model {params.model:q} "
+        "--device {resources.device} --batch-size {resources.batch_size} "
+        "--offload {resources.offload} "
+        "--calibration {input} --out {output} > {log} 2>&1"

@@ -1,0 +1,109 @@
+rule evaluate:
+    input:
+        model="results/{model}/runs/{allocation}/s{sparsity}/{pruner}/{key}/model",
+        data=lambda wc: local_inputs(*settings(wc)["evaluation"]["datasets"]),
+    output:
+        "results/{model}/runs/{allocation}/s{sparsity}/{pruner}/{key}/eval/{dataset}.json",
+    log:
+        "results/{model}/logs/evaluate/{allocation}/s{sparsity}/{pruner}/{key}/{dataset}.log",
+    benchmark:
+        "results/{model}/benchmarks/evaluate/{allocation}/s{sparsity}/{pruner}/{key}/{dataset}.tsv"
+    conda:
+        "../envs/svnup.yaml"
+    resources:
+        **runtime_resources(),
+    params:
+        spec=eval_spec_of,
+        model=lambda wc: as_json(cfg.model_spec(settings(wc))),
+    shell:
+        "python -m svnup evaluate --spec {params.spec:q} --model {params.model:q} "
+        "--device {resources.device} --batch-size {resources.batch_size} "
+        "--offload {resources.offload} "
+        "--model-dir {input.model} --out {output} > {log} 2>&1"
+
+
+rule evaluate_dense:
+    input:
+        model=lambda wc: local_inputs(settings(wc)["path"]),
+        data=lambda wc: local_inputs(*settings(wc)["evaluation"]["datasets"]),
+    output:
+        "results/{model}/runs/dense/{key}/eval/{dataset}.json",
+    log:
+        "results/{model}/logs/evaluate/dense/{key}/{dataset}.log",
+    benchmark:
+        "results/{model}/benchmarks/evaluate/dense/{key}/{dataset}.tsv"
+    conda:
+        "../envs/svnup.yaml"
+    resources:
+        **runtime_resources(),
+    params:
+        spec=eval_spec_of,
+        model=lambda wc: checked(wc, cfg.model_spec(settings(wc))),
+        path=lambda wc: settings(wc)["path"],
+    shell:
+        "python -m svnup evaluate --spec {params.spec:q} --model {params.model:q} "
+        "--device {resources.device} --batch-size {resources.batch_size} "
+        "--offload {resources.offload} "
+        "--model-dir {params.path:q} --out {output} > {log} 2>&1"
+
+
+rule collect:
+    input:
+        budget=lambda wc: budget_path(
+            wc.model, settings(wc), wc.allocation, wc.sparsity
+        ),
+        report=lambda wc: f"{run_folder(wc)}/prune.json",
+        evaluations=lambda wc: eval_paths(run_folder(wc), settings(wc)),
+    output:
+        "results/{model}/s{sparsity}/{allocation}/{pruner}/ppl.json",
+    log:
+        "results/{model}/logs/collect/s{sparsity}/{allocation}/{pruner}.log",
+    conda:
+        "../envs/svnup.yaml"
+    params:
+        target=target,
+    shell:
+        "python -m svnup collect --name {wildcards.model} --sparsity {params.target} "
+        "--allocation {wildcards.allocation} --pruner {wildcards.pruner} "
+        "--budget {input.budget} --report {input.report} "
+        "--evaluations {input.evaluations} --out {output} > {log} 2>&1"
+
+
+rule collect_dense:
+    input:
+        lambda wc: eval_paths(dense_dir(wc.model, settings(wc)), settings(wc)),
+    output:
+        "results/{model}/dense/ppl.json",
+    log:
+        "results/{model}/logs/collect/dense.log",
+    conda:
+        "../envs/svnup.yaml"
+    shell:
+        "python -m svnup collect --name {wildcards.model} --evaluations {input} --out {output} "
+        "> {log} 2>&1"
+
+
+rule configured_pruner:
+    input:
+        lambda wc: f"{target_folder(wc)}/{wc.allocation}/{settings(wc)['pruner']}/ppl.json",
+    output:
+        "results/{model}/s{sparsity}/{allocation}/ppl.json",
+    log:
+        "results/{model}/logs/collect/s{sparsity}/{allocation}.log",
+    conda:
+        "../envs/svnup.yaml"
+    shell:
+        "cp {input} {output} 2> {log}"
+
+
+rule configured_method:
+    input:
+        lambda wc: f"{target_folder(wc)}/{settings(wc)['allocation']['method']}/ppl.json",
+    output:
+        "results/{model}/s{sparsity}/ppl.json",
+    log:
+        "results/{model}/logs/collect/s{sparsity}.log",
+    conda:
+        "../envs/svnup.yaml"
+    shell:
+        "cp {input} {output} 2> {log}"

@@ -1,0 +1,31 @@
+rule prune:
+    input:
+        budget=lambda wc: budget_path(
+            wc.model, settings(wc), wc.allocation, wc.sparsity
+        ),
+        calibration=lambda wc: calibration_path(wc.model, settings(wc)),
+        model=lambda wc: local_inputs(settings(wc)["path"]),
+    output:
+        model=pruned_model(
+            "results/{model}/runs/{allocation}/s{sparsity}/{pruner}/{key}/model"
+        ),
+        report="results/{model}/runs/{allocation}/s{sparsity}/{pruner}/{key}/prune.json",
+    log:
+        "results/{model}/logs/prune/{allocation}/s{sparsity}/{pruner}/{key}.log",
+    benchmark:
+        "results/{model}/benchmarks/prune/{allocation}/s{sparsity}/{pruner}/{key}.tsv"
+    conda:
+        "../envs/svnup.yaml"
+    resources:
+        **runtime_resources(),
+    params:
+        spec=lambda wc: checked(
+            wc, cfg.prune_spec(settings(wc), wc.allocation, target(wc), wc.pruner)
+        ),
+        model=lambda wc: as_json(cfg.model_spec(settings(wc))),
+    shell:
+        "python -m svnup prune --spec {params.spec:q} --model {params.model:q} "
+        "--device {resources.device} --batch-size {resources.batch_size} "
+        "--offload {resources.offload} "
+        "--budget {input.budget} --calibration {input.calibration} "
+        "--out-dir {output.model} --report {output.report} > {log} 2>&1"

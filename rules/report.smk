@@ -1,0 +1,52 @@
+rule summary:
+    input:
+        lambda wc: ppl_targets(wc.model),
+    output:
+        report(
+            "results/{model}/summary.csv",
+            category="Perplexity",
+            labels={"model": "{model}", "table": "summary"},
+        ),
+    log:
+        "results/{model}/logs/summary.log",
+    conda:
+        "../envs/svnup.yaml"
+    params:
+        results=lambda wildcards, output: Path(output[0]).parent,
+    shell:
+        "python -m svnup summary --results {params.results} --out {output} > {log} 2>&1"
+
+
+rule plots:
+    input:
+        summary="results/{model}/summary.csv",
+        shapley=lambda wc: shapley_path(wc.model, settings(wc)),
+        budgets=report_budgets,
+    output:
+        shapley=report(
+            "results/{model}/report/shapley.png",
+            category="Shapley values",
+            labels={"model": "{model}", "figure": "per-block values"},
+        ),
+        sparsity=report(
+            "results/{model}/report/sparsity.png",
+            category="Allocation",
+            labels={"model": "{model}", "figure": "per-block sparsity"},
+        ),
+        ppl=report(
+            "results/{model}/report/perplexity.png",
+            category="Perplexity",
+            labels={"model": "{model}", "figure": "perplexity vs sparsity"},
+        ),
+        html="results/{model}/report/report.html",
+    log:
+        "results/{model}/logs/report.log",
+    conda:
+        "../envs/svnup.yaml"
+    params:
+        out=lambda wildcards, output: Path(output.html).parent,
+        results=lambda wildcards, output: Path(output.html).parent.parent,
+    shell:
+        "python -m svnup report --results {params.results} --out-dir {params.out} "
+        "--summary {input.summary} --shapley {input.shapley} --budgets {input.budgets} "
+        "> {log} 2>&1"

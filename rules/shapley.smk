@@ -1,0 +1,56 @@
+rule coalitions:
+    input:
+        calibration=lambda wc: calibration_path(wc.model, settings(wc)),
+        masks=lambda wc: (
+            probe_path(wc.model, settings(wc))
+            if settings(wc)["shapley"]["ablation"] == "prune"
+            else []
+        ),
+    output:
+        "results/{model}/coalitions/{store}/{estimator}/{key}/{job}.h5",
+    log:
+        "results/{model}/logs/coalitions/{store}/{estimator}/{key}/{job}.log",
+    benchmark:
+        "results/{model}/benchmarks/coalitions/{store}/{estimator}/{key}/{job}.tsv"
+    conda:
+        "../envs/svnup.yaml"
+    resources:
+        **runtime_resources(),
+    params:
+        spec=lambda wc: checked(wc, cfg.store_spec(settings(wc)), name="store"),
+        estimator=lambda wc: checked(
+            wc, cfg.estimator_params(settings(wc), wc.estimator)
+        ),
+        model=lambda wc: as_json(cfg.model_spec(settings(wc))),
+        store=lambda wc: f"{store_dir(wc.model, settings(wc))}/store",
+        masks=lambda wc, input: f"--masks {input.masks}" if input.masks else "",
+    shell:
+        "python -m svnup coalitions --spec {params.spec:q} --model {params.model:q} "
+        "--estimator {params.estimator:q} --job {wildcards.job} "
+        "--device {resources.device} --batch-size {resources.batch_size} "
+        "--offload {resources.offload} "
+        "--calibration {input.calibration} {params.masks} --store {params.store} "
+        "--out {output} > {log} 2>&1"
+
+
+rule shapley:
+    input:
+        lambda wc: job_paths(wc.model, settings(wc), wc.estimator),
+    output:
+        values="results/{model}/shapley/{estimator}/{key}/shapley.h5",
+        table=report(
+            "results/{model}/shapley/{estimator}/{key}/shapley.csv",
+            category="Shapley values",
+            labels={"model": "{model}", "estimator": "{estimator}", "table": "values"},
+        ),
+    log:
+        "results/{model}/logs/shapley/{estimator}/{key}.log",
+    benchmark:
+        "results/{model}/benchmarks/shapley/{estimator}/{key}.tsv"
+    conda:
+        "../envs/svnup.yaml"
+    params:
+        spec=lambda wc: checked(wc, cfg.shapley_spec(settings(wc), wc.estimator)),
+    shell:
+        "python -m svnup shapley --spec {params.spec:q} --jobs {input} --out {output.values} "
+        "--csv {output.table} > {log} 2>&1"

@@ -1,0 +1,5 @@
+import sys
+
+from svnup.cli import main
+
+sys.exit(main())

@@ -1,0 +1,251 @@
+"""Workflow configuration: schema validation, per-model settings, and cache keys.
+
+Every intermediate result lives under a path keyed by a hash of exactly the settings it depends on
+(its *spec*), so a config change re-runs only the stages whose spec changed, and reverting a change
+finds the earlier results again. Runtime settings (device, batch size, offload) are not part of any
+spec: moving a run from a workstation to a cluster recomputes nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+DEMO_MODEL = "results/demo/model"
+DEMO_CORPUS = "results/demo/corpus"
+DEMO_DEFAULTS = {"steps": 600, "n_layers": 8, "seed": 0}
+MODEL_DEFAULTS = {"dtype": "float32", "seqlen": 2048, "device": "cpu", "batch_size": 8}
+OVERRIDABLE = ("calibration", "shapley", "allocation", "pruner", "evaluation")
+HUB_DATASETS = ("wikitext2", "c4", "ptb")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported in one line that names the key."""
+
+
+def _schema() -> dict:
+    text = resources.files("svnup").joinpath("schemas/config.schema.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def _key_of(error) -> str:
+    path = [str(p) for p in error.absolute_path]
+    if error.validator == "additionalProperties":
+        extra = re.findall(r"'([^']+)' was unexpected", error.message)
+        return ".".join(path + extra[:1]) or "<top level>"
+    if error.validator == "required":
+        missing = re.findall(r"'([^']+)' is a required property", error.message)
+        return ".".join(path + missing[:1])
+    return ".".join(path) or "<top level>"
+
+
+def _hint(error) -> str:
+    if error.validator == "additionalProperties":
+        return "unknown key; remove it or check its spelling against config.yaml"
+    if error.validator == "required":
+        return "required key is missing"
+    return error.message
+
+
+def validate(config: dict) -> dict:
+    """Check ``config`` against the schema and the cross-field rules; return it unchanged."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(_schema())
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        error = errors[0]
+        raise ConfigError(f"config key '{_key_of(error)}': {_hint(error)}")
+    for name in config["targets"]["models"]:
+        model_settings(config, name)
+    for name in config["models"]:
+        settings = model_settings(config, name)
+        bounds = settings["allocation"]
+        if bounds["min"] > bounds["max"]:
+            raise ConfigError(
+                f"config key 'allocation.min': {bounds['min']} exceeds allocation.max "
+                f"{bounds['max']}; make min <= max"
+            )
+        if settings["shapley"]["eval_samples"] > settings["calibration"]["nsamples"]:
+            raise ConfigError(
+                f"config key 'shapley.eval_samples' of model '{name}': "
+                f"{settings['shapley']['eval_samples']} exceeds calibration.nsamples "
+                f"{settings['calibration']['nsamples']}; lower it or sample more"
+            )
+        for target in config["targets"]["sparsities"]:
+            check_target(settings, target, key="targets.sparsities")
+    return config
+
+
+def check_target(settings: dict, target: float, key: str = "sparsity") -> None:
+    """A target sparsity must lie in (0, 1) and within the allocation bounds."""
+    lo, hi = settings["allocation"]["min"], settings["allocation"]["max"]
+    if not 0.0 < target < 1.0:
+        raise ConfigError(f"{key}: target sparsity {target} must be in (0, 1)")
+    if not lo <= target <= hi:
+        raise ConfigError(
+            f"{key}: target sparsity {target} cannot be a mean of per-block sparsities in "
+            f"[allocation.min={lo}, allocation.max={hi}]; widen the bounds"
+        )
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def model_settings(config: dict, name: str) -> dict:
+    """The effective settings of model ``name``: global sections with its overrides applied."""
+    if name not in config["models"]:
+        known = ", ".join(sorted(config["models"]))
+        raise ConfigError(f"model '{name}' is not in config key 'models'; known models: {known}")
+    entry = {**MODEL_DEFAULTS, "offload": "auto", **config["models"][name]}
+    settings = {key: entry[key] for key in entry if key not in OVERRIDABLE}
+    for section in OVERRIDABLE:
+        base = config[section]
+        if section in entry:
+            base = _merge(base, entry[section]) if isinstance(base, dict) else entry[section]
+        settings[section] = copy.deepcopy(base)
+    settings["save_model"] = bool(config.get("save_model", False))
+    settings["demo"] = {**DEMO_DEFAULTS, **config.get("demo", {})}
+    return settings
+
+
+def key(spec: dict) -> str:
+    """A short stable hash of a spec (canonical JSON)."""
+    text = json.dumps(spec, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def runtime(settings: dict) -> dict:
+    """Settings that change how a stage runs but never what it computes."""
+    return {k: settings[k] for k in ("device", "batch_size", "offload")}
+
+
+def model_spec(settings: dict) -> dict:
+    return {"path": settings["path"], "dtype": settings["dtype"]}
+
+
+def calibration_spec(settings: dict) -> dict:
+    return {
+        "model": model_spec(settings),
+        "seqlen": settings["seqlen"],
+        **settings["calibration"],
+    }
+
+
+def probe_spec(settings: dict) -> dict:
+    shapley = settings["shapley"]
+    return {
+        "calibration": key(calibration_spec(settings)),
+        "sparsity": shapley["probe_sparsity"],
+        "pruner": shapley["probe_pruner"],
+    }
+
+
+def store_spec(settings: dict) -> dict:
+    """Identity of a coalition store: what a coalition's raw NLL depends on (not the estimator)."""
+    shapley = settings["shapley"]
+    spec = {
+        "calibration": key(calibration_spec(settings)),
+        "ablation": shapley["ablation"],
+        "eval_samples": shapley["eval_samples"],
+    }
+    if shapley["ablation"] == "prune":
+        spec["probe"] = key(probe_spec(settings))
+    return spec
+
+
+def estimator_params(settings: dict, estimator: str | None = None) -> dict:
+    """The estimator and only the parameters it uses."""
+    shapley = settings["shapley"]
+    name = estimator or shapley["estimator"]
+    params = {"estimator": name}
+    if name == "swsv":
+        params.update(width=shapley["window"], stride=shapley["stride"])
+    elif name == "permutation":
+        params.update(n_permutations=shapley["n_permutations"], seed=0)
+    return params
+
+
+def shapley_spec(settings: dict, estimator: str | None = None) -> dict:
+    return {
+        "store": key(store_spec(settings)),
+        **estimator_params(settings, estimator),
+        "value": settings["shapley"]["value"],
+    }
+
+
+def owl_spec(settings: dict) -> dict:
+    return {"calibration": key(calibration_spec(settings)), "m": settings["allocation"]["owl"]["m"]}
+
+
+def budget_spec(settings: dict, method: str) -> dict:
+    """What an allocation depends on, for every target sparsity (the target is in the path)."""
+    allocation = settings["allocation"]
+    spec = {"method": method, "min": allocation["min"], "max": allocation["max"]}
+    if method == "svnup":
+        spec.update(importance=key(shapley_spec(settings)), lam=allocation["lambda"])
+    elif method == "loo":
+        spec.update(importance=key(shapley_spec(settings, "loo")), lam=allocation["lambda"])
+    elif method == "owl":
+        spec.update(importance=key(owl_spec(settings)), lam=allocation["owl"]["lambda"])
+    else:
+        spec.update(model=model_spec(settings))
+    return spec
+
+
+def prune_spec(settings: dict, method: str, sparsity: float, pruner: str) -> dict:
+    return {
+        "budget": key(budget_spec(settings, method)),
+        "sparsity": sparsity,
+        "pruner": pruner,
+        "calibration": key(calibration_spec(settings)),
+    }
+
+
+def eval_spec(settings: dict, dataset: str) -> dict:
+    return {
+        "dataset": dataset,
+        "split": settings["evaluation"]["split"],
+        "seqlen": settings["seqlen"],
+    }
+
+
+def eval_id(settings: dict, dataset: str) -> str:
+    """A readable file stem for one evaluation: the dataset's name and its spec's key."""
+    stem = Path(dataset).stem if dataset not in HUB_DATASETS else dataset
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", stem).strip("-") or "data"
+    return f"{slug}-{key(eval_spec(settings, dataset))}"
+
+
+def is_workflow_path(path: str) -> bool:
+    """Whether ``path`` names a file the workflow itself produces (a rule must build it first)."""
+    return Path(path).parts[:1] == ("results",)
+
+
+def n_blocks(settings: dict) -> int:
+    """Decoder blocks of the model, read from its config before any weights are loaded."""
+    if settings["path"] == DEMO_MODEL and not Path(DEMO_MODEL).exists():
+        return settings["demo"]["n_layers"]
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(settings["path"])
+    except OSError as error:
+        raise ConfigError(
+            f"model path '{settings['path']}' could not be read ({error.__class__.__name__}); "
+            "give a local model directory or a hub id available offline"
+        ) from None
+    return int(config.num_hidden_layers)

@@ -1,0 +1,384 @@
+"""The pipeline's stages, each a function from files to files.
+
+A workflow rule calls exactly one of these through ``python -m svnup STAGE``; they are equally
+usable from Python. Every output is written atomically, so a failed or killed stage leaves nothing
+that looks finished. ``spec`` is the stage's cache-key material (see ``svnup.config``) and
+``runtime`` how to run it (device, batch size, offload).
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from svnup import __version__
+from svnup.calibration import (
+    dense_statistics,
+    load_masks,
+    load_statistics,
+    probe_masks,
+    save_masks,
+    save_statistics,
+)
+from svnup.io import atomic_path, open_h5, read_json, write_json
+
+log = logging.getLogger("svnup")
+
+
+def versions() -> dict:
+    """Versions of everything that can change a number, recorded beside the numbers."""
+    found = {"svnup": __version__, "python": platform.python_version()}
+    for package in ("torch", "transformers", "datasets", "h5py", "numpy"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def _load(spec_model: dict, runtime: dict, with_tokenizer: bool = True, path: str | None = None):
+    from svnup.models import load_model
+
+    return load_model(
+        path or spec_model["path"],
+        dtype=spec_model["dtype"],
+        device=runtime.get("device", "cpu"),
+        offload=runtime.get("offload", "auto"),
+        batch_size=runtime.get("batch_size", 8),
+        with_tokenizer=with_tokenizer,
+    )
+
+
+def calibrate(spec: dict, runtime: dict, out: Path) -> None:
+    """Sample calibration sequences and record the dense model's per-layer input statistics."""
+    from svnup.data import calibration_samples
+
+    model, tokenizer = _load(spec["model"], runtime)
+    ids = calibration_samples(
+        tokenizer,
+        spec["dataset"],
+        nsamples=spec["nsamples"],
+        seqlen=spec["seqlen"],
+        seed=spec["seed"],
+    )
+    log.info("calibration: %d sequences x %d tokens from %s", *ids.shape, spec["dataset"])
+    start = time.perf_counter()
+    stats = dense_statistics(model, ids)
+    meta = {
+        "spec": spec,
+        "n_blocks": model.n_blocks,
+        "block_params": model.block_params(),
+        "seconds": time.perf_counter() - start,
+        "versions": versions(),
+    }
+    save_statistics(out, ids, stats, meta)
+
+
+def probe(spec: dict, runtime: dict, model_spec: dict, calibration: Path, out: Path) -> None:
+    """Masks that define the ``prune`` ablation of each block, from dense statistics."""
+    model, _ = _load(model_spec, runtime, with_tokenizer=False)
+    _, stats, _ = load_statistics(calibration)
+    masks = probe_masks(model, stats, spec["sparsity"], spec["pruner"])
+    save_masks(out, masks, {"spec": spec, "versions": versions()})
+
+
+def coalitions(
+    spec: dict,
+    runtime: dict,
+    model_spec: dict,
+    estimator: dict,
+    job: str,
+    calibration: Path,
+    masks: Path | None,
+    store_dir: Path,
+    out: Path,
+) -> dict:
+    """Evaluate the coalitions of one job that the store does not hold yet; write the job's records.
+
+    Results are journalled per coalition, so a killed job resumes where it stopped.
+    """
+    from svnup.evaluator import CoalitionEvaluator
+    from svnup.shapley import coalition_jobs, make_estimator
+    from svnup.store import CoalitionRecord, CoalitionStore, write_records
+
+    ids, _, meta = load_statistics(calibration)
+    n_blocks = meta["n_blocks"]
+    jobs = coalition_jobs(make_estimator(n_blocks=n_blocks, **_estimator_args(estimator)))
+    if job not in jobs:
+        raise ValueError(f"job {job!r} is not one of this estimator's jobs: {', '.join(jobs)}")
+    store = CoalitionStore(store_dir, n_blocks, spec)
+    wanted = jobs[job]
+    todo = store.missing(wanted)
+    log.info(
+        "%s: %d coalitions, %d already in the store", job, len(wanted), len(wanted) - len(todo)
+    )
+    stats = None
+    if todo:
+        model, _ = _load(model_spec, runtime, with_tokenizer=False)
+        if model.n_blocks != n_blocks:
+            raise ValueError(f"model has {model.n_blocks} blocks, calibration recorded {n_blocks}")
+        ablated = {b for m in todo for b in range(n_blocks) if (m >> b) & 1}
+        probe = load_masks(masks, ablated)[0] if spec["ablation"] == "prune" else None
+        evaluator = CoalitionEvaluator(
+            model, ids[: spec["eval_samples"]], ablation=spec["ablation"], probe_masks=probe
+        )
+        with store.writer(job) as writer:
+
+            def record(mask: int, nll: float, tokens: int, seconds: float) -> None:
+                writer.append(mask, CoalitionRecord(nll, tokens, seconds))
+
+            stats = evaluator.evaluate(todo, record)
+        log.info(
+            "%s: %d block forwards (naive evaluator: %d, %.2fx fewer) in %.1f s",
+            job,
+            stats.block_forwards,
+            stats.naive_block_forwards,
+            stats.forward_ratio,
+            stats.seconds,
+        )
+    records = store.records()
+    summary = {
+        "job": job,
+        "coalitions": len(wanted),
+        "evaluated": len(todo),
+        "block_forwards": stats.block_forwards if stats else 0,
+        "naive_block_forwards": stats.naive_block_forwards if stats else 0,
+        "seconds": stats.seconds if stats else 0.0,
+    }
+    write_records(
+        out,
+        {m: records[m] for m in wanted},
+        n_blocks,
+        {
+            "spec": _json(spec),
+            "estimator": _json(estimator),
+            "job": job,
+            "evaluation": _json(summary),
+        },
+    )
+    return summary
+
+
+def _estimator_args(estimator: dict) -> dict:
+    args = dict(estimator)
+    return {"name": args.pop("estimator"), **args}
+
+
+VALUE_TRANSFORMS = {
+    "neg_nll": lambda nll_sum, n_tokens: -nll_sum / n_tokens,
+    "neg_ppl": lambda nll_sum, n_tokens: -float(np.exp(nll_sum / n_tokens)),
+}
+
+
+def shapley(spec: dict, jobs: list[Path], out: Path, csv: Path) -> None:
+    """Per-block values from the coalition records of every job, with their uncertainty."""
+    import pandas as pd
+
+    from svnup.shapley import make_estimator
+    from svnup.store import read_records
+
+    records, n_blocks = {}, None
+    for path in jobs:
+        job_records, attrs = read_records(path)
+        records.update(job_records)
+        n_blocks = int(attrs["n_blocks"])
+    transform = VALUE_TRANSFORMS[spec["value"]]
+    estimator = make_estimator(n_blocks=n_blocks, **_estimator_args(_estimator_part(spec)))
+
+    def value(mask: int) -> float:
+        if mask not in records:
+            raise ValueError(f"coalition {mask:#x} is missing from the coalition jobs")
+        r = records[mask]
+        return transform(r.nll_sum, r.n_tokens)
+
+    result = estimator.estimate(value)
+    stderr = result.stderr if result.stderr is not None else np.full(n_blocks, np.nan)
+    seconds = sum(records[m].seconds for m in estimator.coalitions())
+    with atomic_path(out) as tmp, open_h5(tmp, "w") as f:
+        f.create_dataset("values", data=result.values)
+        f.create_dataset("stderr", data=stderr)
+        f.attrs["spec"] = _json(spec)
+        f.attrs["n_coalitions"] = result.n_coalitions
+        f.attrs["coalition_seconds"] = seconds
+        f.attrs["versions"] = _json(versions())
+    table = pd.DataFrame({"block": range(n_blocks), "shapley": result.values, "stderr": stderr})
+    with atomic_path(csv) as tmp:
+        table.to_csv(tmp, index=False)
+
+
+def _estimator_part(spec: dict) -> dict:
+    return {k: v for k, v in spec.items() if k not in ("store", "value")}
+
+
+def _json(data) -> str:
+    import json
+
+    return json.dumps(data, sort_keys=True)
+
+
+def load_importance(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Per-block values and standard errors from a Shapley HDF5 file."""
+    with open_h5(path, "r") as f:
+        return f["values"][()], f["stderr"][()]
+
+
+def owl(spec: dict, runtime: dict, model_spec: dict, calibration: Path, out: Path) -> None:
+    """Layerwise outlier density of each block (OWL), from dense statistics."""
+    from svnup.allocation import block_outlier_density
+    from svnup.models import linear_layers
+
+    model, _ = _load(model_spec, runtime, with_tokenizer=False)
+    _, stats, _ = load_statistics(calibration)
+    density = []
+    for index, block in enumerate(model.blocks):
+        pairs = [
+            (layer.weight.data, stats[index][name].sqrt())
+            for name, layer in linear_layers(block).items()
+        ]
+        density.append(block_outlier_density(pairs, spec["m"]))
+    write_json(out, {"spec": spec, "outlier_density": density, "versions": versions()})
+
+
+def budget(spec: dict, model_spec: dict, sparsity: float, importance: Path | None, out: Path):
+    """Per-block sparsities for one target: the allocation, with the weighted mean exactly on it."""
+    from svnup.allocation import allocate
+    from svnup.models import block_param_counts
+
+    params = np.asarray(block_param_counts(model_spec["path"]), dtype=np.float64)
+    method = spec["method"]
+    scores, stderr = None, None
+    if method in ("svnup", "loo"):
+        scores, stderr = load_importance(importance)
+    elif method == "owl":
+        scores = np.asarray(read_json(importance)["outlier_density"])
+    sparsities = allocate(
+        "svnup" if method == "loo" else method,
+        params=params,
+        target=sparsity,
+        lam=spec.get("lam"),
+        bounds=(spec["min"], spec["max"]),
+        importance=scores if method != "owl" else None,
+        outlier_density=scores if method == "owl" else None,
+    )
+    achieved = float(np.dot(sparsities, params) / params.sum())
+    write_json(
+        out,
+        {
+            "spec": spec,
+            "target": sparsity,
+            "achieved": achieved,
+            "sparsities": sparsities.tolist(),
+            "block_params": params.astype(int).tolist(),
+            "importance": None if scores is None else np.asarray(scores).tolist(),
+            "importance_stderr": None if stderr is None else stderr.tolist(),
+        },
+    )
+
+
+def prune(
+    spec: dict,
+    runtime: dict,
+    model_spec: dict,
+    budget_path: Path,
+    calibration: Path,
+    out_dir: Path,
+    report: Path,
+) -> None:
+    """Prune with the budget's per-block sparsities and save a Hugging Face checkpoint."""
+    from svnup.pruning import prune_model
+
+    plan = read_json(budget_path)
+    model, tokenizer = _load(model_spec, runtime)
+    ids, _, _ = load_statistics(calibration)
+    start = time.perf_counter()
+    reports = prune_model(model, ids, plan["sparsities"], method=spec["pruner"])
+    seconds = time.perf_counter() - start
+    with atomic_path(out_dir) as tmp:
+        model.model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    write_json(
+        report,
+        {
+            "spec": spec,
+            "seconds": seconds,
+            "blocks": [r.to_dict() for r in reports],
+            "versions": versions(),
+        },
+    )
+
+
+def evaluate(spec: dict, runtime: dict, model_spec: dict, model_dir: str, out: Path) -> None:
+    """Perplexity of a (pruned or dense) checkpoint on one dataset, with its protocol."""
+    from svnup.perplexity import dataset_perplexity
+
+    model, tokenizer = _load(model_spec, runtime, path=model_dir)
+    result = dataset_perplexity(
+        model, tokenizer, spec["dataset"], split=spec["split"], seqlen=spec["seqlen"]
+    )
+    log.info("%s: ppl %.4f over %d windows", spec["dataset"], result.ppl, result.windows)
+    write_json(out, {"spec": spec, **result.to_dict(), "versions": versions()})
+
+
+def collect(
+    model: str,
+    sparsity: float | None,
+    allocation: str | None,
+    pruner: str | None,
+    evaluations: list[Path],
+    out: Path,
+    budget_path: Path | None = None,
+    report: Path | None = None,
+) -> None:
+    """One ppl.json with every number of a run: perplexities, protocol, budget, timings."""
+    results = [read_json(p) for p in evaluations]
+    data = {
+        "model": model,
+        "target_sparsity": sparsity,
+        "allocation": allocation,
+        "pruner": pruner,
+        "perplexity": {r["dataset"]: r["ppl"] for r in results},
+        "evaluations": {r["dataset"]: r for r in results},
+        "versions": versions(),
+    }
+    if budget_path is not None:
+        plan = read_json(budget_path)
+        data["budget"] = {k: plan[k] for k in ("achieved", "sparsities", "importance", "spec")}
+    if report is not None:
+        pruning = read_json(report)
+        data["pruning"] = {
+            "seconds": pruning["seconds"],
+            "block_sparsity": [b["sparsity"] for b in pruning["blocks"]],
+            "blocks": pruning["blocks"],
+        }
+    write_json(out, data)
+
+
+def summary(model_dir: Path, out: Path) -> None:
+    """Gather every finished ppl.json of a model into one CSV, one row per run and dataset."""
+    import pandas as pd
+
+    rows = []
+    for path in sorted(model_dir.glob("**/ppl.json")):
+        run = read_json(path)
+        for dataset, ppl in run["perplexity"].items():
+            rows.append(
+                {
+                    "path": str(path),
+                    "allocation": run["allocation"] or "dense",
+                    "pruner": run["pruner"] or "none",
+                    "sparsity": run["target_sparsity"] or 0.0,
+                    "dataset": dataset,
+                    "ppl": ppl,
+                    "pruning_seconds": run.get("pruning", {}).get("seconds"),
+                }
+            )
+    table = pd.DataFrame(rows).drop_duplicates(
+        subset=["allocation", "pruner", "sparsity", "dataset"]
+    )
+    with atomic_path(out) as tmp:
+        table.sort_values(["dataset", "pruner", "allocation", "sparsity"]).to_csv(tmp, index=False)
