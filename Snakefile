@@ -23,6 +23,19 @@ include: "rules/evaluation.smk"
 include: "rules/report.smk"
 
 
+# Cheap bookkeeping runs on the submitting host, never as a cluster job.
+localrules:
+    all,
+    budget,
+    shapley,
+    collect,
+    collect_dense,
+    configured_pruner,
+    configured_method,
+    summary,
+    plots,
+
+
 rule all:
     default_target: True
     input:

@@ -35,4 +35,5 @@ rule demo_model:
         ),
     shell:
         "python -m svnup demo train {params.corpus} {output} --steps {params.demo[steps]} "
-        "--seed {params.demo[seed]} > {log} 2>&1"
+        "--n-layers {params.demo[n_layers]} --seed {params.demo[seed]} --threads {threads} "
+        "> {log} 2>&1"

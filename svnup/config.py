@@ -19,7 +19,7 @@ import yaml
 
 DEMO_MODEL = "results/demo/model"
 DEMO_CORPUS = "results/demo/corpus"
-DEMO_DEFAULTS = {"steps": 600, "n_layers": 8, "seed": 0}
+DEMO_DEFAULTS = {"steps": 400, "n_layers": 8, "seed": 0}
 MODEL_DEFAULTS = {"dtype": "float32", "seqlen": 2048, "device": "cpu", "batch_size": 8}
 OVERRIDABLE = ("calibration", "shapley", "allocation", "pruner", "evaluation")
 HUB_DATASETS = ("wikitext2", "c4", "ptb")

@@ -1,0 +1,127 @@
+"""A tiny, fast instance of the workflow: a 6-block random LLaMA with a trained tokenizer, a small
+corpus, and a config that runs every stage in seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEFILE = REPO / "Snakefile"
+
+
+def tiny_config(**overrides) -> dict:
+    config = {
+        "models": {"tiny": {"path": "tiny", "seqlen": 48, "batch_size": 8}},
+        "calibration": {"dataset": "data/train.jsonl", "nsamples": 8, "seed": 0},
+        "shapley": {
+            "estimator": "swsv",
+            "window": 3,
+            "stride": 1,
+            "n_permutations": 8,
+            "eval_samples": 4,
+            "ablation": "prune",
+            "probe_sparsity": 0.5,
+            "probe_pruner": "wanda",
+            "value": "neg_nll",
+        },
+        "allocation": {
+            "method": "svnup",
+            "lambda": 0.2,
+            "min": 0.0,
+            "max": 0.99,
+            "owl": {"m": 5.0, "lambda": 0.08},
+        },
+        "pruner": "wanda",
+        "evaluation": {"datasets": ["data/heldout.jsonl"], "split": "test"},
+        "save_model": True,
+        "targets": {
+            "models": ["tiny"],
+            "sparsities": [0.5],
+            "allocations": ["svnup", "uniform"],
+            "pruners": ["wanda"],
+        },
+    }
+    for dotted, value in overrides.items():
+        node = config
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    return config
+
+
+def build_project(root: Path, n_layers: int = 6) -> Path:
+    """Write data/, tiny/ (model + tokenizer) and config.yaml under ``root``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from svnup.demo import build_corpus, train_tokenizer
+
+    root.mkdir(parents=True, exist_ok=True)
+    build_corpus(root / "data")
+    lines = (root / "data" / "train.jsonl").read_text().splitlines()[:200]
+    texts = [json.loads(line)["text"] for line in lines]
+    tokenizer = train_tokenizer(texts, 256)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=n_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
+    model.save_pretrained(root / "tiny")
+    tokenizer.save_pretrained(root / "tiny")
+    write_config(root, tiny_config())
+    return root
+
+
+def write_config(root: Path, config: dict) -> None:
+    (root / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def snakemake(root: Path, *args: str, check: bool = True, timeout: float = 900):
+    """Run the real snakemake of this interpreter on the project in ``root``."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env["SVNUP_CACHE"] = str(root / ".cache")
+    command = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(SNAKEFILE),
+        "--directory",
+        str(root),
+        "--configfile",
+        str(root / "config.yaml"),
+        *args,
+    ]
+    result = subprocess.run(
+        command, cwd=root, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def planned_jobs(root: Path, *targets: str) -> dict[str, int]:
+    """What a dry run would execute: rule name -> job count (empty when nothing is to do)."""
+    result = snakemake(root, "--dry-run", "--quiet", "rules", *targets)
+    counts = {}
+    for line in result.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit() and parts[0] not in ("total", "job"):
+            counts[parts[0]] = int(parts[1])
+    return counts
