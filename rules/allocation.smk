@@ -17,7 +17,7 @@ rule owl:
     shell:
         "python -m svnup owl --spec {params.spec:q} --model {params.model:q} "
         "--device {resources.device} --batch-size {resources.batch_size} "
-        "--offload {resources.offload} "
+        "--offload {resources.offload} --threads {threads} "
         "--calibration {input} --out {output} > {log} 2>&1"
 
 

@@ -18,7 +18,7 @@ rule calibrate:
     shell:
         "python -m svnup calibrate --spec {params.spec:q} "
         "--device {resources.device} --batch-size {resources.batch_size} "
-        "--offload {resources.offload} --out {output} > {log} 2>&1"
+        "--offload {resources.offload} --threads {threads} --out {output} > {log} 2>&1"
 
 
 rule probe:
@@ -40,5 +40,5 @@ rule probe:
     shell:
         "python -m svnup probe --spec {params.spec:q} --model {params.model:q} "
         "--device {resources.device} --batch-size {resources.batch_size} "
-        "--offload {resources.offload} "
+        "--offload {resources.offload} --threads {threads} "
         "--calibration {input} --out {output} > {log} 2>&1"

@@ -218,6 +218,9 @@ def default_targets():
     paths = []
     for model in config["targets"]["models"]:
         paths += [f"results/{model}/summary.csv", f"results/{model}/report/report.html"]
+        paths += [
+            f"results/{model}/s{s}/ppl.json" for s in config["targets"]["sparsities"]
+        ]
     return paths
 
 

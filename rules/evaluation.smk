@@ -18,7 +18,7 @@ rule evaluate:
     shell:
         "python -m svnup evaluate --spec {params.spec:q} --model {params.model:q} "
         "--device {resources.device} --batch-size {resources.batch_size} "
-        "--offload {resources.offload} "
+        "--offload {resources.offload} --threads {threads} "
         "--model-dir {input.model} --out {output} > {log} 2>&1"
 
 
@@ -43,7 +43,7 @@ rule evaluate_dense:
     shell:
         "python -m svnup evaluate --spec {params.spec:q} --model {params.model:q} "
         "--device {resources.device} --batch-size {resources.batch_size} "
-        "--offload {resources.offload} "
+        "--offload {resources.offload} --threads {threads} "
         "--model-dir {params.path:q} --out {output} > {log} 2>&1"
 
 

@@ -26,6 +26,6 @@ rule prune:
     shell:
         "python -m svnup prune --spec {params.spec:q} --model {params.model:q} "
         "--device {resources.device} --batch-size {resources.batch_size} "
-        "--offload {resources.offload} "
+        "--offload {resources.offload} --threads {threads} "
         "--budget {input.budget} --calibration {input.calibration} "
         "--out-dir {output.model} --report {output.report} > {log} 2>&1"

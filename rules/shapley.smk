@@ -28,7 +28,7 @@ rule coalitions:
         "python -m svnup coalitions --spec {params.spec:q} --model {params.model:q} "
         "--estimator {params.estimator:q} --job {wildcards.job} "
         "--device {resources.device} --batch-size {resources.batch_size} "
-        "--offload {resources.offload} "
+        "--offload {resources.offload} --threads {threads} "
         "--calibration {input.calibration} {params.masks} --store {params.store} "
         "--out {output} > {log} 2>&1"
 

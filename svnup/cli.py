@@ -33,6 +33,7 @@ def _add(sub, name: str, help: str, *options: str) -> argparse.ArgumentParser:
             parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
             parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
             parser.add_argument("--offload", default="auto", choices=["auto", "true", "false"])
+            parser.add_argument("--threads", type=int, default=None, help="CPU threads of torch")
         elif option in ("--jobs", "--evaluations"):
             parser.add_argument(option, type=Path, nargs="*", default=[])
         elif option == "--sparsity":
@@ -235,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     from svnup.gpus import claim_gpu
 
     claim_gpu(_runtime(args))
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         run(args)
     except (ValueError, FileNotFoundError) as error:

@@ -10,6 +10,8 @@ Ablation is applied in place by swapping weight tensors; the model is never copi
 
 from __future__ import annotations
 
+import functools
+import operator
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -109,8 +111,20 @@ class CoalitionEvaluator:
         job's time. Memory holds one set of hidden states per branching depth of the trie.
         """
         masks = sorted(set(coalitions))
-        if masks and not (masks[0] >= 0 and masks[-1] < 1 << self.model.n_blocks):
-            raise ValueError(f"coalition mask {masks[-1]:#x} names blocks beyond the model's")
+        n_blocks = self.model.n_blocks
+        if masks and not (masks[0] >= 0 and masks[-1] < 1 << n_blocks):
+            bad = masks[0] if masks[0] < 0 else masks[-1]
+            raise ValueError(
+                f"coalition mask {bad:#x} is outside 0 .. 2**{n_blocks} - 1 "
+                f"(it names blocks beyond the model's {n_blocks})"
+            )
+        union = functools.reduce(operator.or_, masks, 0)
+        unmasked = [b for b in range(n_blocks) if (union >> b) & 1 and b not in self.probe_masks]
+        if self.ablation == "prune" and unmasked:
+            raise ValueError(
+                f"no probe mask for block(s) {unmasked}, which the coalitions ablate; "
+                "pass probe_masks covering every ablated block"
+            )
         if not masks:
             return EvaluationStats(0, 0, 0, 0.0)
         start = time.perf_counter()

@@ -100,25 +100,26 @@ def snakemake(root: Path, *args: str, check: bool = True, timeout: float = 900):
         sys.executable,
         "-m",
         "snakemake",
+        *args,
         "--snakefile",
         str(SNAKEFILE),
         "--directory",
         str(root),
         "--configfile",
         str(root / "config.yaml"),
-        *args,
     ]
     result = subprocess.run(
         command, cwd=root, env=env, capture_output=True, text=True, timeout=timeout
     )
     if check and result.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+        output = f"{result.stdout}\n{result.stderr}"
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{output}")
     return result
 
 
 def planned_jobs(root: Path, *targets: str) -> dict[str, int]:
     """What a dry run would execute: rule name -> job count (empty when nothing is to do)."""
-    result = snakemake(root, "--dry-run", "--quiet", "rules", *targets)
+    result = snakemake(root, *targets, "--dry-run", "--quiet", "rules")
     counts = {}
     for line in result.stdout.splitlines():
         parts = line.split()
