@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import STORIES, needs_shared
 from transformers import AutoModelForCausalLM
 
 from svnup.models import BlockModel, family_of, load_model
-from conftest import STORIES, needs_shared
 
 
 def _block_logits_match(path, attn="sdpa", batch_size=3):

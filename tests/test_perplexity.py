@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import STORIES, WIKITEXT, needs_shared
 
 from svnup.data import eval_stream
 from svnup.models import load_model
 from svnup.perplexity import stream_perplexity
-from conftest import STORIES, WIKITEXT, needs_shared
 
 
 def _reference_ppl(model, stream, seqlen):
