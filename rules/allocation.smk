@@ -24,7 +24,7 @@ rule owl:
 rule budget:
     input:
         importance=importance_input,
-        model=lambda wc: local_inputs(settings(wc)["path"]),
+        calibration=lambda wc: calibration_path(wc.model, settings(wc)),
     output:
         "results/{model}/budget/{allocation}/{key}/s{sparsity}.json",
     log:
@@ -35,11 +35,10 @@ rule budget:
         "../envs/svnup.yaml"
     params:
         spec=lambda wc: checked(wc, cfg.budget_spec(settings(wc), wc.allocation)),
-        model=lambda wc: as_json(cfg.model_spec(settings(wc))),
         target=target,
         importance=lambda wc, input: (
             f"--importance {input.importance}" if input.importance else ""
         ),
     shell:
-        "python -m svnup budget --spec {params.spec:q} --model {params.model:q} "
-        "--sparsity {params.target} {params.importance} --out {output} > {log} 2>&1"
+        "python -m svnup budget --spec {params.spec:q} --sparsity {params.target} "
+        "--calibration {input.calibration} {params.importance} --out {output} > {log} 2>&1"

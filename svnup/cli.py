@@ -105,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
         "budget",
         "per-block sparsities for a target",
         "--spec",
-        "--model",
         "--sparsity",
+        "--calibration",
         "--importance?",
         "--out",
     )
@@ -190,7 +190,7 @@ def run(args: argparse.Namespace) -> None:
     elif stage == "owl":
         stages.owl(args.spec, args.runtime, args.model, args.calibration, args.out)
     elif stage == "budget":
-        stages.budget(args.spec, args.model, args.sparsity, args.importance, args.out)
+        stages.budget(args.spec, args.sparsity, args.calibration, args.importance, args.out)
     elif stage == "prune":
         stages.prune(
             args.spec,

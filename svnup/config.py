@@ -202,7 +202,7 @@ def budget_spec(settings: dict, method: str) -> dict:
     elif method == "owl":
         spec.update(importance=key(owl_spec(settings)), lam=allocation["owl"]["lambda"])
     else:
-        spec.update(model=model_spec(settings))
+        spec.update(calibration=key(calibration_spec(settings)))
     return spec
 
 

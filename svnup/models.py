@@ -292,14 +292,3 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(source) if with_tokenizer else None
     return BlockModel(model, device=device, offload=offload, batch_size=batch_size), tokenizer
 
-
-def block_param_counts(name_or_path: str | Path) -> list[int]:
-    """Prunable weights per block, from the model's config alone (no weights are read)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(str(name_or_path))
-    family = family_of(config.model_type)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    blocks = _get(skeleton, family.blocks)
-    return [_linear_weights(block) for block in blocks]

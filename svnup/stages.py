@@ -8,6 +8,7 @@ that looks finished. ``spec`` is the stage's cache-key material (see ``svnup.con
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import time
@@ -17,14 +18,6 @@ from pathlib import Path
 import numpy as np
 
 from svnup import __version__
-from svnup.calibration import (
-    dense_statistics,
-    load_masks,
-    load_statistics,
-    probe_masks,
-    save_masks,
-    save_statistics,
-)
 from svnup.io import atomic_path, open_h5, read_json, write_json
 
 log = logging.getLogger("svnup")
@@ -56,6 +49,7 @@ def _load(spec_model: dict, runtime: dict, with_tokenizer: bool = True, path: st
 
 def calibrate(spec: dict, runtime: dict, out: Path) -> None:
     """Sample calibration sequences and record the dense model's per-layer input statistics."""
+    from svnup.calibration import dense_statistics, save_statistics
     from svnup.data import calibration_samples
 
     model, tokenizer = _load(spec["model"], runtime)
@@ -81,6 +75,8 @@ def calibrate(spec: dict, runtime: dict, out: Path) -> None:
 
 def probe(spec: dict, runtime: dict, model_spec: dict, calibration: Path, out: Path) -> None:
     """Masks that define the ``prune`` ablation of each block, from dense statistics."""
+    from svnup.calibration import load_statistics, probe_masks, save_masks
+
     model, _ = _load(model_spec, runtime, with_tokenizer=False)
     _, stats, _ = load_statistics(calibration)
     masks = probe_masks(model, stats, spec["sparsity"], spec["pruner"])
@@ -102,6 +98,7 @@ def coalitions(
 
     Results are journalled per coalition, so a killed job resumes where it stopped.
     """
+    from svnup.calibration import load_masks, load_statistics
     from svnup.evaluator import CoalitionEvaluator
     from svnup.shapley import coalition_jobs, make_estimator
     from svnup.store import CoalitionRecord, CoalitionStore, write_records
@@ -216,8 +213,6 @@ def _estimator_part(spec: dict) -> dict:
 
 
 def _json(data) -> str:
-    import json
-
     return json.dumps(data, sort_keys=True)
 
 
@@ -230,6 +225,7 @@ def load_importance(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def owl(spec: dict, runtime: dict, model_spec: dict, calibration: Path, out: Path) -> None:
     """Layerwise outlier density of each block (OWL), from dense statistics."""
     from svnup.allocation import block_outlier_density
+    from svnup.calibration import load_statistics
     from svnup.models import linear_layers
 
     model, _ = _load(model_spec, runtime, with_tokenizer=False)
@@ -244,12 +240,17 @@ def owl(spec: dict, runtime: dict, model_spec: dict, calibration: Path, out: Pat
     write_json(out, {"spec": spec, "outlier_density": density, "versions": versions()})
 
 
-def budget(spec: dict, model_spec: dict, sparsity: float, importance: Path | None, out: Path):
-    """Per-block sparsities for one target: the allocation, with the weighted mean exactly on it."""
-    from svnup.allocation import allocate
-    from svnup.models import block_param_counts
+def budget(spec: dict, sparsity: float, calibration: Path, importance: Path | None, out: Path):
+    """Per-block sparsities for one target: the allocation, with the weighted mean exactly on it.
 
-    params = np.asarray(block_param_counts(model_spec["path"]), dtype=np.float64)
+    The parameter counts that weight the mean come from the calibration record, so this stage
+    never loads the model.
+    """
+    from svnup.allocation import allocate
+
+    with open_h5(calibration, "r") as f:
+        meta = json.loads(f.attrs["meta"])
+    params = np.asarray(meta["block_params"], dtype=np.float64)
     method = spec["method"]
     scores, stderr = None, None
     if method in ("svnup", "loo"):
@@ -290,6 +291,7 @@ def prune(
     report: Path,
 ) -> None:
     """Prune with the budget's per-block sparsities and save a Hugging Face checkpoint."""
+    from svnup.calibration import load_statistics
     from svnup.pruning import prune_model
 
     plan = read_json(budget_path)
