@@ -65,6 +65,13 @@ def test_end_to_end_outputs(project):
     assert planned_jobs(project) == {}
 
 
+def test_snakemake_report_renders_registered_figures(project):
+    snakemake(project, "--report", "report.html")
+    page = (project / "report.html").read_text()
+    for name in ("shapley.png", "sparsity.png", "perplexity.png", "summary.csv"):
+        assert name in page
+
+
 def test_new_target_sparsity_plans_no_coalition_jobs(project):
     plan = planned_jobs(project, "results/tiny/s0.6/ppl.json")
     assert plan == {
