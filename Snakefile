@@ -2,7 +2,7 @@
 #
 #   snakemake --cores all                                  # the embedded demo (default target)
 #   snakemake --cores all results/llama-7b/s0.7/ppl.json   # one model at one target sparsity
-#   snakemake --profile profiles/slurm results/llama-7b/summary.csv
+#   snakemake --workflow-profile profiles/slurm results/llama-7b/summary.csv
 
 
 from snakemake.utils import min_version

@@ -25,7 +25,7 @@ rule demo_model:
         "results/demo/benchmarks/demo_model.tsv"
     conda:
         "../envs/svnup.yaml"
-    threads: workflow.cores
+    threads: 16  # lowered to --cores on a smaller machine
     params:
         corpus=lambda wildcards, input: Path(input[0]).parent,
         demo=lambda wildcards: (
