@@ -291,4 +291,3 @@ def load_model(
     model = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(dtype))
     tokenizer = AutoTokenizer.from_pretrained(source) if with_tokenizer else None
     return BlockModel(model, device=device, offload=offload, batch_size=batch_size), tokenizer
-

@@ -52,7 +52,7 @@ def calibrate(spec: dict, runtime: dict, out: Path) -> None:
     from svnup.calibration import dense_statistics, save_statistics
     from svnup.data import calibration_samples
 
-    model, tokenizer = _load(spec["model"], runtime)
+    engine, tokenizer = _load(spec["model"], runtime)
     ids = calibration_samples(
         tokenizer,
         spec["dataset"],
@@ -62,31 +62,31 @@ def calibrate(spec: dict, runtime: dict, out: Path) -> None:
     )
     log.info("calibration: %d sequences x %d tokens from %s", *ids.shape, spec["dataset"])
     start = time.perf_counter()
-    stats = dense_statistics(model, ids)
+    stats = dense_statistics(engine, ids)
     meta = {
         "spec": spec,
-        "n_blocks": model.n_blocks,
-        "block_params": model.block_params(),
+        "n_blocks": engine.n_blocks,
+        "block_params": engine.block_params(),
         "seconds": time.perf_counter() - start,
         "versions": versions(),
     }
     save_statistics(out, ids, stats, meta)
 
 
-def probe(spec: dict, runtime: dict, model_spec: dict, calibration: Path, out: Path) -> None:
+def probe(spec: dict, runtime: dict, model: dict, calibration: Path, out: Path) -> None:
     """Masks that define the ``prune`` ablation of each block, from dense statistics."""
     from svnup.calibration import load_statistics, probe_masks, save_masks
 
-    model, _ = _load(model_spec, runtime, with_tokenizer=False)
+    engine, _ = _load(model, runtime, with_tokenizer=False)
     _, stats, _ = load_statistics(calibration)
-    masks = probe_masks(model, stats, spec["sparsity"], spec["pruner"])
+    masks = probe_masks(engine, stats, spec["sparsity"], spec["pruner"])
     save_masks(out, masks, {"spec": spec, "versions": versions()})
 
 
 def coalitions(
     spec: dict,
     runtime: dict,
-    model_spec: dict,
+    model: dict,
     estimator: dict,
     job: str,
     calibration: Path,
@@ -116,13 +116,13 @@ def coalitions(
     )
     stats = None
     if todo:
-        model, _ = _load(model_spec, runtime, with_tokenizer=False)
-        if model.n_blocks != n_blocks:
-            raise ValueError(f"model has {model.n_blocks} blocks, calibration recorded {n_blocks}")
+        engine, _ = _load(model, runtime, with_tokenizer=False)
+        if engine.n_blocks != n_blocks:
+            raise ValueError(f"model has {engine.n_blocks} blocks, calibration recorded {n_blocks}")
         ablated = {b for m in todo for b in range(n_blocks) if (m >> b) & 1}
         probe = load_masks(masks, ablated)[0] if spec["ablation"] == "prune" else None
         evaluator = CoalitionEvaluator(
-            model, ids[: spec["eval_samples"]], ablation=spec["ablation"], probe_masks=probe
+            engine, ids[: spec["eval_samples"]], ablation=spec["ablation"], probe_masks=probe
         )
         with store.writer(job) as writer:
 
@@ -222,16 +222,16 @@ def load_importance(path: Path) -> tuple[np.ndarray, np.ndarray]:
         return f["values"][()], f["stderr"][()]
 
 
-def owl(spec: dict, runtime: dict, model_spec: dict, calibration: Path, out: Path) -> None:
+def owl(spec: dict, runtime: dict, model: dict, calibration: Path, out: Path) -> None:
     """Layerwise outlier density of each block (OWL), from dense statistics."""
     from svnup.allocation import block_outlier_density
     from svnup.calibration import load_statistics
     from svnup.models import linear_layers
 
-    model, _ = _load(model_spec, runtime, with_tokenizer=False)
+    engine, _ = _load(model, runtime, with_tokenizer=False)
     _, stats, _ = load_statistics(calibration)
     density = []
-    for index, block in enumerate(model.blocks):
+    for index, block in enumerate(engine.blocks):
         pairs = [
             (layer.weight.data, stats[index][name].sqrt())
             for name, layer in linear_layers(block).items()
@@ -284,8 +284,8 @@ def budget(spec: dict, sparsity: float, calibration: Path, importance: Path | No
 def prune(
     spec: dict,
     runtime: dict,
-    model_spec: dict,
-    budget_path: Path,
+    model: dict,
+    budget: Path,
     calibration: Path,
     out_dir: Path,
     report: Path,
@@ -294,14 +294,14 @@ def prune(
     from svnup.calibration import load_statistics
     from svnup.pruning import prune_model
 
-    plan = read_json(budget_path)
-    model, tokenizer = _load(model_spec, runtime)
+    plan = read_json(budget)
+    engine, tokenizer = _load(model, runtime)
     ids, _, _ = load_statistics(calibration)
     start = time.perf_counter()
-    reports = prune_model(model, ids, plan["sparsities"], method=spec["pruner"])
+    reports = prune_model(engine, ids, plan["sparsities"], method=spec["pruner"])
     seconds = time.perf_counter() - start
     with atomic_path(out_dir) as tmp:
-        model.model.save_pretrained(tmp)
+        engine.model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     write_json(
         report,
@@ -314,32 +314,32 @@ def prune(
     )
 
 
-def evaluate(spec: dict, runtime: dict, model_spec: dict, model_dir: str, out: Path) -> None:
+def evaluate(spec: dict, runtime: dict, model: dict, model_dir: str, out: Path) -> None:
     """Perplexity of a (pruned or dense) checkpoint on one dataset, with its protocol."""
     from svnup.perplexity import dataset_perplexity
 
-    model, tokenizer = _load(model_spec, runtime, path=model_dir)
+    engine, tokenizer = _load(model, runtime, path=model_dir)
     result = dataset_perplexity(
-        model, tokenizer, spec["dataset"], split=spec["split"], seqlen=spec["seqlen"]
+        engine, tokenizer, spec["dataset"], split=spec["split"], seqlen=spec["seqlen"]
     )
     log.info("%s: ppl %.4f over %d windows", spec["dataset"], result.ppl, result.windows)
     write_json(out, {"spec": spec, **result.to_dict(), "versions": versions()})
 
 
 def collect(
-    model: str,
+    name: str,
     sparsity: float | None,
     allocation: str | None,
     pruner: str | None,
     evaluations: list[Path],
     out: Path,
-    budget_path: Path | None = None,
+    budget: Path | None = None,
     report: Path | None = None,
 ) -> None:
     """One ppl.json with every number of a run: perplexities, protocol, budget, timings."""
     results = [read_json(p) for p in evaluations]
     data = {
-        "model": model,
+        "model": name,
         "target_sparsity": sparsity,
         "allocation": allocation,
         "pruner": pruner,
@@ -347,8 +347,8 @@ def collect(
         "evaluations": {r["dataset"]: r for r in results},
         "versions": versions(),
     }
-    if budget_path is not None:
-        plan = read_json(budget_path)
+    if budget is not None:
+        plan = read_json(budget)
         data["budget"] = {k: plan[k] for k in ("achieved", "sparsities", "importance", "spec")}
     if report is not None:
         pruning = read_json(report)
@@ -360,12 +360,12 @@ def collect(
     write_json(out, data)
 
 
-def summary(model_dir: Path, out: Path) -> None:
+def summary(results: Path, out: Path) -> None:
     """Gather every finished ppl.json of a model into one CSV, one row per run and dataset."""
     import pandas as pd
 
     rows = []
-    for path in sorted(model_dir.glob("**/ppl.json")):
+    for path in sorted(results.glob("**/ppl.json")):
         run = read_json(path)
         for dataset, ppl in run["perplexity"].items():
             rows.append(
@@ -384,3 +384,12 @@ def summary(model_dir: Path, out: Path) -> None:
     )
     with atomic_path(out) as tmp:
         table.sort_values(["dataset", "pruner", "allocation", "sparsity"]).to_csv(tmp, index=False)
+
+
+def report(
+    results: Path, out_dir: Path, summary: Path, shapley: Path | None, budgets: list[Path]
+) -> None:
+    """Figures and an HTML page of one model's results."""
+    from svnup.report import make_report
+
+    make_report(results, out_dir, summary, shapley, budgets)
