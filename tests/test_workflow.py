@@ -23,6 +23,7 @@ from workflow_fixture import (
     build_project,
     planned_jobs,
     snakemake,
+    snakemake_command,
     tiny_config,
     write_config,
 )
@@ -148,21 +149,7 @@ def test_killed_coalition_job_resumes(project):
         **{"shapley.estimator": "exact", "shapley.eval_samples": 8, "calibration.nsamples": 8}
     )
     write_config(project, config)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    command = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "--snakefile",
-        str(SNAKEFILE),
-        "--directory",
-        str(project),
-        "--configfile",
-        str(project / "config.yaml"),
-        "--cores",
-        "1",
-        "results/tiny/s0.5/ppl.json",
-    ]
+    command, env = snakemake_command(project, "--cores", "1", "results/tiny/s0.5/ppl.json")
     runner = subprocess.Popen(
         command,
         cwd=project,

@@ -92,8 +92,8 @@ def write_config(root: Path, config: dict) -> None:
     (root / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
 
-def snakemake(root: Path, *args: str, check: bool = True, timeout: float = 900):
-    """Run the real snakemake of this interpreter on the project in ``root``."""
+def snakemake_command(root: Path, *args: str) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment that run this interpreter's snakemake on ``root``."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env["SVNUP_CACHE"] = str(root / ".cache")
     command = [
@@ -108,6 +108,12 @@ def snakemake(root: Path, *args: str, check: bool = True, timeout: float = 900):
         "--configfile",
         str(root / "config.yaml"),
     ]
+    return command, env
+
+
+def snakemake(root: Path, *args: str, check: bool = True, timeout: float = 900):
+    """Run the real snakemake of this interpreter on the project in ``root``."""
+    command, env = snakemake_command(root, *args)
     result = subprocess.run(
         command, cwd=root, env=env, capture_output=True, text=True, timeout=timeout
     )
