@@ -91,7 +91,7 @@ def coalitions(
     job: str,
     calibration: Path,
     masks: Path | None,
-    store_dir: Path,
+    store: Path,
     out: Path,
 ) -> dict:
     """Evaluate the coalitions of one job that the store does not hold yet; write the job's records.
@@ -108,9 +108,9 @@ def coalitions(
     jobs = coalition_jobs(make_estimator(n_blocks=n_blocks, **_estimator_args(estimator)))
     if job not in jobs:
         raise ValueError(f"job {job!r} is not one of this estimator's jobs: {', '.join(jobs)}")
-    store = CoalitionStore(store_dir, n_blocks, spec)
+    records_store = CoalitionStore(store, n_blocks, spec)
     wanted = jobs[job]
-    todo = store.missing(wanted)
+    todo = records_store.missing(wanted)
     log.info(
         "%s: %d coalitions, %d already in the store", job, len(wanted), len(wanted) - len(todo)
     )
@@ -124,7 +124,7 @@ def coalitions(
         evaluator = CoalitionEvaluator(
             engine, ids[: spec["eval_samples"]], ablation=spec["ablation"], probe_masks=probe
         )
-        with store.writer(job) as writer:
+        with records_store.writer(job) as writer:
 
             def record(mask: int, nll: float, tokens: int, seconds: float) -> None:
                 writer.append(mask, CoalitionRecord(nll, tokens, seconds))
@@ -138,7 +138,7 @@ def coalitions(
             stats.forward_ratio,
             stats.seconds,
         )
-    records = store.records()
+    records = records_store.records()
     summary = {
         "job": job,
         "coalitions": len(wanted),
