@@ -25,7 +25,7 @@ rule demo_model:
         "results/demo/benchmarks/demo_model.tsv"
     conda:
         "../envs/svnup.yaml"
-    threads: 16  # lowered to --cores on a smaller machine
+    threads: 1  # several torch threads stall badly whenever another job shares the cores
     params:
         corpus=lambda wildcards, input: Path(input[0]).parent,
         demo=lambda wildcards: (
