@@ -22,13 +22,13 @@ def needs_shared(path: Path = SHARED):
     )
 
 
-def build_tiny_llama(path: Path, layers: int = 4, seed: int = 0) -> Path:
+def build_tiny_llama(path: Path, layers: int = 4, seed: int = 0, **overrides) -> Path:
     """Save a random LLaMA with grouped-query attention (4 heads, 2 KV heads)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=96,
+        **{"vocab_size": 96, **overrides},
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=layers,

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import yaml
+from conftest import build_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO / "Snakefile"
@@ -58,9 +59,6 @@ def tiny_config(**overrides) -> dict:
 
 def build_project(root: Path, n_layers: int = 6) -> Path:
     """Write data/, tiny/ (model + tokenizer) and config.yaml under ``root``."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from svnup.demo import build_corpus, train_tokenizer
 
     root.mkdir(parents=True, exist_ok=True)
@@ -68,21 +66,13 @@ def build_project(root: Path, n_layers: int = 6) -> Path:
     lines = (root / "data" / "train.jsonl").read_text().splitlines()[:200]
     texts = [json.loads(line)["text"] for line in lines]
     tokenizer = train_tokenizer(texts, 256)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=n_layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
+    build_tiny_llama(
+        root / "tiny",
+        layers=n_layers,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
-    model.save_pretrained(root / "tiny")
     tokenizer.save_pretrained(root / "tiny")
     write_config(root, tiny_config())
     return root
