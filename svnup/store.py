@@ -11,6 +11,14 @@ processes and byte-range locks are unreliable. So each job appends to its own JS
                                 {"mask": hex, "nll_sum", "n_tokens", "seconds"} per coalition
     <root>/.lock/               publishing lock (atomic os.mkdir; owner.json inside)
 
+A writer may claim coalitions before evaluating them: the claim is listed in its journal header
+(``"claims": [hex, ...]``) and in later ``{"claims": [...]}`` lines, and is decided under the lock
+from what is recorded and what live writers have claimed, so concurrent jobs (of one estimator or
+of several sharing the store) never evaluate a coalition twice. A claim lives as long as its
+journal's writer: on this host while the process runs, from another host while the journal's
+modification time, refreshed by a heartbeat, is younger than ``stale_lock_s``. The claims of a
+killed job are taken over by whoever waits for them.
+
 A last journal line without its newline is the torn write of a killed job and is ignored.
 Readers read the journals before the published file, and publishing replaces the file before it
 deletes journals, so a reader never misses a record. Tags must be unique among running jobs.
@@ -28,6 +36,7 @@ import random
 import re
 import shutil
 import socket
+import threading
 import time
 import uuid
 import warnings
@@ -45,7 +54,7 @@ import h5py
 import numpy as np
 
 from svnup import __version__
-from svnup.io import open_h5
+from svnup.io import CorruptFileError, corrupt, open_h5
 
 PUBLISHED = "coalitions.h5"
 JOURNALS = "journal"
@@ -54,6 +63,11 @@ _FIELDS = ("nll_sum", "n_tokens", "seconds")
 _TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _ACTIVE: set[Path] = set()  # journals held open by writers of this process
 _MISSING = object()
+DAMAGED_STORE = (
+    "delete it and re-run: coalitions still in the journals beside it are kept, the others are "
+    "evaluated again"
+)
+DAMAGED_JOURNAL = "move it aside and re-run: its coalitions are evaluated again"
 
 
 @dataclass(frozen=True)
@@ -242,23 +256,56 @@ def _record_line(mask: int, record: CoalitionRecord) -> bytes:
     return (json.dumps(fields) + "\n").encode()
 
 
-def _read_journal(path: Path) -> tuple[dict[str, Any] | None, list[tuple[int, CoalitionRecord]]]:
-    """Header (None if absent) and records of the complete lines; a torn last line is ignored."""
+def _parse_journal(
+    path: Path,
+) -> tuple[dict[str, Any] | None, list[tuple[int, CoalitionRecord]], set[int]]:
+    """Header (None if absent), records and claimed masks of the complete lines; a torn last
+    line is ignored."""
     data = path.read_bytes()
-    header, records = None, []
+    header, records, claims = None, [], set()
     for number, line in enumerate(data[: data.rfind(b"\n") + 1].split(b"\n")[:-1], 1):
         try:
             entry = json.loads(line)
             if number == 1 and "journal" in entry:
                 header = entry
+                claims.update(int(m, 16) for m in entry.get("claims", []))
+                continue
+            if "claims" in entry:
+                claims.update(int(m, 16) for m in entry["claims"])
                 continue
             record = _normalised(CoalitionRecord(*(entry[k] for k in _FIELDS)))
             records.append((int(entry["mask"], 16), record))
         except (ValueError, KeyError, TypeError) as err:
             raise ValueError(
-                f"corrupt journal {path} line {number}: {err!r}; move the file aside to go on"
+                f"corrupt journal {path} line {number}: {err!r}; {DAMAGED_JOURNAL}"
             ) from None
+    return header, records, claims
+
+
+def _read_journal(path: Path) -> tuple[dict[str, Any] | None, list[tuple[int, CoalitionRecord]]]:
+    """Header (None if absent) and records of the complete lines; a torn last line is ignored."""
+    header, records, _ = _parse_journal(path)
     return header, records
+
+
+def check_store(root: str | Path) -> None:
+    """Raise a one-line CorruptFileError if the published file or a journal under ``root`` is
+    damaged; reads metadata and journals only, so a workflow can check before planning."""
+    root = Path(root)
+    published = root / PUBLISHED
+    if published.exists():
+        try:
+            with open_h5(published, "r") as f:
+                missing = [name for name in ("mask", *_FIELDS) if name not in f]
+        except CorruptFileError as error:
+            raise corrupt(error.path, error.reason, DAMAGED_STORE) from None
+        if missing:
+            raise corrupt(published, f"no {', '.join(missing)}", DAMAGED_STORE)
+    for path in sorted((root / JOURNALS).glob("*.jsonl")):
+        try:
+            _parse_journal(path)
+        except ValueError as error:
+            raise CorruptFileError(str(error)) from None
 
 
 class _DirLock:
@@ -377,8 +424,11 @@ class CoalitionStore:
                         "created": datetime.now(UTC).isoformat(timespec="seconds"),
                     }
                     write_records(self.path, {}, self._n_blocks, attrs)
-        with open_h5(self.path, "r") as f:
-            self._check_identity(_attrs(f))
+        try:
+            with open_h5(self.path, "r") as f:
+                self._check_identity(_attrs(f))
+        except CorruptFileError as error:
+            raise corrupt(error.path, error.reason, DAMAGED_STORE) from None
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -458,9 +508,37 @@ class CoalitionStore:
                 todo.append(mask)
         return todo
 
-    def writer(self, tag: str) -> JournalWriter:
-        """A context manager appending to journal/<tag>.jsonl; use one tag per job."""
-        return JournalWriter(self, tag)
+    def writer(self, tag: str, claim: Iterable[int] | None = None) -> JournalWriter:
+        """A context manager appending to journal/<tag>.jsonl; use one tag per job.
+
+        With ``claim``, entering claims those masks that are neither recorded nor claimed by a
+        live writer (``JournalWriter.claimed``); see ``JournalWriter.take_over`` for the rest.
+        """
+        return JournalWriter(self, tag, claim)
+
+    def _alive(self, header: dict[str, Any], path: Path) -> bool:
+        """Whether a journal's writer still runs: its process on this host, or a heartbeat younger
+        than the stale-lock age for another host."""
+        if header.get("host") == socket.gethostname():
+            return _running_here(header, path)
+        try:
+            return time.time() - path.stat().st_mtime < self._lock_args[1]
+        except FileNotFoundError:
+            return False
+
+    def _live_claims(self, exclude: Path) -> set[int]:
+        """Masks claimed by the live writers of other journals. The caller holds the lock."""
+        claims: set[int] = set()
+        for path in self._journals():
+            if path == exclude:
+                continue
+            try:
+                header, _, claimed = _parse_journal(path)
+            except FileNotFoundError:  # published since listed
+                continue
+            if header and claimed and self._alive(header, path):
+                claims |= claimed
+        return claims
 
     def publish(self, tags: Iterable[str] | None = None) -> int:
         """Merge journals into coalitions.h5 and delete them; returns how many records are new.
@@ -510,20 +588,28 @@ class JournalWriter:
     """Appends one job's evaluations to its journal and publishes them when the job ends.
 
     Entering takes over journal/<tag>.jsonl left by a killed job with this tag: its complete lines
-    count as done and the torn tail is dropped. Leaving normally or by an Exception publishes the
-    journal; KeyboardInterrupt, SystemExit and signals leave it for the next writer of this tag or
-    ``publish()``.
+    count as done and the torn tail is dropped. With a claim, entering also claims the masks this
+    writer is to evaluate (``claimed``). While open, a heartbeat refreshes the journal's time so
+    writers on other hosts see the claim is alive. Leaving normally or by an Exception publishes
+    the journal; KeyboardInterrupt, SystemExit and signals leave it for the next writer of this
+    tag or ``publish()``.
     """
 
-    def __init__(self, store: CoalitionStore, tag: str) -> None:
+    def __init__(self, store: CoalitionStore, tag: str, claim: Iterable[int] | None = None) -> None:
         self._store, self._tag, self._path = store, tag, store._journal(tag)
         self._fd: int | None = None
         self._done: set[int] = set()
+        self._claim = None if claim is None else self._checked(claim)
+        self.claimed: list[int] = []
+        self._beating = threading.Event()
+
+    def _checked(self, masks: Iterable[int]) -> list[int]:
+        checked = (_check_mask(m, self._store.n_blocks, "claim") for m in masks)
+        return list(dict.fromkeys(checked))
 
     def __enter__(self) -> JournalWriter:
         if self._fd is not None:
             raise RuntimeError(f"writer {self._tag!r} is already open")
-        self._done = set(self._store.records())  # includes what a killed predecessor journaled
         with self._store._lock():
             kept: list[tuple[int, CoalitionRecord]] = []
             if self._path.exists():
@@ -533,12 +619,34 @@ class JournalWriter:
                         f"journal {self._path} is written by running pid {header['pid']}; "
                         "give each job its own tag"
                     )
-            header_line = json.dumps({"journal": 1, "tag": self._tag, **_me()}) + "\n"
-            body = header_line.encode() + b"".join(_record_line(m, r) for m, r in kept)
+            # read under the lock: publishing (which deletes journals) cannot run in between
+            self._done = set(self._store.records())  # includes what a killed predecessor wrote
+            if self._claim is not None:
+                taken = self._store._live_claims(exclude=self._path)
+                self.claimed = [m for m in self._claim if m not in self._done | taken]
+            header = {"journal": 1, "tag": self._tag, **_me()}
+            if self.claimed:
+                header["claims"] = [format(m, "x") for m in self.claimed]
+            body = (json.dumps(header) + "\n").encode()
+            body += b"".join(_record_line(m, r) for m, r in kept)
             _replace_bytes(self._path, body)
             self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND)
             _ACTIVE.add(self._path)
+        self._beating.clear()
+        interval = min(60.0, self._store._lock_args[1] / 4)
+        threading.Thread(target=self._heartbeat, args=(interval,), daemon=True).start()
         return self
+
+    def _heartbeat(self, interval: float) -> None:
+        while not self._beating.wait(interval):
+            with suppress(OSError):
+                os.utime(self._path)
+
+    def _write(self, line: bytes) -> None:
+        view = memoryview(line)
+        while view:
+            view = view[os.write(self._fd, view) :]
+        os.fsync(self._fd)
 
     def append(self, mask: int, record: CoalitionRecord) -> None:
         """Journal one evaluation durably; a no-op if the mask was recorded when this writer opened
@@ -550,11 +658,31 @@ class JournalWriter:
             raise ValueError(f"record.n_tokens={record.n_tokens} must fit int64 (>= 0)")
         if mask in self._done:
             return
-        line = memoryview(_record_line(mask, record))
-        while line:
-            line = line[os.write(self._fd, line) :]
-        os.fsync(self._fd)
+        self._write(_record_line(mask, record))
         self._done.add(mask)
+
+    def take_over(self, masks: Iterable[int], poll_s: float = 0.5) -> list[int]:
+        """Wait until every one of ``masks`` is recorded, and return [] then; or, as soon as some
+        of them are claimed by nobody alive (their writer was killed), claim those and return
+        them for the caller to evaluate before it calls again."""
+        if self._fd is None:
+            raise RuntimeError("take_over() outside `with store.writer(tag) as w:`")
+        masks = self._checked(masks)
+        while True:
+            with self._store._lock():
+                done = set(self._store.records())
+                pending = [m for m in masks if m not in done]
+                if not pending:
+                    return []
+                live = self._store._live_claims(exclude=self._path)
+                orphans = [m for m in pending if m not in live]
+                if orphans:
+                    self._write(
+                        (json.dumps({"claims": [format(m, "x") for m in orphans]}) + "\n").encode()
+                    )
+                    self.claimed += orphans
+                    return orphans
+            time.sleep(poll_s)
 
     def __exit__(
         self,
@@ -562,6 +690,7 @@ class JournalWriter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self._beating.set()
         os.close(self._fd)
         self._fd = None
         _ACTIVE.discard(self._path)

@@ -16,7 +16,13 @@ import h5py
 import numpy as np
 import pytest
 
-from svnup.store import CoalitionRecord, CoalitionStore, read_records, write_records
+from svnup.store import (
+    CoalitionRecord,
+    CoalitionStore,
+    check_store,
+    read_records,
+    write_records,
+)
 
 N = 12
 IDENTITY = {"model": "tiny", "calibration": "c4:128", "probe": "wikitext", "ablation": "block"}
@@ -312,3 +318,104 @@ def test_hdf5_file_locking_env_is_honoured(tmp_path, monkeypatch):
     finally:
         holder.stdin.close()
         holder.wait(timeout=20)
+
+
+# --- claims: no coalition is evaluated twice by concurrent writers -------------------------
+
+
+def _claim_and_evaluate(root: Path, tag: str, wanted: list[int], barrier, out) -> None:
+    """A job: claim, evaluate what it claimed (slowly), then wait for or take over the rest."""
+    store = CoalitionStore(root, N, IDENTITY)
+    evaluated = []
+    barrier.wait()
+    with store.writer(tag, claim=wanted) as w:
+        todo = w.claimed
+        while True:
+            for mask in todo:
+                time.sleep(0.01)
+                w.append(mask, rec(mask))
+                evaluated.append(mask)
+            todo = w.take_over(wanted, poll_s=0.02)
+            if not todo:
+                break
+    out.put((tag, evaluated))
+
+
+def test_overlapping_writers_evaluate_each_coalition_once(tmp_path):
+    """Two estimators' jobs sharing a store (say SWSV and leave-one-out) run at the same time."""
+    CoalitionStore(tmp_path, N, IDENTITY)
+    wanted = {"swsv": list(range(0, 32)), "loo": [0] + [1 << i for i in range(N)]}
+    barrier, out = CTX.Barrier(2), CTX.Queue()
+    procs = [
+        CTX.Process(target=_claim_and_evaluate, args=(tmp_path, tag, masks, barrier, out))
+        for tag, masks in wanted.items()
+    ]
+    for p in procs:
+        p.start()
+    results = dict(out.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    evaluated = results["swsv"] + results["loo"]
+    assert sorted(evaluated) == sorted(set(evaluated)), "a coalition was evaluated twice"
+    assert set(evaluated) == set(wanted["swsv"]) | set(wanted["loo"])
+    assert read_records(tmp_path / "coalitions.h5")[0] == {m: rec(m) for m in evaluated}
+
+
+def _claim_then_die(root: Path, masks: list[int], claimed, done) -> None:
+    store = CoalitionStore(root, N, IDENTITY)
+    with store.writer("first", claim=masks) as w:
+        claimed.set()
+        for mask in w.claimed[:3]:
+            w.append(mask, rec(mask))
+        done.set()
+        time.sleep(60)  # killed here, holding claims on the rest
+
+
+def test_claims_of_a_killed_writer_are_taken_over(tmp_path):
+    store = CoalitionStore(tmp_path, N, IDENTITY)
+    masks = list(range(1, 11))
+    claimed, done = CTX.Event(), CTX.Event()
+    child = CTX.Process(target=_claim_then_die, args=(tmp_path, masks, claimed, done))
+    child.start()
+    assert claimed.wait(20) and done.wait(20)
+    with store.writer("second", claim=[*masks, 11, 12]) as w:
+        assert w.claimed == [11, 12]  # the rest is claimed by a live writer
+        for mask in w.claimed:
+            w.append(mask, rec(mask))
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(timeout=20)
+        orphans = w.take_over([*masks, 11, 12], poll_s=0.02)
+        assert orphans == masks[3:]  # what the dead writer recorded stays done
+        for mask in orphans:
+            w.append(mask, rec(mask))
+        assert w.take_over([*masks, 11, 12]) == []
+    assert set(store.records()) == set(masks) | {11, 12}
+
+
+def test_a_claim_from_another_host_lives_while_its_heartbeat_is_fresh(tmp_path):
+    store = CoalitionStore(tmp_path, N, IDENTITY, stale_lock_s=60)
+    header = {"journal": 1, "tag": "remote", "pid": 1, "host": "elsewhere", "start": 1}
+    remote = journal(tmp_path, "remote")
+    remote.write_text(json.dumps({**header, "claims": ["1", "2"]}) + "\n")
+    with store.writer("here", claim=[1, 2, 3]) as w:
+        assert w.claimed == [3]
+        w.append(3, rec(3))
+        old = time.time() - 120
+        os.utime(remote, (old, old))  # the remote job stopped beating 2 minutes ago
+        assert w.take_over([1, 2, 3], poll_s=0.02) == [1, 2]
+
+
+def test_a_damaged_store_is_named_with_how_to_recover(tmp_path):
+    store = CoalitionStore(tmp_path, N, IDENTITY)
+    with store.writer("w") as w:
+        w.append(7, rec(7))
+    data = store.path.read_bytes()
+    store.path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(OSError, match=r"coalitions.h5 is truncated or corrupt .*journals"):
+        check_store(tmp_path)
+    with pytest.raises(OSError, match=r"coalitions.h5 is truncated or corrupt .*journals"):
+        CoalitionStore(tmp_path, N, IDENTITY)
+    store.path.unlink()
+    journal(tmp_path, "bad").write_text('{"journal": 1}\nnot json\n{"mask": "1"')
+    with pytest.raises(OSError, match=r"bad.jsonl line 2.*move it aside"):
+        check_store(tmp_path)
