@@ -1,4 +1,5 @@
-"""Small file helpers shared by every stage: atomic writes and strict JSON."""
+"""Small file helpers shared by every stage: atomic writes, strict JSON, and reads that name a
+damaged file instead of failing deep inside a library."""
 
 from __future__ import annotations
 
@@ -9,6 +10,25 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+
+REBUILD = "delete it and re-run snakemake, which rebuilds it"
+
+
+class CorruptFileError(OSError):
+    """A file exists but cannot be read (truncated, overwritten, not what it should be).
+
+    An OSError, so code that retries reads on a flaky network file system still retries it. The
+    message is one line: the file, what is wrong, and how to recover.
+    """
+
+
+def corrupt(path: str | Path, reason: object, fix: str = REBUILD) -> CorruptFileError:
+    """The error for a damaged ``path``; ``path`` and ``reason`` stay readable as attributes, so
+    a caller that knows a better way to recover can restate the fix."""
+    reason = " ".join(str(reason).split())  # libraries put newlines and padding in messages
+    error = CorruptFileError(f"{path} is truncated or corrupt ({reason}); {fix}")
+    error.path, error.reason = str(path), reason
+    return error
 
 
 def _remove(path: Path) -> None:
@@ -54,7 +74,16 @@ def open_h5(path: str | Path, mode: str = "r"):
     import h5py
 
     value = os.environ.get("HDF5_USE_FILE_LOCKING", "").strip().upper()
-    return h5py.File(path, mode, locking=_H5_LOCKING.get(value))
+    if mode != "r":
+        return h5py.File(path, mode, locking=_H5_LOCKING.get(value))
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        return h5py.File(path, mode, locking=_H5_LOCKING.get(value))
+    except OSError as error:
+        if "unable to lock file" in str(error):  # a held lock is no damage: callers retry
+            raise
+        raise corrupt(path, error) from None
 
 
 def _finite(value):
@@ -74,5 +103,10 @@ def write_json(path: str | Path, data) -> None:
         tmp.write_text(json.dumps(_finite(data), indent=2, allow_nan=False) + "\n")
 
 
-def read_json(path: str | Path):
-    return json.loads(Path(path).read_text())
+def read_json(path: str | Path, fix: str = REBUILD):
+    """Parse a JSON file; a damaged one is a CorruptFileError that names it and says ``fix``."""
+    text = Path(path).read_text()
+    try:
+        return json.loads(text)
+    except ValueError as error:
+        raise corrupt(path, f"not valid JSON: {error}", fix) from None
