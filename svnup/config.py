@@ -2,8 +2,11 @@
 
 Every intermediate result lives under a path keyed by a hash of exactly the settings it depends on
 (its *spec*), so a config change re-runs only the stages whose spec changed, and reverting a change
-finds the earlier results again. Runtime settings (device, batch size, offload) are not part of any
-spec: moving a run from a workstation to a cluster recomputes nothing.
+finds the earlier results again. A local model directory or dataset enters its spec with a
+fingerprint of its content (``svnup.content``), a hub model with its revision, and the demo model
+with the settings that train it, so editing an input in place is a change like any other.
+Runtime settings (device, batch size, offload) are not part of any spec: moving a run from a
+workstation to a cluster recomputes nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +23,13 @@ import yaml
 DEMO_MODEL = "results/demo/model"
 DEMO_CORPUS = "results/demo/corpus"
 DEMO_DEFAULTS = {"steps": 400, "n_layers": 8, "seed": 0}
-MODEL_DEFAULTS = {"dtype": "float32", "seqlen": 2048, "device": "cpu", "batch_size": 8}
+MODEL_DEFAULTS = {
+    "dtype": "float32",
+    "seqlen": 2048,
+    "device": "cpu",
+    "batch_size": 8,
+    "revision": "main",
+}
 OVERRIDABLE = ("calibration", "shapley", "allocation", "pruner", "evaluation")
 HUB_DATASETS = ("wikitext2", "c4", "ptb")
 
@@ -118,8 +127,13 @@ def model_settings(config: dict, name: str) -> dict:
             base = _merge(base, entry[section]) if isinstance(base, dict) else entry[section]
         settings[section] = copy.deepcopy(base)
     settings["save_model"] = bool(config.get("save_model", False))
-    settings["demo"] = {**DEMO_DEFAULTS, **config.get("demo", {})}
+    settings["demo"] = demo_settings(config)
     return settings
+
+
+def demo_settings(config: dict) -> dict:
+    """How the demo model is trained: the ``demo`` section over the defaults."""
+    return {**DEMO_DEFAULTS, **config.get("demo", {})}
 
 
 def key(spec: dict) -> str:
@@ -134,15 +148,45 @@ def runtime(settings: dict) -> dict:
 
 
 def model_spec(settings: dict) -> dict:
-    return {"path": settings["path"], "dtype": settings["dtype"]}
+    return {"path": settings["path"], "dtype": settings["dtype"], **model_source(settings)}
+
+
+def model_source(settings: dict) -> dict:
+    """What identifies the model's weights beyond its path: the demo's training settings, a local
+    directory's content fingerprint, or a hub id's revision."""
+    path = settings["path"]
+    if path == DEMO_MODEL:
+        return {"demo": settings["demo"]}
+    if is_workflow_path(path):
+        return {}
+    if Path(path).expanduser().exists():
+        return {"content": _fingerprint(path)}
+    return {"revision": settings["revision"]}
+
+
+def data_content(dataset: str) -> str | None:
+    """A local dataset's content fingerprint; None for hub names and workflow-built files (and
+    for a missing file, which is reported before planning, see ``svnup.preflight``)."""
+    if dataset in HUB_DATASETS or is_workflow_path(dataset):
+        return None
+    if not Path(dataset).expanduser().exists():
+        return None
+    return _fingerprint(dataset)
+
+
+def _fingerprint(path: str) -> str:
+    from svnup.content import fingerprint
+
+    return fingerprint(path)
 
 
 def calibration_spec(settings: dict) -> dict:
-    return {
-        "model": model_spec(settings),
-        "seqlen": settings["seqlen"],
-        **settings["calibration"],
-    }
+    calibration = settings["calibration"]
+    spec = {"model": model_spec(settings), "seqlen": settings["seqlen"], **calibration}
+    content = data_content(calibration["dataset"])
+    if content:
+        spec["dataset_content"] = content
+    return spec
 
 
 def probe_spec(settings: dict) -> dict:
@@ -216,11 +260,15 @@ def prune_spec(settings: dict, method: str, sparsity: float, pruner: str) -> dic
 
 
 def eval_spec(settings: dict, dataset: str) -> dict:
-    return {
+    spec = {
         "dataset": dataset,
         "split": settings["evaluation"]["split"],
         "seqlen": settings["seqlen"],
     }
+    content = data_content(dataset)
+    if content:
+        spec["content"] = content
+    return spec
 
 
 def eval_id(settings: dict, dataset: str) -> str:
@@ -237,15 +285,14 @@ def is_workflow_path(path: str) -> bool:
 
 def n_blocks(settings: dict) -> int:
     """Decoder blocks of the model, read from its config before any weights are loaded."""
-    if settings["path"] == DEMO_MODEL and not Path(DEMO_MODEL).exists():
-        return settings["demo"]["n_layers"]
-    from transformers import AutoConfig
+    from svnup.preflight import model_facts
 
-    try:
-        config = AutoConfig.from_pretrained(settings["path"])
-    except OSError as error:
-        raise ConfigError(
-            f"model path '{settings['path']}' could not be read ({error.__class__.__name__}); "
-            "give a local model directory or a hub id available offline"
-        ) from None
-    return int(config.num_hidden_layers)
+    return model_facts(settings).n_blocks
+
+
+def names(kind: str) -> list[str]:
+    """The names the schema accepts for ``kind``: "allocation" or "pruner"."""
+    schema = _schema()
+    if kind == "pruner":
+        return list(schema["$defs"]["pruner"]["enum"])
+    return list(schema["properties"]["targets"]["properties"]["allocations"]["items"]["enum"])

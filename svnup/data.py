@@ -31,8 +31,10 @@ import random
 import re
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where tokens are made, so checking a source stays light
+    import torch
 
 HUB_NAMES = ("wikitext2", "ptb", "c4")
 SUFFIXES = (".jsonl", ".txt", ".parquet")
@@ -115,9 +117,13 @@ def _read_file(path: Path) -> list[str]:
     return rows
 
 
-def _load_hub(name: str, split: str) -> list[str]:
+def _check_hub_split(name: str, split: str) -> None:
     if name == "c4" and split not in C4_SHARDS:
         raise ValueError(f"split={split!r} is not available for c4; use train or validation")
+
+
+def _load_hub(name: str, split: str) -> list[str]:
+    _check_hub_split(name, split)
     from datasets import load_dataset
 
     if name == "wikitext2":
@@ -127,6 +133,15 @@ def _load_hub(name: str, split: str) -> list[str]:
     return list(
         load_dataset("allenai/c4", data_files={split: C4_SHARDS[split]}, split=split)["text"]
     )
+
+
+def check_source(source: str, split: str) -> None:
+    """Raise a one-line ValueError unless ``split`` of ``source`` can be read: a known split name,
+    a split the hub dataset has, an existing file or a directory with one file for the split.
+    Reads no rows, so a workflow can check every source before its first job."""
+    split = _split_name(split)
+    _check_hub_split(source, split)
+    _locate(source, split)
 
 
 def load_texts(source: str, split: str) -> list[str]:
@@ -202,6 +217,8 @@ def _cache_file(tokenizer, source: str, split: str, protocol: str, seqlen: int, 
 
 
 def _save_atomic(ids: torch.Tensor, target: Path) -> None:
+    import torch
+
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
     try:
@@ -226,6 +243,8 @@ def eval_stream(
     the source (path, size and mtime for files), split, protocol, tokenizer (name, size, vocab
     hash) and, for c4 only, ``seqlen``; editing a file or changing tokenizer invalidates it.
     """
+    import torch
+
     split = _split_name(split)
     protocol = eval_protocol(source)
     target = _cache_file(tokenizer, source, split, protocol, seqlen, cache_dir)
@@ -251,6 +270,8 @@ def calibration_samples(
     Each draw picks a document (except for stream sources, which are one document), tokenises
     it, and keeps a random window if the document has more than ``seqlen`` tokens.
     """
+    import torch
+
     if nsamples < 1 or seqlen < 1:
         raise ValueError(f"nsamples={nsamples} and seqlen={seqlen} must both be at least 1")
     protocol = eval_protocol(source)

@@ -270,12 +270,13 @@ def load_model(
     offload: bool | str = "auto",
     batch_size: int = 8,
     with_tokenizer: bool = True,
+    revision: str | None = None,
 ) -> tuple[BlockModel, object | None]:
     """Load a causal LM and its tokenizer from a hub id or a local directory.
 
     Returns the block view of the model (weights on the CPU or the device, see ``offload``) and the
     tokenizer (None when ``with_tokenizer`` is off). The model type is checked before any weights
-    are read.
+    are read. ``revision`` (branch, tag or commit) applies to hub ids.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -285,9 +286,11 @@ def load_model(
         raise FileNotFoundError(
             f"model path {source!r} does not exist; give a local model directory or a hub id"
         )
-    config = AutoConfig.from_pretrained(source)
+    config = AutoConfig.from_pretrained(source, revision=revision)
     family_of(config.model_type)
     resolve_device(device)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(dtype))
-    tokenizer = AutoTokenizer.from_pretrained(source) if with_tokenizer else None
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=resolve_dtype(dtype), revision=revision
+    )
+    tokenizer = AutoTokenizer.from_pretrained(source, revision=revision) if with_tokenizer else None
     return BlockModel(model, device=device, offload=offload, batch_size=batch_size), tokenizer

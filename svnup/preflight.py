@@ -1,0 +1,214 @@
+"""Checks that run before the first job, each failing in one line that names the key and the fix.
+
+The schema (``svnup.config.validate``) checks what the config says on its own; this module checks
+it against the world: the model (its block count and context length, read from its config.json
+without loading weights and without the network when it is local, and its weight files), the
+datasets and splits, and the target paths asked for on the command line.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from svnup import config as cfg
+from svnup.config import ConfigError
+
+DEMO_CONTEXT = 128  # the demo model's max_position_embeddings (train_demo_model's seqlen)
+_BLOCK_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length")
+# Folders under results/<model>/ that hold keyed intermediates or user-facing outputs whose paths
+# the rules define; anything else must be s<sparsity>/...
+_KNOWN_FOLDERS = {
+    "calibration",
+    "probe",
+    "coalitions",
+    "shapley",
+    "owl",
+    "budget",
+    "runs",
+    "logs",
+    "benchmarks",
+    "report",
+    "dense",
+    "summary.csv",
+}
+_SPARSITY = re.compile(r"[0-9]+(\.[0-9]+)?")
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the checks need to know about a model before it is loaded."""
+
+    n_blocks: int
+    context: int | None  # longest sequence its positions cover; None if its config does not say
+
+
+def _first(config: dict, keys: tuple[str, ...]) -> int | None:
+    return next((int(config[k]) for k in keys if config.get(k) is not None), None)
+
+
+@functools.lru_cache(maxsize=64)
+def _hub_facts(path: str, revision: str) -> ModelFacts:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, revision=revision)
+    return ModelFacts(
+        int(config.num_hidden_layers), getattr(config, "max_position_embeddings", None)
+    )
+
+
+def model_facts(settings: dict, name: str = "") -> ModelFacts:
+    """Block count and context length, from the model's config.json (a hub model's is fetched)."""
+    path, key = settings["path"], f"config key 'models.{name}.path'" if name else "model path"
+    if path == cfg.DEMO_MODEL and not Path(path).exists():
+        return ModelFacts(settings["demo"]["n_layers"], DEMO_CONTEXT)
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        config_file = folder / "config.json"
+        if not config_file.is_file():
+            raise ConfigError(f"{key}: {path} has no config.json; give a Hugging Face model folder")
+        try:
+            config = json.loads(config_file.read_text())
+        except ValueError as error:
+            raise ConfigError(
+                f"{key}: {config_file} is not valid JSON ({error}); restore the model folder"
+            ) from None
+        blocks = _first(config, _BLOCK_KEYS)
+        if blocks is None:
+            raise ConfigError(f"{key}: {config_file} names no block count ({_BLOCK_KEYS[0]})")
+        return ModelFacts(blocks, _first(config, _CONTEXT_KEYS))
+    if folder.exists() or cfg.is_workflow_path(path) or path.startswith((".", "/", "~")):
+        raise ConfigError(f"{key}: {path} is not a model folder; give a local folder or a hub id")
+    try:
+        return _hub_facts(path, settings["revision"])
+    except (OSError, ValueError) as error:
+        raise ConfigError(
+            f"{key}: '{path}' (revision {settings['revision']}) is neither a local folder nor a "
+            f"hub model that can be read ({error.__class__.__name__}); check the path, the "
+            "revision, or the network (offline: HF_HUB_OFFLINE=1 with the model in the hub cache)"
+        ) from None
+
+
+def check_estimator(settings: dict, n_blocks: int, name: str) -> None:
+    """The configured Shapley estimator's parameters fit the model's block count."""
+    from svnup.shapley import MAX_EXACT_BLOCKS, make_estimator
+
+    shapley = settings["shapley"]
+    estimator, window, stride = shapley["estimator"], shapley["window"], shapley["stride"]
+    where = f"of model '{name}'"
+    if estimator == "swsv" and window > n_blocks:
+        raise ConfigError(
+            f"config key 'shapley.window' {where}: window {window} exceeds the model's "
+            f"{n_blocks} blocks; use a window <= {n_blocks}"
+        )
+    if estimator == "swsv" and stride > window:
+        raise ConfigError(
+            f"config key 'shapley.stride' {where}: stride {stride} exceeds shapley.window "
+            f"{window}, which would skip blocks; use a stride <= {window}"
+        )
+    if estimator == "swsv" and window > MAX_EXACT_BLOCKS:
+        raise ConfigError(
+            f"config key 'shapley.window' {where}: window {window} needs 2^{window} coalitions "
+            f"per window; use a window <= {MAX_EXACT_BLOCKS}"
+        )
+    if estimator == "exact" and n_blocks > MAX_EXACT_BLOCKS:
+        raise ConfigError(
+            f"config key 'shapley.estimator' {where}: exact needs 2^{n_blocks} coalitions for "
+            f"{n_blocks} blocks (at most {MAX_EXACT_BLOCKS}); use swsv or permutation"
+        )
+    if estimator == "permutation" and shapley["n_permutations"] % 2:
+        raise ConfigError(
+            f"config key 'shapley.n_permutations' {where}: {shapley['n_permutations']} is odd, "
+            "but orders are drawn in antithetic pairs; use an even number"
+        )
+    params = cfg.estimator_params(settings)
+    try:
+        make_estimator(n_blocks=n_blocks, name=params.pop("estimator"), **params)
+    except ValueError as error:
+        raise ConfigError(f"config key 'shapley' {where}: {error}") from None
+
+
+def check_datasets(settings: dict, name: str) -> None:
+    """Every calibration and evaluation source exists and has the split it is read with."""
+    from svnup.data import SPLIT_ALIASES, check_source
+
+    split = settings["evaluation"]["split"]
+    if not any(split.lower() in aliases for aliases in SPLIT_ALIASES.values()):
+        raise ConfigError(
+            f"config key 'evaluation.split' of model '{name}': '{split}' is not a split name; "
+            "use train, validation (valid, val) or test"
+        )
+    sources = [("calibration.dataset", settings["calibration"]["dataset"], "train")]
+    sources += [("evaluation.datasets", d, split) for d in settings["evaluation"]["datasets"]]
+    for key, source, wanted in sources:
+        if cfg.is_workflow_path(source):
+            continue  # a rule of this workflow builds it
+        try:
+            check_source(source, wanted)
+        except ValueError as error:
+            raise ConfigError(f"config key '{key}' of model '{name}': {error}") from None
+
+
+def check_model(settings: dict, name: str) -> ModelFacts:
+    """Everything about model ``name`` that can fail before its first job."""
+    from svnup.content import RESTORE, check_model_dir
+
+    facts = model_facts(settings, name)
+    path = Path(settings["path"]).expanduser()
+    if not cfg.is_workflow_path(settings["path"]) and path.is_dir():
+        try:
+            check_model_dir(path, fix=RESTORE)
+        except OSError as error:
+            raise ConfigError(f"model '{name}': {error}") from None
+    if facts.context is not None and settings["seqlen"] > facts.context:
+        raise ConfigError(
+            f"config key 'models.{name}.seqlen': {settings['seqlen']} exceeds the model's context "
+            f"length (max_position_embeddings {facts.context}); use a seqlen <= {facts.context}"
+        )
+    check_estimator(settings, facts.n_blocks, name)
+    check_datasets(settings, name)
+    return facts
+
+
+def target_model(config: dict, target: str) -> str | None:
+    """The model a target path under results/ names, after checking the path's form; None for
+    paths outside results/ and for the demo's own files."""
+    parts = PurePosixPath(target).parts
+    if len(parts) < 3 or parts[0] != "results":
+        return None
+    if f"{parts[0]}/{parts[1]}/{parts[2]}" in (cfg.DEMO_MODEL, cfg.DEMO_CORPUS):
+        return None
+    model, first, rest = parts[1], parts[2], parts[3:]
+    settings = cfg.model_settings(config, model)
+    if first in _KNOWN_FOLDERS:
+        return model
+    form = "results/<model>/s<sparsity>/[<allocation>/[<pruner>/]]ppl.json"
+    if not first.startswith("s"):
+        raise ConfigError(
+            f"target path {target}: '{first}' is not a result of the workflow; ask for "
+            f"results/{model}/summary.csv, results/{model}/report/report.html or {form}"
+        )
+    if not _SPARSITY.fullmatch(first[1:]):
+        raise ConfigError(
+            f"target path {target}: '{first}' does not name a target sparsity; write s and a "
+            "number in (0, 1), e.g. s0.7"
+        )
+    cfg.check_target(settings, float(first[1:]), key=f"target path {target}")
+    allocations, pruners = cfg.names("allocation"), cfg.names("pruner")
+    if rest and rest[-1] == "ppl.json" and len(rest) <= 3:
+        if len(rest) >= 2 and rest[0] not in allocations:
+            raise ConfigError(
+                f"target path {target}: unknown allocation '{rest[0]}'; choose one of "
+                f"{', '.join(allocations)}"
+            )
+        if len(rest) == 3 and rest[1] not in pruners:
+            raise ConfigError(
+                f"target path {target}: unknown pruner '{rest[1]}'; choose one of "
+                f"{', '.join(pruners)}"
+            )
+        return model
+    raise ConfigError(f"target path {target}: expected {form}")

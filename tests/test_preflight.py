@@ -1,0 +1,152 @@
+"""Content fingerprints, integrity checks and the checks that run before the first job."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import pytest
+from conftest import build_tiny_llama
+from workflow_fixture import tiny_config
+
+from svnup import config as cfg
+from svnup import content, preflight
+from svnup.io import CorruptFileError, write_json
+from svnup.stages import summary
+
+
+def _settings(path, **shapley) -> dict:
+    config = tiny_config(**{f"shapley.{key}": value for key, value in shapley.items()})
+    config["models"]["tiny"]["path"] = str(path)
+    return cfg.model_settings(cfg.validate(config), "tiny")
+
+
+def test_fingerprint_follows_content_of_small_files(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"a": 1}')
+    before = content.fingerprint(folder)
+    (folder / ".cache").mkdir()
+    (folder / ".cache" / "meta").write_text("anything")  # hidden: not content
+    assert content.fingerprint(folder) == before
+    (folder / "config.json").write_text('{"a": 2}')
+    assert content.fingerprint(folder) != before
+    (folder / "config.json").write_text('{"a": 1}')
+    os.utime(folder / "config.json", (1, 1))  # restored content, another time: same key
+    assert content.fingerprint(folder) == before
+
+
+def test_fingerprint_of_large_files_is_size_and_time(tmp_path, monkeypatch):
+    monkeypatch.setattr(content, "HASH_LIMIT", 4)
+    shard = tmp_path / "weights.bin"
+    shard.write_bytes(b"0123456789")
+    stat = shard.stat()
+    before = content.fingerprint(shard)
+    shard.write_bytes(b"9876543210")
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert content.fingerprint(shard) == before  # same size and time: documented blind spot
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert content.fingerprint(shard) != before
+
+
+def _safetensors(path, payload: int, claimed: int) -> None:
+    header = json.dumps(
+        {"w": {"dtype": "F32", "shape": [claimed // 4], "data_offsets": [0, claimed]}}
+    )
+    path.write_bytes(struct.pack("<Q", len(header)) + header.encode() + b"\0" * payload)
+
+
+def test_truncated_weights_and_missing_shards_are_named(tmp_path):
+    _safetensors(tmp_path / "model.safetensors", 16, 16)
+    content.check_model_dir(tmp_path)
+    _safetensors(tmp_path / "model.safetensors", 8, 16)
+    with pytest.raises(CorruptFileError, match=r"model.safetensors is truncated .*promises"):
+        content.check_model_dir(tmp_path, fix="restore it")
+    (tmp_path / "model.safetensors").unlink()
+    index = {"weight_map": {"w": "model-00001-of-00002.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CorruptFileError, match="shards missing beside it: model-00001"):
+        content.check_model_dir(tmp_path)
+    (tmp_path / "broken.json").write_text('{"a": ')
+    with pytest.raises(CorruptFileError, match="broken.json .*not valid JSON"):
+        content.check_intact(tmp_path / "broken.json")
+
+
+def test_model_facts_come_from_config_json_without_loading(tmp_path):
+    build_tiny_llama(tmp_path, layers=5)
+    facts = preflight.model_facts(_settings(tmp_path))
+    assert facts == preflight.ModelFacts(n_blocks=5, context=256)
+
+
+@pytest.mark.parametrize(
+    ("shapley", "message"),
+    [
+        ({"window": 6}, "'shapley.window' of model 'tiny': window 6 exceeds the model's 5 blocks"),
+        ({"stride": 4}, "'shapley.stride' of model 'tiny': stride 4 exceeds shapley.window 3"),
+        ({"estimator": "permutation", "n_permutations": 3}, "'shapley.n_permutations'"),
+    ],
+)
+def test_estimator_parameters_are_checked_against_the_block_count(shapley, message):
+    with pytest.raises(cfg.ConfigError, match=message):
+        preflight.check_estimator(_settings("x", **shapley), 5, "tiny")
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("results/m/s0.7x/ppl.json", "'s0.7x' does not name a target sparsity"),
+        ("results/m/s-0.5/ppl.json", "'s-0.5' does not name a target sparsity"),
+        ("results/m/s0.7.1/ppl.json", "'s0.7.1' does not name a target sparsity"),
+        ("results/m/s1.5/ppl.json", "target sparsity 1.5 must be in"),
+        ("results/m/s0.5/uniform/foo/ppl.json", "unknown pruner 'foo'"),
+        ("results/m/s0.5/bar/ppl.json", "unknown allocation 'bar'"),
+        ("results/m/s0.5/a/b/c/ppl.json", "expected results/<model>/s<sparsity>/"),
+        ("results/m/weights", "'weights' is not a result of the workflow"),
+        ("results/x/s0.5/ppl.json", "model 'x' is not in config key 'models'"),
+    ],
+)
+def test_bad_target_paths_are_named(tmp_path, target, message):
+    config = {"models": {"m": {"path": "m"}}, "allocation": {"min": 0.0, "max": 0.99}}
+    config.update({k: {} for k in cfg.OVERRIDABLE if k not in config})
+    with pytest.raises(cfg.ConfigError, match=message.replace("(", r"\(")):
+        preflight.target_model(config, target)
+
+
+def test_good_target_paths_name_their_model():
+    config = {"models": {"m": {"path": "m"}}, "allocation": {"min": 0.0, "max": 0.99}}
+    config.update({k: {} for k in cfg.OVERRIDABLE if k not in config})
+    for target in (
+        "results/m/s0.5/ppl.json",
+        "results/m/s0.70/owl/ppl.json",
+        "results/m/s0.5/uniform/sparsegpt/ppl.json",
+        "results/m/summary.csv",
+        "results/m/calibration/0123456789ab/calibration.h5",
+    ):
+        assert preflight.target_model(config, target) == "m"
+    assert preflight.target_model(config, "results/demo/model") is None
+    assert preflight.target_model(config, "report.html") is None
+
+
+def test_summary_reads_exactly_the_runs_it_is_given(tmp_path):
+    def run(name, allocation, ppl):
+        path = tmp_path / name / "ppl.json"
+        write_json(
+            path,
+            {
+                "allocation": allocation,
+                "pruner": "wanda",
+                "target_sparsity": 0.5,
+                "perplexity": {"d": ppl},
+            },
+        )
+        return path
+
+    given = [run("a", "svnup", 10.0), run("b", "uniform", 12.0)]
+    run("stale", "owl", 99.0)  # another file in the same folder is not a run of the grid
+    out = tmp_path / "summary.csv"
+    summary(given, out)
+    rows = out.read_text().splitlines()
+    assert len(rows) == 3 and "owl" not in out.read_text()
+    with pytest.raises(ValueError, match="runs given twice"):
+        summary([*given, run("c", "svnup", 11.0)], out)
