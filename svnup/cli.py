@@ -1,4 +1,4 @@
-"""``python -m svnup STAGE ...``: one command per pipeline stage (what the workflow rules call).
+"""python -m svnup STAGE: one command per pipeline stage, as the workflow's rules call them.
 
 Structured arguments (``--spec``, ``--model``, ``--estimator``) are JSON strings; paths are plain
 arguments; ``--device``, ``--batch-size``, ``--offload`` and ``--threads`` say how to run, never
@@ -12,10 +12,12 @@ import argparse
 import inspect
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 from svnup import stages
+from svnup.io import CorruptFileError
 
 # stage -> (help, options); "?" marks an optional path, "*" a list of paths
 STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -41,13 +43,52 @@ STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
     "collect": (
         "assemble ppl.json",
-        ("name", "sparsity", "allocation", "pruner", "evaluations*", "out", "budget?", "report?"),
+        (
+            "name",
+            "sparsity",
+            "allocation",
+            "pruner",
+            "evaluations*",
+            "out",
+            "budget?",
+            "report?",
+            "checkpoint?",
+        ),
     ),
-    "summary": ("gather a model's ppl.json files into a CSV", ("results", "out")),
+    "summary": ("gather the given ppl.json files into a CSV", ("runs*", "out")),
     "report": (
         "figures and an HTML report of a model",
         ("results", "out_dir", "summary", "shapley?", "budgets*"),
     ),
+}
+# option -> help text; every option of every stage has one (tests/test_cli.py checks)
+OPTION_HELP = {
+    "spec": "JSON: the settings this stage's result depends on (its cache-key material)",
+    "model": 'JSON: the model, {"path": ..., "dtype": ...} (hub ids also "revision")',
+    "estimator": 'JSON: the Shapley estimator and its parameters, {"estimator": "swsv", ...}',
+    "job": "which of the estimator's coalition jobs to run (e.g. window-000-004)",
+    "calibration": "calibration record (HDF5) written by the calibrate stage",
+    "masks": "probe masks (HDF5) written by the probe stage; needed by the prune ablation",
+    "store": "coalition store folder shared by every job of this model and calibration",
+    "out": "output file",
+    "jobs": "coalition job files (HDF5) to aggregate",
+    "csv": "per-block values as CSV",
+    "sparsity": "target sparsity: the parameter-weighted mean of the per-block sparsities",
+    "importance": "per-block importance: Shapley values (HDF5) or outlier densities (JSON)",
+    "budget": "per-block sparsities (JSON) written by the budget stage",
+    "out_dir": "output folder",
+    "report": "pruning report (JSON) written by the prune stage",
+    "model_dir": "checkpoint folder (or hub id) to evaluate",
+    "name": "model name as in the workflow config",
+    "allocation": "allocation method of the run",
+    "pruner": "pruner of the run",
+    "evaluations": "evaluation results (JSON) to collect",
+    "runs": "ppl.json files of the runs to tabulate",
+    "checkpoint": "the pruned checkpoint kept on disk (save_model), recorded in ppl.json",
+    "results": "the model's results folder (names the report)",
+    "summary": "summary CSV written by the summary stage",
+    "shapley": "Shapley values (HDF5) to plot",
+    "budgets": "budgets (JSON) whose per-block sparsities to plot",
 }
 JSON_OPTIONS = {"spec", "model", "estimator"}
 TEXT_OPTIONS = {"job", "name", "allocation", "pruner"}
@@ -63,16 +104,18 @@ def _json(text: str):
 def _add_option(parser: argparse.ArgumentParser, option: str) -> None:
     name = option.rstrip("?*")
     flag = "--" + name.replace("_", "-")
+    text = OPTION_HELP.get(name)
     if option.endswith("*"):
-        parser.add_argument(flag, type=Path, nargs="*", default=[])
+        parser.add_argument(flag, type=Path, nargs="*", default=[], help=text)
     elif name in JSON_OPTIONS:
-        parser.add_argument(flag, type=_json, required=True)
+        parser.add_argument(flag, type=_json, required=True, help=text)
     elif name in TEXT_OPTIONS:
-        parser.add_argument(flag, default=None, required=name == "job")
+        parser.add_argument(flag, default=None, required=name == "job", help=text)
     elif name == "sparsity":
-        parser.add_argument(flag, type=float, default=None)
+        parser.add_argument(flag, type=float, default=None, help=text)
     else:
-        parser.add_argument(flag, type=Path, required=not option.endswith("?"), default=None)
+        required = not option.endswith("?")
+        parser.add_argument(flag, type=Path, required=required, default=None, help=text)
 
 
 def _uses_model(stage: str) -> bool:
@@ -82,21 +125,26 @@ def _uses_model(stage: str) -> bool:
 def _add_runtime(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
-    parser.add_argument("--offload", default="auto", choices=["auto", "true", "false"])
+    parser.add_argument(
+        "--offload",
+        default="auto",
+        choices=["auto", "true", "false"],
+        help="keep weights on the CPU and move one block at a time to the device",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m svnup", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="stage", required=True)
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE", help="one of:")
     for stage, (text, options) in STAGES.items():
         stage_parser = sub.add_parser(stage, help=text, description=text)
         for option in options:
             _add_option(stage_parser, option)
         if _uses_model(stage):
             _add_runtime(stage_parser)
-    sub.add_parser("demo", help="build the demo corpus or train the demo model (svnup.demo)")
+    sub.add_parser("demo", help="build the demo corpus or train the demo model")
     return parser
 
 
@@ -131,13 +179,17 @@ def main(argv: list[str] | None = None) -> int:
 
         return demo_main(argv[1:])
     args = build_parser().parse_args(argv)
+    # Messages go to stdout (the rule's log); stderr carries progress bars and errors, which the
+    # workflow also shows in the terminal. Library loading bars would only add noise there.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stdout,
     )
     try:
         run(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, CorruptFileError) as error:
         logging.getLogger("svnup").debug("stage failed", exc_info=True)
         message = error.args[0] if error.args else repr(error)
         print(f"svnup {args.stage}: error: {message}", file=sys.stderr)

@@ -141,7 +141,7 @@ def _write_jsonl(path: Path, docs: list[str]) -> None:
 
 def _read_jsonl(path: Path) -> list[str]:
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; build the corpus with `svnup.demo corpus`")
+        raise FileNotFoundError(f"{path} is missing; build it with `python -m svnup demo corpus`")
     with path.open(encoding="utf-8") as fh:
         return [json.loads(line)["text"] for line in fh if line.strip()]
 
@@ -331,25 +331,39 @@ def train_demo_model(
     return log
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m svnup.demo corpus OUT` or `python -m svnup.demo train CORPUS OUT [--steps N]`."""
+def build_parser() -> argparse.ArgumentParser:
+    """`python -m svnup demo corpus OUT` or `python -m svnup demo train CORPUS OUT [--steps N]`."""
     parser = argparse.ArgumentParser(
-        prog="python -m svnup.demo", description=__doc__.split("\n")[0]
+        prog="python -m svnup demo", description=__doc__.split("\n")[0]
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    corpus = sub.add_parser("corpus", help="write train.jsonl and heldout.jsonl")
-    corpus.add_argument("out", type=Path)
-    corpus.add_argument("--heldout-fraction", type=float, default=0.1)
-    corpus.add_argument("--seed", type=int, default=0)
-    train = sub.add_parser("train", help="train tokenizer and model on a corpus directory")
-    train.add_argument("corpus", type=Path)
-    train.add_argument("out", type=Path)
-    train.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    train.add_argument("--seed", type=int, default=0)
+    sub = parser.add_subparsers(dest="command", required=True, help="what to build")
+    corpus = sub.add_parser(
+        "corpus", help="write train.jsonl and heldout.jsonl", description="build the corpus"
+    )
+    corpus.add_argument("out", type=Path, help="folder to write the two files into")
+    corpus.add_argument(
+        "--heldout-fraction", type=float, default=0.1, help="share of documents held out"
+    )
+    corpus.add_argument("--seed", type=int, default=0, help="seed of the document shuffle")
+    train = sub.add_parser(
+        "train",
+        help="train tokenizer and model on a corpus folder",
+        description="train tokenizer and model on a corpus folder",
+    )
+    train.add_argument("corpus", type=Path, help="folder holding train.jsonl and heldout.jsonl")
+    train.add_argument("out", type=Path, help="model folder to write (replaced only on success)")
+    train.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimizer steps")
+    train.add_argument("--seed", type=int, default=0, help="seed of weights and batches")
     train.add_argument("--n-layers", type=int, default=8, help="decoder blocks")
-    train.add_argument("--max-seconds", type=float, default=None)
+    train.add_argument(
+        "--max-seconds", type=float, default=None, help="stop training early after this long"
+    )
     train.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command == "corpus":
         result = build_corpus(args.out, args.heldout_fraction, args.seed)
     else:

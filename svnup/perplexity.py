@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from svnup.models import BlockModel
 
@@ -62,12 +63,18 @@ def stream_perplexity(
         )
     windows = stream.reshape(-1)[: n_windows * seqlen].view(n_windows, seqlen)
     weighted = 0.0
+    passes = -(-n_windows // windows_per_pass)
+    name = Path(dataset).name or "stream"
+    progress = tqdm(total=passes * model.n_blocks, desc=f"perplexity {name}", unit="block")
     for first in range(0, n_windows, windows_per_pass):
         batch = windows[first : first + windows_per_pass]
         hidden, kwargs = model.embed(batch)
-        hidden = model.forward_blocks(hidden, kwargs, desc=f"ppl {dataset} {first}/{n_windows}")
+        for index in range(model.n_blocks):
+            hidden = model.forward_block(index, hidden, kwargs)
+            progress.update(1)
         window_mean = model.sequence_nll(hidden, batch) / (seqlen - 1)
         weighted += float(window_mean.sum()) * seqlen
+    progress.close()
     mean_nll = weighted / (n_windows * seqlen)
     return PerplexityResult(
         ppl=_exp(mean_nll),

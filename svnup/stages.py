@@ -35,16 +35,27 @@ def versions() -> dict:
 
 
 def _load(spec_model: dict, runtime: dict, with_tokenizer: bool = True, path: str | None = None):
+    from svnup.content import check_model_dir
     from svnup.models import load_model
 
+    path = path or spec_model["path"]
+    if Path(path).expanduser().is_dir():  # a damaged file: one line, not a loader's traceback
+        check_model_dir(Path(path).expanduser(), fix=_model_fix(spec_model, path))
     return load_model(
-        path or spec_model["path"],
+        path,
         dtype=spec_model["dtype"],
         device=runtime.get("device", "cpu"),
         offload=runtime.get("offload", "auto"),
         batch_size=runtime.get("batch_size", 8),
         with_tokenizer=with_tokenizer,
+        revision=spec_model.get("revision") if path == spec_model["path"] else None,
     )
+
+
+def _model_fix(spec_model: dict, path: str) -> str:
+    from svnup.content import RESTORE, refold
+
+    return RESTORE if path == spec_model["path"] else refold(path)
 
 
 def calibrate(spec: dict, runtime: dict, out: Path) -> None:
@@ -96,10 +107,11 @@ def coalitions(
 ) -> dict:
     """Evaluate the coalitions of one job that the store does not hold yet; write the job's records.
 
-    Results are journalled per coalition, so a killed job resumes where it stopped.
+    Results are journalled per coalition, so a killed job resumes where it stopped. The job first
+    claims its coalitions in the store; one already claimed by a running job (of this or another
+    estimator) is left to it and waited for, and taken over if that job dies.
     """
-    from svnup.calibration import load_masks, load_statistics
-    from svnup.evaluator import CoalitionEvaluator
+    from svnup.calibration import load_statistics
     from svnup.shapley import coalition_jobs, make_estimator
     from svnup.store import CoalitionRecord, CoalitionStore, write_records
 
@@ -110,42 +122,53 @@ def coalitions(
         raise ValueError(f"job {job!r} is not one of this estimator's jobs: {', '.join(jobs)}")
     records_store = CoalitionStore(store, n_blocks, spec)
     wanted = jobs[job]
-    todo = records_store.missing(wanted)
-    log.info(
-        "%s: %d coalitions, %d already in the store", job, len(wanted), len(wanted) - len(todo)
-    )
-    stats = None
-    if todo:
-        engine, _ = _load(model, runtime, with_tokenizer=False)
-        if engine.n_blocks != n_blocks:
-            raise ValueError(f"model has {engine.n_blocks} blocks, calibration recorded {n_blocks}")
-        ablated = {b for m in todo for b in range(n_blocks) if (m >> b) & 1}
-        probe = load_masks(masks, ablated)[0] if spec["ablation"] == "prune" else None
-        evaluator = CoalitionEvaluator(
-            engine, ids[: spec["eval_samples"]], ablation=spec["ablation"], probe_masks=probe
+    evaluator, stats, evaluated = None, [], 0
+    with records_store.writer(job, claim=wanted) as writer:
+        todo = writer.claimed
+        recorded = len(set(wanted) & set(records_store.records()))
+        log.info(
+            "%s: %d coalitions, %d already in the store, %d claimed by other running jobs",
+            job,
+            len(wanted),
+            recorded,
+            len(wanted) - recorded - len(todo),
         )
-        with records_store.writer(job) as writer:
 
-            def record(mask: int, nll: float, tokens: int, seconds: float) -> None:
-                writer.append(mask, CoalitionRecord(nll, tokens, seconds))
+        def record(mask: int, nll: float, tokens: int, seconds: float) -> None:
+            writer.append(mask, CoalitionRecord(nll, tokens, seconds))
 
-            stats = evaluator.evaluate(todo, record)
+        while True:
+            if todo:
+                if evaluator is None:
+                    evaluator = _coalition_evaluator(
+                        model, runtime, spec, ids, masks, n_blocks, wanted
+                    )
+                stats.append(evaluator.evaluate(todo, record))
+                evaluated += len(todo)
+            todo = writer.take_over(wanted)  # waits for the coalitions other jobs claimed
+            if not todo:
+                break
+            log.info("%s: took over %d coalitions from a job that died", job, len(todo))
+    forwards = sum(s.block_forwards for s in stats)
+    naive = sum(s.naive_block_forwards for s in stats)
+    seconds = sum(s.seconds for s in stats)
+    if stats:
         log.info(
             "%s: %d block forwards (naive evaluator: %d, %.2fx fewer) in %.1f s",
             job,
-            stats.block_forwards,
-            stats.naive_block_forwards,
-            stats.forward_ratio,
-            stats.seconds,
+            forwards,
+            naive,
+            naive / max(forwards, 1),
+            seconds,
         )
     records = records_store.records()
     summary = {
         "job": job,
         "coalitions": len(wanted),
-        "evaluated": len(todo),
-        "block_forwards": stats.block_forwards if stats else 0,
-        "naive_block_forwards": stats.naive_block_forwards if stats else 0,
-        "seconds": stats.seconds if stats else 0.0,
+        "evaluated": evaluated,
+        "block_forwards": forwards,
+        "naive_block_forwards": naive,
+        "seconds": seconds,
     }
     write_records(
         out,
@@ -159,6 +182,22 @@ def coalitions(
         },
     )
     return summary
+
+
+def _coalition_evaluator(model, runtime, spec, ids, masks, n_blocks, wanted):
+    """The model, loaded once a job has coalitions to evaluate, with the probe masks of every
+    block its coalitions ablate (coalitions taken over later may ablate any of them)."""
+    from svnup.calibration import load_masks
+    from svnup.evaluator import CoalitionEvaluator
+
+    engine, _ = _load(model, runtime, with_tokenizer=False)
+    if engine.n_blocks != n_blocks:
+        raise ValueError(f"model has {engine.n_blocks} blocks, calibration recorded {n_blocks}")
+    ablated = {b for m in wanted for b in range(n_blocks) if (m >> b) & 1}
+    probe = load_masks(masks, ablated)[0] if spec["ablation"] == "prune" else None
+    return CoalitionEvaluator(
+        engine, ids[: spec["eval_samples"]], ablation=spec["ablation"], probe_masks=probe
+    )
 
 
 def _estimator_args(estimator: dict) -> dict:
@@ -316,8 +355,14 @@ def prune(
 
 def evaluate(spec: dict, runtime: dict, model: dict, model_dir: str, out: Path) -> None:
     """Perplexity of a (pruned or dense) checkpoint on one dataset, with its protocol."""
+    from svnup.config import is_workflow_path
     from svnup.perplexity import dataset_perplexity
 
+    if is_workflow_path(str(model_dir)) and not Path(model_dir).exists():
+        raise FileNotFoundError(
+            f"pruned checkpoint {model_dir} is gone (with save_model: false it is removed once "
+            "its run is collected); ask for the run's ppl.json, which prunes it again"
+        )
     engine, tokenizer = _load(model, runtime, path=model_dir)
     result = dataset_perplexity(
         engine, tokenizer, spec["dataset"], split=spec["split"], seqlen=spec["seqlen"]
@@ -335,8 +380,10 @@ def collect(
     out: Path,
     budget: Path | None = None,
     report: Path | None = None,
+    checkpoint: Path | None = None,
 ) -> None:
-    """One ppl.json with every number of a run: perplexities, protocol, budget, timings."""
+    """One ppl.json with every number of a run: perplexities, protocol, budget, timings, and the
+    pruned checkpoint when it is kept."""
     results = [read_json(p) for p in evaluations]
     data = {
         "model": name,
@@ -345,6 +392,7 @@ def collect(
         "pruner": pruner,
         "perplexity": {r["dataset"]: r["ppl"] for r in results},
         "evaluations": {r["dataset"]: r for r in results},
+        "checkpoint": None if checkpoint is None else str(checkpoint),
         "versions": versions(),
     }
     if budget is not None:
@@ -360,12 +408,13 @@ def collect(
     write_json(out, data)
 
 
-def summary(results: Path, out: Path) -> None:
-    """Gather every finished ppl.json of a model into one CSV, one row per run and dataset."""
+def summary(runs: list[Path], out: Path) -> None:
+    """One CSV row per run and dataset, from exactly the given ppl.json files (a workflow passes
+    the runs of its configured grid, never whatever else lies in the results folder)."""
     import pandas as pd
 
     rows = []
-    for path in sorted(results.glob("**/ppl.json")):
+    for path in runs:
         run = read_json(path)
         for dataset, ppl in run["perplexity"].items():
             rows.append(
@@ -379,9 +428,13 @@ def summary(results: Path, out: Path) -> None:
                     "pruning_seconds": run.get("pruning", {}).get("seconds"),
                 }
             )
-    table = pd.DataFrame(rows).drop_duplicates(
-        subset=["allocation", "pruner", "sparsity", "dataset"]
-    )
+    table = pd.DataFrame(rows)
+    repeated = table.duplicated(subset=["allocation", "pruner", "sparsity", "dataset"], keep=False)
+    if repeated.any():
+        raise ValueError(
+            "runs given twice for the same allocation, pruner, sparsity and dataset: "
+            + ", ".join(sorted(set(table.loc[repeated, "path"])))
+        )
     with atomic_path(out) as tmp:
         table.sort_values(["dataset", "pruner", "allocation", "sparsity"]).to_csv(tmp, index=False)
 

@@ -1,12 +1,16 @@
 """The command line reaches every stage with exactly the parameters the stage takes."""
 
+import argparse
 import inspect
 import json
+import subprocess
+import sys
 
 import pytest
 
 from svnup import stages
 from svnup.cli import STAGES, build_parser, main
+from svnup.demo import build_parser as build_demo_parser
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
@@ -37,3 +41,29 @@ def test_bad_input_is_one_line_with_status_2(tmp_path, capsys):
         "give a local model directory or a hub id"
     ]
     assert not (tmp_path / "c.h5").exists()
+
+
+def _parsers(parser: argparse.ArgumentParser):
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _parsers(sub)
+
+
+@pytest.mark.parametrize("parser", [build_parser(), build_demo_parser()], ids=["svnup", "demo"])
+def test_help_is_plain_text_and_explains_every_option(parser):
+    for each in _parsers(parser):
+        text = each.format_help()
+        assert "``" not in text and ":func:" not in text, text
+        unexplained = [a.dest for a in each._actions if not a.help]
+        assert not unexplained, f"{each.prog}: options without help: {unexplained}"
+
+
+def test_help_names_the_commands_as_typed():
+    run = [sys.executable, "-m", "svnup"]
+    top = subprocess.run([*run, "--help"], capture_output=True, text=True, check=True).stdout
+    assert top.split("\n\n")[1].startswith("python -m svnup STAGE")
+    for args in (["demo", "--help"], ["demo", "train", "--help"]):
+        text = subprocess.run([*run, *args], capture_output=True, text=True, check=True).stdout
+        assert text.startswith("usage: python -m svnup demo") and "svnup.demo" not in text

@@ -130,7 +130,7 @@ def test_failed_training_leaves_no_output(small_corpus, tmp_path, monkeypatch):
 
 
 def test_training_rejects_bad_arguments(small_corpus, tmp_path):
-    with pytest.raises(FileNotFoundError, match="svnup.demo corpus"):
+    with pytest.raises(FileNotFoundError, match="svnup demo corpus"):
         demo.train_demo_model(tmp_path / "nowhere", tmp_path / "m", steps=2, **TINY)
     with pytest.raises(ValueError, match="kv_heads"):
         demo.train_demo_model(small_corpus, tmp_path / "m", **{**TINY, "kv_heads": 3})
