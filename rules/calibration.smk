@@ -16,9 +16,11 @@ rule calibrate:
     params:
         spec=lambda wc: checked(wc, cfg.calibration_spec(settings(wc))),
     shell:
-        "python -m svnup calibrate --spec {params.spec:q} "
-        "--device {resources.device} --batch-size {resources.batch_size} "
-        "--offload {resources.offload} --threads {threads} --out {output} > {log} 2>&1"
+        logged(
+            "python -m svnup calibrate --spec {params.spec:q} "
+            "--device {resources.device} --batch-size {resources.batch_size} "
+            "--offload {resources.offload} --threads {threads} --out {output}"
+        )
 
 
 rule probe:

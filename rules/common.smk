@@ -1,14 +1,23 @@
+import functools
 import json
 import sys
 from pathlib import Path
 
 from svnup import config as cfg
+from svnup import preflight
 from svnup.shapley import coalition_jobs, make_estimator
+
+
+def fail(message):
+    """Stop with one line. An exception raised while planning would reach the user as a
+    multi-line Snakemake block instead."""
+    sys.exit(f"svnup: {message}")
+
 
 try:
     cfg.validate(config)
 except cfg.ConfigError as error:
-    sys.exit(f"svnup: {error}")
+    fail(error)
 
 
 wildcard_constraints:
@@ -23,12 +32,18 @@ wildcard_constraints:
     dataset=r"[A-Za-z0-9-]+",
 
 
-def settings(wildcards):
-    """Effective settings of the model named in the target path (one-line error if unknown)."""
+@functools.cache
+def model_settings(name):
+    """Effective settings of model ``name``, computed once (one-line error if unknown)."""
     try:
-        return cfg.model_settings(config, wildcards.model)
+        return cfg.model_settings(config, name)
     except cfg.ConfigError as error:
-        raise WorkflowError(str(error)) from None
+        fail(error)
+
+
+def settings(wildcards):
+    """Effective settings of the model named in the target path."""
+    return model_settings(wildcards.model)
 
 
 def target(wildcards):
@@ -39,8 +54,16 @@ def target(wildcards):
             settings(wildcards), value, key=f"target path s{wildcards.sparsity}"
         )
     except (ValueError, cfg.ConfigError) as error:
-        raise WorkflowError(str(error)) from None
+        fail(error)
     return value
+
+
+def logged(command):
+    """A long stage's shell command: everything it prints goes to its log, and its progress bars
+    (stderr; its messages go to stdout) to the terminal as well, so a long step shows how far it
+    is. The log is emptied first; then both writers append, so neither overwrites the other.
+    """
+    return f": > {{log}}; {command} 2>&1 >> {{log}} | tee -a {{log}} >&2"
 
 
 def as_json(spec):
@@ -51,7 +74,7 @@ def checked(wildcards, spec, name="key"):
     """The spec of a keyed path; a key that the current config does not produce is an error."""
     expected = cfg.key(spec)
     if getattr(wildcards, name) != expected:
-        raise WorkflowError(
+        fail(
             f"{name} {getattr(wildcards, name)} does not match the current config "
             f"(expected {expected}); request the user-facing targets instead"
         )
@@ -142,7 +165,7 @@ def eval_spec_of(wildcards):
     for dataset in s["evaluation"]["datasets"]:
         if cfg.eval_id(s, dataset) == wildcards.dataset:
             return as_json(cfg.eval_spec(s, dataset))
-    raise WorkflowError(
+    fail(
         f"{wildcards.dataset} is not an evaluation of the current config "
         "(evaluation.datasets, evaluation.split or seqlen changed?)"
     )
@@ -232,3 +255,79 @@ def print_outputs():
             print(f"svnup: summary of {model}: {summary.resolve()}")
         if html.exists():
             print(f"svnup: report of {model}: {html.resolve()}")
+
+
+# --- checks before planning ---------------------------------------------------------------
+
+
+def command_line():
+    """Snakemake's own command line, parsed again (None if it cannot be read: the workflow may be
+    run through Snakemake's Python API)."""
+    try:
+        from snakemake.cli import get_argument_parser
+
+        return get_argument_parser().parse_known_args(sys.argv[1:])[0]
+    except (Exception, SystemExit):
+        return None
+
+
+def intermediates(model, s, sparsities):
+    """Files of ``model`` that the current config's jobs read, wherever they exist already."""
+    grid = config["targets"]
+    allocations = {*grid["allocations"], s["allocation"]["method"]}
+    pruners = {*grid["pruners"], s["pruner"]}
+    paths = [calibration_path(model, s), probe_path(model, s), owl_path(model, s)]
+    for estimator in {s["shapley"]["estimator"], "loo"}:
+        paths += [*job_paths(model, s, estimator), shapley_path(model, s, estimator)]
+    paths += [*eval_paths(dense_dir(model, s), s), f"results/{model}/dense/ppl.json"]
+    for sparsity in sparsities:
+        paths.append(f"results/{model}/s{sparsity}/ppl.json")
+        for allocation in allocations:
+            paths.append(budget_path(model, s, allocation, sparsity))
+            paths.append(f"results/{model}/s{sparsity}/{allocation}/ppl.json")
+            for pruner in pruners:
+                folder = run_dir(model, s, allocation, sparsity, pruner)
+                paths += [f"{folder}/prune.json", f"{folder}/model"]
+                paths += eval_paths(folder, s)
+                paths.append(
+                    f"results/{model}/s{sparsity}/{allocation}/{pruner}/ppl.json"
+                )
+    return paths
+
+
+def check_before_planning():
+    """Everything that can fail before the first job, checked now, each in one line: the target
+    paths asked for, every target model (its folder and weights, block count against the
+    estimator, context length against seqlen, datasets and splits), and the intermediate files
+    its jobs would read. A damaged file is named before a job that reads it deletes its own
+    previous output."""
+    from svnup.content import check_intact, refold
+    from svnup.io import REBUILD, CorruptFileError
+    from svnup.store import check_store
+
+    if not workflow.is_main_process:
+        return  # a cluster job: the submitting process has checked
+    args = command_line()
+    if args is not None and (args.unlock or args.lint or args.cleanup_metadata):
+        return
+    sparsities = {str(s) for s in config["targets"]["sparsities"]}
+    models = set()
+    try:
+        for path in getattr(args, "targets", None) or []:
+            model = preflight.target_model(config, path)
+            if model:
+                models.add(model)
+                part = Path(path).parts[2]
+                if part.startswith("s") and part[1:2].isdigit():
+                    sparsities.add(part[1:])
+        for model in sorted(models or config["targets"]["models"]):
+            s = model_settings(model)
+            preflight.check_model(s, model)
+            check_store(f"{store_dir(model, s)}/store")
+            for path in intermediates(model, s, sorted(sparsities)):
+                check_intact(path, refold(path) if Path(path).name == "model" else REBUILD)
+    except (cfg.ConfigError, CorruptFileError) as error:
+        fail(error)
+
+
+check_before_planning()

@@ -28,12 +28,9 @@ rule demo_model:
     threads: 1  # several torch threads stall badly whenever another job shares the cores
     params:
         corpus=lambda wildcards, input: Path(input[0]).parent,
-        demo=lambda wildcards: (
-            cfg.model_settings(config, "demo")["demo"]
-            if "demo" in config["models"]
-            else cfg.DEMO_DEFAULTS
-        ),
+        demo=cfg.demo_settings(config),
     shell:
-        "python -m svnup demo train {params.corpus} {output} --steps {params.demo[steps]} "
-        "--n-layers {params.demo[n_layers]} --seed {params.demo[seed]} --threads {threads} "
-        "> {log} 2>&1"
+        logged(
+            "python -m svnup demo train {params.corpus} {output} --steps {params.demo[steps]} "
+            "--n-layers {params.demo[n_layers]} --seed {params.demo[seed]} --threads {threads}"
+        )

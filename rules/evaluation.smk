@@ -1,6 +1,13 @@
+# An evaluation runs after pruning but does not take the checkpoint as an input: `collect` does,
+# which keeps a temporary checkpoint (save_model off) on disk until every evaluation of the run
+# is done, and brings it back when an evaluation is added later. Pruning again then leaves the
+# finished evaluations alone (the report is an ancient input): the run folder is keyed by
+# everything the checkpoint depends on, so it cannot have changed.
 rule evaluate:
     input:
-        model="results/{model}/runs/{allocation}/s{sparsity}/{pruner}/{key}/model",
+        report=ancient(
+            "results/{model}/runs/{allocation}/s{sparsity}/{pruner}/{key}/prune.json"
+        ),
         data=lambda wc: local_inputs(*settings(wc)["evaluation"]["datasets"]),
     output:
         "results/{model}/runs/{allocation}/s{sparsity}/{pruner}/{key}/eval/{dataset}.json",
@@ -15,11 +22,14 @@ rule evaluate:
     params:
         spec=eval_spec_of,
         model=lambda wc: as_json(cfg.model_spec(settings(wc))),
+        model_dir=lambda wildcards, output: Path(output[0]).parent.parent / "model",
     shell:
-        "python -m svnup evaluate --spec {params.spec:q} --model {params.model:q} "
-        "--device {resources.device} --batch-size {resources.batch_size} "
-        "--offload {resources.offload} --threads {threads} "
-        "--model-dir {input.model} --out {output} > {log} 2>&1"
+        logged(
+            "python -m svnup evaluate --spec {params.spec:q} --model {params.model:q} "
+            "--device {resources.device} --batch-size {resources.batch_size} "
+            "--offload {resources.offload} --threads {threads} "
+            "--model-dir {params.model_dir} --out {output}"
+        )
 
 
 rule evaluate_dense:
@@ -41,10 +51,12 @@ rule evaluate_dense:
         model=lambda wc: checked(wc, cfg.model_spec(settings(wc))),
         path=lambda wc: settings(wc)["path"],
     shell:
-        "python -m svnup evaluate --spec {params.spec:q} --model {params.model:q} "
-        "--device {resources.device} --batch-size {resources.batch_size} "
-        "--offload {resources.offload} --threads {threads} "
-        "--model-dir {params.path:q} --out {output} > {log} 2>&1"
+        logged(
+            "python -m svnup evaluate --spec {params.spec:q} --model {params.model:q} "
+            "--device {resources.device} --batch-size {resources.batch_size} "
+            "--offload {resources.offload} --threads {threads} "
+            "--model-dir {params.path:q} --out {output}"
+        )
 
 
 rule collect:
@@ -54,6 +66,7 @@ rule collect:
         ),
         report=lambda wc: f"{run_folder(wc)}/prune.json",
         evaluations=lambda wc: eval_paths(run_folder(wc), settings(wc)),
+        checkpoint=lambda wc: f"{run_folder(wc)}/model",
     output:
         "results/{model}/s{sparsity}/{allocation}/{pruner}/ppl.json",
     log:
@@ -62,10 +75,14 @@ rule collect:
         "../envs/svnup.yaml"
     params:
         target=target,
+        # ppl.json names the kept checkpoint; turning save_model on re-runs this (and pruning)
+        kept=lambda wc: (
+            f"--checkpoint {run_folder(wc)}/model" if config.get("save_model") else ""
+        ),
     shell:
         "python -m svnup collect --name {wildcards.model} --sparsity {params.target} "
         "--allocation {wildcards.allocation} --pruner {wildcards.pruner} "
-        "--budget {input.budget} --report {input.report} "
+        "--budget {input.budget} --report {input.report} {params.kept} "
         "--evaluations {input.evaluations} --out {output} > {log} 2>&1"
 
 
@@ -79,7 +96,7 @@ rule collect_dense:
     conda:
         "../envs/svnup.yaml"
     shell:
-        "python -m svnup collect --name {wildcards.model} --evaluations {input} --out {output} "
+        "python -m svnup collect --name {wildcards.model} --evaluations {input} --out {output}"
         "> {log} 2>&1"
 
 

@@ -24,8 +24,10 @@ rule prune:
         ),
         model=lambda wc: as_json(cfg.model_spec(settings(wc))),
     shell:
-        "python -m svnup prune --spec {params.spec:q} --model {params.model:q} "
-        "--device {resources.device} --batch-size {resources.batch_size} "
-        "--offload {resources.offload} --threads {threads} "
-        "--budget {input.budget} --calibration {input.calibration} "
-        "--out-dir {output.model} --report {output.report} > {log} 2>&1"
+        logged(
+            "python -m svnup prune --spec {params.spec:q} --model {params.model:q} "
+            "--device {resources.device} --batch-size {resources.batch_size} "
+            "--offload {resources.offload} --threads {threads} "
+            "--budget {input.budget} --calibration {input.calibration} "
+            "--out-dir {output.model} --report {output.report}"
+        )

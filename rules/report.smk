@@ -11,10 +11,8 @@ rule summary:
         "results/{model}/logs/summary.log",
     conda:
         "../envs/svnup.yaml"
-    params:
-        results=lambda wildcards, output: Path(output[0]).parent,
     shell:
-        "python -m svnup summary --results {params.results} --out {output} > {log} 2>&1"
+        "python -m svnup summary --runs {input} --out {output} > {log} 2>&1"
 
 
 rule plots:

@@ -25,12 +25,14 @@ rule coalitions:
         store=lambda wc: f"{store_dir(wc.model, settings(wc))}/store",
         masks=lambda wc, input: f"--masks {input.masks}" if input.masks else "",
     shell:
-        "python -m svnup coalitions --spec {params.spec:q} --model {params.model:q} "
-        "--estimator {params.estimator:q} --job {wildcards.job} "
-        "--device {resources.device} --batch-size {resources.batch_size} "
-        "--offload {resources.offload} --threads {threads} "
-        "--calibration {input.calibration} {params.masks} --store {params.store} "
-        "--out {output} > {log} 2>&1"
+        logged(
+            "python -m svnup coalitions --spec {params.spec:q} --model {params.model:q} "
+            "--estimator {params.estimator:q} --job {wildcards.job} "
+            "--device {resources.device} --batch-size {resources.batch_size} "
+            "--offload {resources.offload} --threads {threads} "
+            "--calibration {input.calibration} {params.masks} --store {params.store} "
+            "--out {output}"
+        )
 
 
 rule shapley:

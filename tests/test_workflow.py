@@ -1,4 +1,5 @@
-"""The real snakemake on a tiny project: end to end, then what each config change re-plans.
+"""The real snakemake on a tiny project: end to end, then what each config change re-plans, and
+how bad input, damaged files and killed runs are handled.
 
 The tests run in order on one project (module scope): each changes the config, asserts on what a
 dry run plans, and where needed runs the change so the next test starts from a finished state.
@@ -6,6 +7,7 @@ dry run plans, and where needed runs the change so the next test starts from a f
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -38,7 +40,8 @@ MODEL_STAGES = {"calibrate", "probe", "coalitions", "shapley", "owl"}
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     root = build_project(tmp_path_factory.mktemp("workflow"))
-    snakemake(root, "--cores", "2")
+    first = snakemake(root, "--cores", "2")
+    (root / "first-run.txt").write_text(first.stdout + first.stderr)
     return root
 
 
@@ -64,6 +67,18 @@ def test_end_to_end_outputs(project):
     shapley = (next((project / "results/tiny/shapley/swsv").glob("*/shapley.csv"))).read_text()
     assert shapley.splitlines()[0] == "block,shapley,stderr" and len(shapley.splitlines()) == 7
     assert planned_jobs(project) == {}
+
+
+def test_default_console_is_quiet(project):
+    """Rule names and a progress line per job, the progress bars of long steps; no commands."""
+    output = (project / "first-run.txt").read_text()
+    assert "python -m svnup" not in output, "shell commands belong to --printshellcmds"
+    assert "localrule" not in output and "wildcards:" not in output
+    jobs = output.count("Finished jobid")
+    assert jobs == 22 and "(Rule: coalitions)" in output
+    assert "coalitions: 100%" in output and "dense statistics: 100%" in output
+    lines = [line for line in output.splitlines() if line.strip() and "%|" not in line]
+    assert len(lines) <= 6 * jobs + 25, "\n".join(lines)  # 410 lines with shell commands
 
 
 def test_snakemake_report_renders_registered_figures(project):
@@ -111,6 +126,130 @@ def test_dataset_change_reruns_only_evaluation(project):
     assert not {"evaluate", "evaluate_dense", "prune"} & planned_jobs(project).keys()
 
 
+def _move(paths: list[Path], root: Path, target: Path) -> None:
+    for path in paths:
+        destination = target / path.relative_to(root)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        path.rename(destination)
+
+
+def _job_counts(output: str) -> dict[str, int]:
+    """The "Job stats" table of a snakemake run: rule name -> job count."""
+    table = output.split("Job stats:", 1)[1].split("\n\n", 1)[0]
+    counts = {}
+    for line in table.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit() and parts[0] not in ("total", "job"):
+            counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def test_added_dataset_keeps_finished_evaluations(project):
+    """With save_model off a run's checkpoint is gone once its run is collected: pruning again for
+    a new dataset must not re-run the finished evaluations; turning save_model on afterwards
+    brings the checkpoints back, again without re-running any evaluation."""
+    checkpoints = list(project.glob("results/tiny/runs/*/s*/*/*/model"))
+    aside = project.parent / f"{project.name}-checkpoints"
+    _move(checkpoints, project, aside)  # as a run with save_model off leaves them
+    extra = project / "data/extra.jsonl"
+    extra.write_text("".join((project / "data/heldout.jsonl").open().readlines()[:40]))
+    try:
+        datasets = ["data/heldout.jsonl", "data/extra.jsonl"]
+        write_config(project, tiny_config(**{"save_model": False, "evaluation.datasets": datasets}))
+        run = snakemake(project, "--cores", "2")
+        jobs = _job_counts(run.stdout + run.stderr)
+        assert jobs["prune"] == 2 and jobs["evaluate"] == 2 and jobs["evaluate_dense"] == 1, jobs
+        assert not list(project.glob("results/tiny/runs/*/s*/*/*/model"))
+
+        write_config(project, tiny_config(**{"save_model": True, "evaluation.datasets": datasets}))
+        plan = planned_jobs(project)
+        assert plan["prune"] == 2 and not {"evaluate", "evaluate_dense"} & plan.keys(), plan
+    finally:
+        _move(list(aside.glob("results/tiny/runs/*/s*/*/*/model")), aside, project)
+        write_config(project, tiny_config())
+    run = snakemake(project, "--cores", "2")  # the checkpoints are back: only bookkeeping runs
+    assert not {"prune", "evaluate", "evaluate_dense"} & _job_counts(run.stderr).keys()
+
+
+def test_edited_local_inputs_are_new_cache_keys(project, tmp_path):
+    """A local dataset or checkpoint edited in place re-plans what depends on it; restoring its
+    content finds the earlier results."""
+    from safetensors.torch import load_file, save_file
+
+    heldout, weights = project / "data/heldout.jsonl", project / "tiny/model.safetensors"
+    for path in (heldout, weights):
+        shutil.copy2(path, tmp_path / path.name)  # outside the folders that are fingerprinted
+    try:
+        with heldout.open("a") as f:
+            f.write(json.dumps({"text": "A row added after the first run."}) + "\n")
+        plan = planned_jobs(project)
+        assert plan["evaluate"] == 2 and plan["evaluate_dense"] == 1, plan
+        assert not MODEL_STAGES & plan.keys() and "prune" not in plan, plan
+        shutil.copy2(tmp_path / heldout.name, heldout)
+
+        tensors = load_file(weights)
+        name = next(iter(tensors))
+        tensors[name] = tensors[name] * 1.01  # same size and shapes, other numbers
+        save_file(tensors, weights, metadata={"format": "pt"})
+        plan = planned_jobs(project)
+        assert plan["calibrate"] == 1 and plan["evaluate_dense"] == 1, plan
+    finally:
+        for path in (heldout, weights):
+            shutil.copy2(tmp_path / path.name, path)
+    assert planned_jobs(project) == {}
+
+
+def _one_line_error(root: Path, *args: str) -> str:
+    """Run snakemake expecting a failure reported in one line; return that line."""
+    result = snakemake(root, *args, check=False)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output and "Exception" not in output, output
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("svnup: "), output
+    return last
+
+
+def _truncate(path: Path) -> None:
+    with path.open("r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+
+
+def test_damaged_calibration_is_named_before_any_job_deletes_anything(project, tmp_path):
+    calibration = next(project.glob("results/tiny/calibration/*/calibration.h5"))
+    masks = next(project.glob("results/tiny/probe/*/masks.h5"))
+    masks_time = masks.stat().st_mtime_ns
+    shutil.copy2(calibration, tmp_path / calibration.name)
+    _truncate(calibration)
+    try:
+        line = _one_line_error(project, "--cores", "1")
+        assert f"{calibration.relative_to(project)} is truncated or corrupt" in line
+        assert "delete it and re-run" in line
+        assert masks.stat().st_mtime_ns == masks_time, "a job ran and replaced an earlier output"
+    finally:
+        shutil.copy2(tmp_path / calibration.name, calibration)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "message"),
+    [
+        ("results/tiny/coalitions/*/store/coalitions.h5", "journals beside it are kept"),
+        ("tiny/model.safetensors", "restore it, or download the model again"),
+        ("results/tiny/runs/svnup/s0.5/wanda/*/model/model.safetensors", "prunes it again"),
+        ("results/tiny/runs/svnup/s0.5/wanda/*/eval/*.json", "delete it and re-run"),
+    ],
+)
+def test_damaged_files_are_named_with_how_to_recover(project, tmp_path, pattern, message):
+    path = next(project.glob(pattern))
+    shutil.copy2(path, tmp_path / path.name)
+    _truncate(path)
+    try:
+        line = _one_line_error(project, "--dry-run")
+        assert f"{path.relative_to(project)} is truncated or corrupt" in line and message in line
+    finally:
+        shutil.copy2(tmp_path / path.name, path)
+
+
 def _coalition_summaries(root: Path, estimator: str = "swsv") -> dict[str, dict]:
     summaries = {}
     for path in (root / "results/tiny/coalitions").glob(f"*/{estimator}/*/*.h5"):
@@ -133,6 +272,36 @@ def test_window_change_evaluates_only_missing_coalitions(project):
     assert "coalitions" not in planned_jobs(project)
 
 
+def _rows(path: Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_summary_matches_every_run_after_a_change_is_reverted(project):
+    """The window change of the previous test, reverted and re-run: the summary must hold the
+    numbers of the runs the config asks for, never an alias copy or a run of an earlier grid."""
+    stray = project / "results/tiny/s0.9/uniform/wanda/ppl.json"
+    stray.parent.mkdir(parents=True)
+    run = {"allocation": "uniform", "pruner": "wanda", "target_sparsity": 0.9}
+    stray.write_text(json.dumps({**run, "perplexity": {"data/heldout.jsonl": 1e6}}))
+    snakemake(project, "--cores", "2")
+    rows = _rows(project / "results/tiny/summary.csv")
+    declared = {"results/tiny/dense/ppl.json"} | {
+        f"results/tiny/s0.5/{allocation}/wanda/ppl.json" for allocation in ("svnup", "uniform")
+    }
+    assert {row["path"] for row in rows} == declared
+    numbers = {(r["allocation"], float(r["sparsity"]), r["dataset"]): float(r["ppl"]) for r in rows}
+    runs = [p for p in project.glob("results/tiny/**/ppl.json") if p != stray]
+    aliases = {"results/tiny/s0.5/ppl.json", "results/tiny/s0.5/svnup/ppl.json"}
+    assert {str(p.relative_to(project)) for p in runs} == declared | aliases
+    for path in runs:
+        ppl = json.loads(path.read_text())
+        sparsity = ppl["target_sparsity"] or 0.0
+        for dataset, value in ppl["perplexity"].items():
+            assert numbers[(ppl["allocation"] or "dense", sparsity, dataset)] == value, path
+    stray.unlink()
+
+
 def _wait_for(predicate, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -143,13 +312,42 @@ def _wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_killed_coalition_job_resumes(project):
-    """Kill the only coalition job of the exact estimator mid-way; the rerun keeps its work."""
+def _recorded_masks(store: Path) -> list[int]:
+    """Every coalition recorded in the store, once per time it was evaluated: the published file
+    and each journal's complete lines."""
+    masks = (
+        list(read_records(store / "coalitions.h5")[0]) if (store / "coalitions.h5").exists() else []
+    )
+    for journal in (store / "journal").glob("*.jsonl"):
+        for line in journal.read_bytes().split(b"\n")[1:-1]:
+            entry = json.loads(line)
+            if "mask" in entry:
+                masks.append(int(entry["mask"], 16))
+    return masks
+
+
+def _process_group_gone(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_killed_run_of_two_estimators_evaluates_each_coalition_once(project):
+    """Exact Shapley and leave-one-out share the store and run at once (loo's coalitions are a
+    subset of exact's); the run is killed mid-way and resumed."""
     config = tiny_config(
-        **{"shapley.estimator": "exact", "shapley.eval_samples": 8, "calibration.nsamples": 8}
+        **{
+            "shapley.estimator": "exact",
+            "shapley.eval_samples": 8,
+            "calibration.nsamples": 8,
+            "targets.allocations": ["svnup", "loo"],
+        }
     )
     write_config(project, config)
-    command, env = snakemake_command(project, "--cores", "1", "results/tiny/s0.5/ppl.json")
+    targets = [f"results/tiny/s0.5/{a}/wanda/ppl.json" for a in ("svnup", "loo")]
+    command, env = snakemake_command(project, "--cores", "2", *targets, "--until", "shapley")
     runner = subprocess.Popen(
         command,
         cwd=project,
@@ -170,25 +368,35 @@ def test_killed_coalition_job_resumes(project):
         os.killpg(runner.pid, signal.SIGKILL)
     finally:
         runner.wait()
-        subprocess.run(["pkill", "-9", "-f", f"svnup coalitions.*{project}"], check=False)
-    done_before_kill = len(journal.read_text().splitlines()) - 1
-    outputs = list((project / "results/tiny/coalitions").glob("*/exact/*/exact.h5"))
+        _wait_for(lambda: _process_group_gone(runner.pid), 30, "the killed jobs to exit")
+    store = journal.parent.parent
+    before = _recorded_masks(store)
+    assert len(before) == len(set(before)), "a coalition was evaluated by both estimators"
+    outputs = list(store.parent.glob("exact/*/exact.h5"))
     assert outputs == [], "a killed job must leave no output that looks complete"
 
     snakemake(project, "--unlock")
-    snakemake(project, "--cores", "2", "--rerun-incomplete", "results/tiny/s0.5/ppl.json")
-    (summary,) = _coalition_summaries(project, "exact").values()
-    assert summary["coalitions"] == 64
-    assert summary["evaluated"] <= 64 - done_before_kill
+    snakemake(project, "--cores", "2", *targets, "--until", "shapley")
+    (exact_job,) = _coalition_summaries(project, "exact").values()
+    (loo_job,) = _coalition_summaries(project, "loo").values()
+    assert exact_job["coalitions"] == 64 and loo_job["coalitions"] == 7
+    assert len(set(before)) + exact_job["evaluated"] + loo_job["evaluated"] == 64
+    assert len(read_records(store / "coalitions.h5")[0]) == 64
     log = next((project / "results/tiny/logs/coalitions").glob("*/exact/*/exact.log")).read_text()
-    assert f"{64 - summary['evaluated']} already in the store" in log
+    assert "already in the store" in log and "claimed by other running jobs" in log
     write_config(project, tiny_config())
 
 
-def _run_error(root: Path, *targets: str) -> str:
-    result = snakemake(root, "--dry-run", *targets, check=False)
-    assert result.returncode != 0
-    return result.stdout + result.stderr
+def test_demo_training_shows_progress_in_the_terminal_and_its_log(project):
+    config = {**tiny_config(), "demo": {"steps": 3, "n_layers": 2}}
+    write_config(project, config)
+    try:
+        result = snakemake(project, "--cores", "1", "results/demo/model")
+    finally:
+        write_config(project, tiny_config())
+    assert "train demo model: 100%" in result.stderr
+    log = (project / "results/demo/logs/demo_model.log").read_text()
+    assert "train demo model: 100%" in log and '"steps": 3' in log
 
 
 @pytest.mark.parametrize(
@@ -202,12 +410,22 @@ def _run_error(root: Path, *targets: str) -> str:
         ({"targets.sparsities": [1.2]}, "config key 'targets.sparsities.0'"),
         ({"allocation.min": 0.6}, "target sparsity 0.5 cannot be a mean"),
         ({"targets.models": ["llama-70b"]}, "model 'llama-70b' is not in config key 'models'"),
+        ({"shapley.window": 7}, "'shapley.window' of model 'tiny': window 7 exceeds the model's 6"),
+        ({"shapley.stride": 4}, "'shapley.stride' of model 'tiny': stride 4 exceeds"),
+        (
+            {"shapley.estimator": "permutation", "shapley.n_permutations": 3},
+            "'shapley.n_permutations' of model 'tiny': 3 is odd",
+        ),
+        ({"models.tiny.seqlen": 300}, "'models.tiny.seqlen': 300 exceeds the model's context"),
+        ({"evaluation.split": "testing"}, "'evaluation.split' of model 'tiny': 'testing' is not"),
+        ({"calibration.dataset": "data/gone.jsonl"}, "'calibration.dataset' of model 'tiny'"),
+        ({"evaluation.datasets": ["data/gone.jsonl"]}, "'evaluation.datasets' of model 'tiny'"),
     ],
 )
 def test_bad_config_fails_before_any_job_with_one_line(project, override, message):
     write_config(project, tiny_config(**override))
     try:
-        assert message in _run_error(project)
+        assert message in _one_line_error(project, "--dry-run")
     finally:
         write_config(project, tiny_config())
 
@@ -217,10 +435,14 @@ def test_bad_config_fails_before_any_job_with_one_line(project, override, messag
     [
         ("results/nomodel/s0.5/ppl.json", "model 'nomodel' is not in config key 'models'"),
         ("results/tiny/s1.5/ppl.json", "target sparsity 1.5 must be in (0, 1)"),
+        ("results/tiny/s0.7x/ppl.json", "'s0.7x' does not name a target sparsity"),
+        ("results/tiny/s-0.5/ppl.json", "'s-0.5' does not name a target sparsity"),
+        ("results/tiny/s0.7.1/ppl.json", "'s0.7.1' does not name a target sparsity"),
+        ("results/tiny/s0.5/uniform/foo/ppl.json", "unknown pruner 'foo'"),
     ],
 )
 def test_bad_target_path_is_named(project, target, message):
-    assert message in _run_error(project, target)
+    assert message in _one_line_error(project, "--dry-run", target)
 
 
 def test_lint_and_format():
