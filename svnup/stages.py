@@ -61,8 +61,9 @@ def _model_fix(spec_model: dict, path: str) -> str:
 def calibrate(spec: dict, runtime: dict, out: Path) -> None:
     """Sample calibration sequences and record the dense model's per-layer input statistics."""
     from svnup.calibration import dense_statistics, save_statistics
-    from svnup.data import calibration_samples
+    from svnup.data import calibration_samples, check_source
 
+    check_source(spec["dataset"], "train")  # before the model loads, which can take minutes
     engine, tokenizer = _load(spec["model"], runtime)
     ids = calibration_samples(
         tokenizer,
@@ -356,8 +357,10 @@ def prune(
 def evaluate(spec: dict, runtime: dict, model: dict, model_dir: str, out: Path) -> None:
     """Perplexity of a (pruned or dense) checkpoint on one dataset, with its protocol."""
     from svnup.config import is_workflow_path
+    from svnup.data import check_source
     from svnup.perplexity import dataset_perplexity
 
+    check_source(spec["dataset"], spec["split"])  # before the model loads
     if is_workflow_path(str(model_dir)) and not Path(model_dir).exists():
         raise FileNotFoundError(
             f"pruned checkpoint {model_dir} is gone (with save_model: false it is removed once "

@@ -31,8 +31,10 @@ def test_bad_json_is_a_usage_error(capsys):
 def test_bad_input_is_one_line_with_status_2(tmp_path, capsys):
     missing = tmp_path / "missing-model"
     model = {"path": str(missing), "dtype": "float32"}
+    data = tmp_path / "x.jsonl"
+    data.write_text('{"text": "a calibration document"}\n')
     spec = json.dumps(
-        {"model": model, "seqlen": 16, "dataset": "x.jsonl", "nsamples": 2, "seed": 0}
+        {"model": model, "seqlen": 16, "dataset": str(data), "nsamples": 2, "seed": 0}
     )
     assert main(["calibrate", "--spec", spec, "--out", str(tmp_path / "c.h5")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -67,3 +69,12 @@ def test_help_names_the_commands_as_typed():
     for args in (["demo", "--help"], ["demo", "train", "--help"]):
         text = subprocess.run([*run, *args], capture_output=True, text=True, check=True).stdout
         assert text.startswith("usage: python -m svnup demo") and "svnup.demo" not in text
+
+
+def test_a_missing_dataset_is_reported_before_the_model_loads(tmp_path, capsys):
+    model = {"path": str(tmp_path / "never-loaded"), "dtype": "float32"}
+    spec = {"dataset": str(tmp_path / "gone.jsonl"), "split": "test", "seqlen": 16}
+    args = ["--model", json.dumps(model), "--model-dir", model["path"], "--out", "x.json"]
+    assert main(["evaluate", "--spec", json.dumps(spec), *args]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "gone.jsonl' is neither a hub name nor an existing path" in line
