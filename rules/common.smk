@@ -3,7 +3,8 @@ import sys
 from pathlib import Path
 
 from svnup import config as cfg
-from svnup.shapley import coalition_jobs, make_estimator
+from svnup.registry import ALLOCATIONS, METRICS, PRUNERS
+from svnup.shapley import ESTIMATORS, coalition_jobs, make_estimator
 
 try:
     cfg.validate(config)
@@ -14,9 +15,10 @@ except cfg.ConfigError as error:
 wildcard_constraints:
     model=r"[A-Za-z0-9][A-Za-z0-9._-]*",
     sparsity=r"[0-9][0-9.]*",
-    allocation="svnup|owl|loo|uniform",
-    pruner="wanda|sparsegpt|magnitude",
-    estimator="exact|swsv|permutation|loo",
+    allocation="|".join(ALLOCATIONS),
+    pruner="|".join(PRUNERS),
+    estimator="|".join(ESTIMATORS),
+    metric="|".join(METRICS),
     key=r"[0-9a-f]{12}",
     store=r"[0-9a-f]{12}",
     job=r"[a-z0-9-]+",
@@ -94,15 +96,24 @@ def job_paths(model, s, estimator):
 def shapley_path(model, s, estimator=None):
     estimator = estimator or s["shapley"]["estimator"]
     key = cfg.key(cfg.shapley_spec(s, estimator))
-    return f"results/{model}/shapley/{estimator}/{key}/shapley.h5"
+    return f"results/{model}/shapley/{estimator}/{key}/scores.json"
 
 
-def owl_path(model, s):
-    return f"results/{model}/owl/{cfg.key(cfg.owl_spec(s))}/outliers.json"
+def scores_path(model, s, allocation, sparsity, pruner):
+    """The per-block scores allocation method ``allocation`` reads (None for uniform)."""
+    source = ALLOCATIONS[allocation].source
+    if source is None:
+        return None
+    if source.kind == "shapley":
+        return shapley_path(model, s, source.name)
+    key = cfg.key(cfg.score_spec(s, allocation, pruner))
+    if source.kind == "metric":
+        return f"results/{model}/metrics/{source.name}/{key}/scores.json"
+    return f"results/{model}/search/{allocation}/{key}/s{sparsity}.json"
 
 
-def budget_path(model, s, allocation, sparsity):
-    key = cfg.key(cfg.budget_spec(s, allocation))
+def budget_path(model, s, allocation, sparsity, pruner):
+    key = cfg.key(cfg.budget_spec(s, allocation, pruner))
     return f"results/{model}/budget/{allocation}/{key}/s{sparsity}.json"
 
 
@@ -173,15 +184,81 @@ def runtime_resources():
 # --- inputs that depend on the allocation method and the report ----------------------------
 
 
-def importance_input(wildcards):
+def run_budget(wildcards):
+    """The budget of a (model, allocation, sparsity, pruner) run."""
+    return budget_path(
+        wildcards.model,
+        settings(wildcards),
+        wildcards.allocation,
+        wildcards.sparsity,
+        wildcards.pruner,
+    )
+
+
+def budget_pruner(wildcards):
+    """A pruner whose budget spec has the key of this budget path. Only a method that searches
+    with the run's pruner has a different budget per pruner; for the others any pruner fits.
+    """
     s = settings(wildcards)
-    if wildcards.allocation == "svnup":
-        return shapley_path(wildcards.model, s)
-    if wildcards.allocation == "loo":
-        return shapley_path(wildcards.model, s, "loo")
-    if wildcards.allocation == "owl":
-        return owl_path(wildcards.model, s)
-    return []
+    for pruner in PRUNERS:
+        if cfg.key(cfg.budget_spec(s, wildcards.allocation, pruner)) == wildcards.key:
+            return pruner
+    raise WorkflowError(
+        f"budget key {wildcards.key} does not match the current config; "
+        "request the user-facing targets instead"
+    )
+
+
+def budget_spec_json(wildcards):
+    s = settings(wildcards)
+    return as_json(cfg.budget_spec(s, wildcards.allocation, budget_pruner(wildcards)))
+
+
+def _spec_with_key(wildcards, candidates, what):
+    """The spec among ``candidates`` whose key is the path's (one-line error if none is)."""
+    for spec in candidates:
+        if spec is not None and cfg.key(spec) == wildcards.key:
+            return as_json(spec)
+    raise WorkflowError(
+        f"{what} key {wildcards.key} does not match the current config; "
+        "request the user-facing targets instead"
+    )
+
+
+def metric_spec_json(wildcards):
+    """The metric spec of the allocation method that reads this metric with these parameters."""
+    s = settings(wildcards)
+    methods = [
+        method
+        for method, entry in ALLOCATIONS.items()
+        if entry.source is not None
+        and entry.source.kind == "metric"
+        and entry.source.name == wildcards.metric
+    ]
+    return _spec_with_key(
+        wildcards, [cfg.score_spec(s, m, None) for m in methods], "metric"
+    )
+
+
+def search_spec_json(wildcards):
+    s = settings(wildcards)
+    return _spec_with_key(
+        wildcards,
+        [cfg.score_spec(s, wildcards.allocation, p) for p in PRUNERS],
+        "search",
+    )
+
+
+def scores_input(wildcards):
+    """The per-block scores a budget reads (none for uniform allocation)."""
+    path = scores_path(
+        wildcards.model,
+        settings(wildcards),
+        wildcards.allocation,
+        wildcards.sparsity,
+        budget_pruner(wildcards),
+    )
+    return [] if path is None else path
 
 
 def pruned_model(path):
@@ -192,11 +269,14 @@ def pruned_model(path):
 def report_budgets(wildcards):
     s = settings(wildcards)
     grid = config["targets"]
-    return [
-        budget_path(wildcards.model, s, allocation, sparsity)
-        for sparsity in grid["sparsities"]
-        for allocation in grid["allocations"]
-    ]
+    return sorted(
+        {
+            budget_path(wildcards.model, s, allocation, sparsity, pruner)
+            for sparsity in grid["sparsities"]
+            for allocation in grid["allocations"]
+            for pruner in grid["pruners"]
+        }
+    )
 
 
 # --- user-facing targets ------------------------------------------------------------------

@@ -26,10 +26,17 @@ STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
         ("spec", "model", "estimator", "job", "calibration", "masks?", "store", "out"),
     ),
     "shapley": ("aggregate coalition jobs into per-block values", ("spec", "jobs*", "out", "csv")),
-    "owl": ("outlier density per block (OWL)", ("spec", "model", "calibration", "out")),
+    "metric": (
+        "a per-block metric of the dense model (OWL, DLP, AlphaPruning)",
+        ("spec", "model", "calibration?", "out"),
+    ),
+    "search": (
+        "search an allocation for one target (ATP)",
+        ("spec", "model", "sparsity", "calibration", "out"),
+    ),
     "budget": (
         "per-block sparsities for one target",
-        ("spec", "sparsity", "calibration", "importance?", "out"),
+        ("spec", "sparsity", "calibration", "scores?", "out"),
     ),
     "prune": (
         "prune with a budget and save the checkpoint",

@@ -28,11 +28,12 @@ from workflow_fixture import (
     write_config,
 )
 
+from svnup.registry import ALLOCATIONS
 from svnup.store import read_records
 
 pytestmark = pytest.mark.workflow
 
-MODEL_STAGES = {"calibrate", "probe", "coalitions", "shapley", "owl"}
+MODEL_STAGES = {"calibrate", "probe", "coalitions", "shapley", "metric", "search"}
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +67,31 @@ def test_end_to_end_outputs(project):
     assert planned_jobs(project) == {}
 
 
+def test_every_registered_allocation_method_runs(project):
+    """The registry, the schema, the wildcards and the rules agree: every method runs, and a
+    method that searches with the run's pruner gets one search and one budget per pruner."""
+    write_config(project, tiny_config(**{"allocation.atp": {"step": 0.05}}))
+    targets = {method: f"results/tiny/s0.5/{method}/wanda/ppl.json" for method in ALLOCATIONS}
+    targets["atp-magnitude"] = "results/tiny/s0.5/atp/magnitude/ppl.json"
+    try:
+        snakemake(project, "--cores", "2", *targets.values())
+        for name, target in targets.items():
+            budget = _ppl(project, target)["budget"]
+            assert budget["achieved"] == pytest.approx(0.5, abs=1e-9), name
+            spread = max(budget["sparsities"]) - min(budget["sparsities"])
+            assert (spread == 0) == (name == "uniform"), (name, budget["sparsities"])
+        searches = list((project / "results/tiny/search/atp").glob("*/s0.5.json"))
+        assert len(searches) == 2
+        for path in searches:
+            search = json.loads(path.read_text())
+            betas = [c["beta"] for c in search["candidates"]]
+            assert betas == pytest.approx([0.05, 0.1, 0.15, 0.2])
+            best = min(search["candidates"], key=lambda c: c["nll"])
+            assert search["beta"] == best["beta"]
+    finally:
+        write_config(project, tiny_config())
+
+
 def test_snakemake_report_renders_registered_figures(project):
     snakemake(project, "--report", "report.html")
     page = (project / "report.html").read_text()
@@ -86,19 +112,19 @@ def test_new_target_sparsity_plans_no_coalition_jobs(project):
 
 
 def test_lambda_change_reruns_only_allocation_pruning_evaluation(project):
-    write_config(project, tiny_config(**{"allocation.lambda": 0.3}))
+    write_config(project, tiny_config(**{"allocation.svnup.lambda": 0.3}))
     plan = planned_jobs(project)
     assert not MODEL_STAGES & plan.keys() and "evaluate_dense" not in plan
     assert plan["budget"] == 1 and plan["prune"] == 1 and plan["evaluate"] == 1
     snakemake(project, "--cores", "2")
     changed = _ppl(project, "results/tiny/s0.5/ppl.json")
-    assert changed["budget"]["spec"]["lam"] == 0.3
+    assert changed["budget"]["spec"]["lambda"] == 0.3
 
     write_config(project, tiny_config())
     plan = planned_jobs(project)
     assert not {"budget", "prune", "evaluate"} & plan.keys(), plan
     snakemake(project, "--cores", "2")
-    assert _ppl(project, "results/tiny/s0.5/ppl.json")["budget"]["spec"]["lam"] == 0.2
+    assert _ppl(project, "results/tiny/s0.5/ppl.json")["budget"]["spec"]["lambda"] == 0.2
 
 
 def test_dataset_change_reruns_only_evaluation(project):
