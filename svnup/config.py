@@ -308,4 +308,5 @@ def n_blocks(settings: dict) -> int:
             f"model path '{settings['path']}' could not be read ({error.__class__.__name__}); "
             "give a local model directory or a hub id available offline"
         ) from None
-    return int(config.num_hidden_layers)
+    # Multimodal models (Gemma 3) keep the language model's size in a nested text config.
+    return int(config.get_text_config().num_hidden_layers)
