@@ -416,7 +416,12 @@ def evaluate(spec: dict, runtime: dict, model: dict, model_dir: str, out: Path) 
 
     engine, tokenizer = _load(model, runtime, path=model_dir)
     result = dataset_perplexity(
-        engine, tokenizer, spec["dataset"], split=spec["split"], seqlen=spec["seqlen"]
+        engine,
+        tokenizer,
+        spec["dataset"],
+        split=spec["split"],
+        seqlen=spec["seqlen"],
+        windows=spec.get("windows"),
     )
     log.info("%s: ppl %.4f over %d windows", spec["dataset"], result.ppl, result.windows)
     write_json(out, {"spec": spec, **result.to_dict(), "versions": versions()})
