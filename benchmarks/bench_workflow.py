@@ -309,8 +309,9 @@ def _setup(config: dict, windows: dict[str, int]) -> str:
         f"{cal['seed']}); {sh['estimator'].upper()} w={sh['window']} stride {sh['stride']} on the "
         f"first {sh['eval_samples']} of them, {sh['ablation']} ablation with a "
         f"{sh['probe_pruner']} probe at {sh['probe_sparsity']}, {sh['value']}; SV-NUP and LOO "
-        f"lambda {al['lambda']}, bounds [{al['min']}, {al['max']}]; OWL M={al['owl']['m']:g} "
-        f"lambda {al['owl']['lambda']}; evaluation: {evaluation}, split {s['evaluation']['split']}"
+        f"lambda {method_params(al, 'svnup')['lambda']}, bounds [{al['min']}, {al['max']}]; OWL "
+        f"M={method_params(al, 'owl')['m']:g} lambda {method_params(al, 'owl')['lambda']}; "
+        f"evaluation: {evaluation}, split {s['evaluation']['split']}"
     )
 
 
