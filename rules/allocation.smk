@@ -1,29 +1,63 @@
-rule owl:
+rule metric:
     input:
-        lambda wc: calibration_path(wc.model, settings(wc)),
+        calibration=lambda wc: (
+            calibration_path(wc.model, settings(wc))
+            if METRICS[wc.metric].statistics
+            else []
+        ),
+        model=lambda wc: local_inputs(settings(wc)["path"]),
     output:
-        "results/{model}/owl/{key}/outliers.json",
+        "results/{model}/metrics/{metric}/{key}/scores.json",
     log:
-        "results/{model}/logs/owl/{key}.log",
+        "results/{model}/logs/metrics/{metric}/{key}.log",
     benchmark:
-        "results/{model}/benchmarks/owl/{key}.tsv"
+        "results/{model}/benchmarks/metrics/{metric}/{key}.tsv"
     conda:
         "../envs/svnup.yaml"
     resources:
         **runtime_resources(),
     params:
-        spec=lambda wc: checked(wc, cfg.owl_spec(settings(wc))),
+        spec=metric_spec_json,
         model=lambda wc: as_json(cfg.model_spec(settings(wc))),
+        calibration=lambda wc, input: (
+            f"--calibration {input.calibration}" if input.calibration else ""
+        ),
     shell:
-        "python -m svnup owl --spec {params.spec:q} --model {params.model:q} "
+        "python -m svnup metric --spec {params.spec:q} --model {params.model:q} "
         "--device {resources.device} --batch-size {resources.batch_size} "
         "--offload {resources.offload} --threads {threads} "
-        "--calibration {input} --out {output} > {log} 2>&1"
+        "{params.calibration} --out {output} > {log} 2>&1"
+
+
+rule search:
+    input:
+        calibration=lambda wc: calibration_path(wc.model, settings(wc)),
+        model=lambda wc: local_inputs(settings(wc)["path"]),
+    output:
+        "results/{model}/search/{allocation}/{key}/s{sparsity}.json",
+    log:
+        "results/{model}/logs/search/{allocation}/{key}/s{sparsity}.log",
+    benchmark:
+        "results/{model}/benchmarks/search/{allocation}/{key}/s{sparsity}.tsv"
+    conda:
+        "../envs/svnup.yaml"
+    resources:
+        **runtime_resources(),
+    params:
+        spec=search_spec_json,
+        target=target,
+        model=lambda wc: as_json(cfg.model_spec(settings(wc))),
+    shell:
+        "python -m svnup search --spec {params.spec:q} --model {params.model:q} "
+        "--sparsity {params.target} "
+        "--device {resources.device} --batch-size {resources.batch_size} "
+        "--offload {resources.offload} --threads {threads} "
+        "--calibration {input.calibration} --out {output} > {log} 2>&1"
 
 
 rule budget:
     input:
-        importance=importance_input,
+        scores=scores_input,
         calibration=lambda wc: calibration_path(wc.model, settings(wc)),
     output:
         "results/{model}/budget/{allocation}/{key}/s{sparsity}.json",
@@ -34,11 +68,9 @@ rule budget:
     conda:
         "../envs/svnup.yaml"
     params:
-        spec=lambda wc: checked(wc, cfg.budget_spec(settings(wc), wc.allocation)),
+        spec=budget_spec_json,
         target=target,
-        importance=lambda wc, input: (
-            f"--importance {input.importance}" if input.importance else ""
-        ),
+        scores=lambda wc, input: f"--scores {input.scores}" if input.scores else "",
     shell:
         "python -m svnup budget --spec {params.spec:q} --sparsity {params.target} "
-        "--calibration {input.calibration} {params.importance} --out {output} > {log} 2>&1"
+        "--calibration {input.calibration} {params.scores} --out {output} > {log} 2>&1"

@@ -1,11 +1,13 @@
 import functools
+import itertools
 import json
 import sys
 from pathlib import Path
 
 from svnup import config as cfg
 from svnup import preflight
-from svnup.shapley import coalition_jobs, make_estimator
+from svnup.registry import ALLOCATIONS, METRICS, PRUNERS
+from svnup.shapley import ESTIMATORS, coalition_jobs, make_estimator
 
 
 def fail(message):
@@ -23,9 +25,10 @@ except cfg.ConfigError as error:
 wildcard_constraints:
     model=r"[A-Za-z0-9][A-Za-z0-9._-]*",
     sparsity=r"[0-9][0-9.]*",
-    allocation="svnup|owl|loo|uniform",
-    pruner="wanda|sparsegpt|magnitude",
-    estimator="exact|swsv|permutation|loo",
+    allocation="|".join(ALLOCATIONS),
+    pruner="|".join(PRUNERS),
+    estimator="|".join(ESTIMATORS),
+    metric="|".join(METRICS),
     key=r"[0-9a-f]{12}",
     store=r"[0-9a-f]{12}",
     job=r"[a-z0-9-]+",
@@ -117,15 +120,24 @@ def job_paths(model, s, estimator):
 def shapley_path(model, s, estimator=None):
     estimator = estimator or s["shapley"]["estimator"]
     key = cfg.key(cfg.shapley_spec(s, estimator))
-    return f"results/{model}/shapley/{estimator}/{key}/shapley.h5"
+    return f"results/{model}/shapley/{estimator}/{key}/scores.json"
 
 
-def owl_path(model, s):
-    return f"results/{model}/owl/{cfg.key(cfg.owl_spec(s))}/outliers.json"
+def scores_path(model, s, allocation, sparsity, pruner):
+    """The per-block scores allocation method ``allocation`` reads (None for uniform)."""
+    source = ALLOCATIONS[allocation].source
+    if source is None:
+        return None
+    if source.kind == "shapley":
+        return shapley_path(model, s, source.name)
+    key = cfg.key(cfg.score_spec(s, allocation, pruner))
+    if source.kind == "metric":
+        return f"results/{model}/metrics/{source.name}/{key}/scores.json"
+    return f"results/{model}/search/{allocation}/{key}/s{sparsity}.json"
 
 
-def budget_path(model, s, allocation, sparsity):
-    key = cfg.key(cfg.budget_spec(s, allocation))
+def budget_path(model, s, allocation, sparsity, pruner):
+    key = cfg.key(cfg.budget_spec(s, allocation, pruner))
     return f"results/{model}/budget/{allocation}/{key}/s{sparsity}.json"
 
 
@@ -196,15 +208,81 @@ def runtime_resources():
 # --- inputs that depend on the allocation method and the report ----------------------------
 
 
-def importance_input(wildcards):
+def run_budget(wildcards):
+    """The budget of a (model, allocation, sparsity, pruner) run."""
+    return budget_path(
+        wildcards.model,
+        settings(wildcards),
+        wildcards.allocation,
+        wildcards.sparsity,
+        wildcards.pruner,
+    )
+
+
+def budget_pruner(wildcards):
+    """A pruner whose budget spec has the key of this budget path. Only a method that searches
+    with the run's pruner has a different budget per pruner; for the others any pruner fits.
+    """
     s = settings(wildcards)
-    if wildcards.allocation == "svnup":
-        return shapley_path(wildcards.model, s)
-    if wildcards.allocation == "loo":
-        return shapley_path(wildcards.model, s, "loo")
-    if wildcards.allocation == "owl":
-        return owl_path(wildcards.model, s)
-    return []
+    for pruner in PRUNERS:
+        if cfg.key(cfg.budget_spec(s, wildcards.allocation, pruner)) == wildcards.key:
+            return pruner
+    fail(
+        f"budget key {wildcards.key} does not match the current config; "
+        "request the user-facing targets instead"
+    )
+
+
+def budget_spec_json(wildcards):
+    s = settings(wildcards)
+    return as_json(cfg.budget_spec(s, wildcards.allocation, budget_pruner(wildcards)))
+
+
+def _spec_with_key(wildcards, candidates, what):
+    """The spec among ``candidates`` whose key is the path's (one-line error if none is)."""
+    for spec in candidates:
+        if spec is not None and cfg.key(spec) == wildcards.key:
+            return as_json(spec)
+    fail(
+        f"{what} key {wildcards.key} does not match the current config; "
+        "request the user-facing targets instead"
+    )
+
+
+def metric_spec_json(wildcards):
+    """The metric spec of the allocation method that reads this metric with these parameters."""
+    s = settings(wildcards)
+    methods = [
+        method
+        for method, entry in ALLOCATIONS.items()
+        if entry.source is not None
+        and entry.source.kind == "metric"
+        and entry.source.name == wildcards.metric
+    ]
+    return _spec_with_key(
+        wildcards, [cfg.score_spec(s, m, None) for m in methods], "metric"
+    )
+
+
+def search_spec_json(wildcards):
+    s = settings(wildcards)
+    return _spec_with_key(
+        wildcards,
+        [cfg.score_spec(s, wildcards.allocation, p) for p in PRUNERS],
+        "search",
+    )
+
+
+def scores_input(wildcards):
+    """The per-block scores a budget reads (none for uniform allocation)."""
+    path = scores_path(
+        wildcards.model,
+        settings(wildcards),
+        wildcards.allocation,
+        wildcards.sparsity,
+        budget_pruner(wildcards),
+    )
+    return [] if path is None else path
 
 
 def pruned_model(path):
@@ -215,11 +293,14 @@ def pruned_model(path):
 def report_budgets(wildcards):
     s = settings(wildcards)
     grid = config["targets"]
-    return [
-        budget_path(wildcards.model, s, allocation, sparsity)
-        for sparsity in grid["sparsities"]
-        for allocation in grid["allocations"]
-    ]
+    return sorted(
+        {
+            budget_path(wildcards.model, s, allocation, sparsity, pruner)
+            for sparsity in grid["sparsities"]
+            for allocation in grid["allocations"]
+            for pruner in grid["pruners"]
+        }
+    )
 
 
 # --- user-facing targets ------------------------------------------------------------------
@@ -276,23 +357,30 @@ def intermediates(model, s, sparsities):
     grid = config["targets"]
     allocations = {*grid["allocations"], s["allocation"]["method"]}
     pruners = {*grid["pruners"], s["pruner"]}
-    paths = [calibration_path(model, s), probe_path(model, s), owl_path(model, s)]
-    for estimator in {s["shapley"]["estimator"], "loo"}:
-        paths += [*job_paths(model, s, estimator), shapley_path(model, s, estimator)]
+    estimators = {s["shapley"]["estimator"]} | {
+        ALLOCATIONS[a].source.name
+        for a in allocations
+        if ALLOCATIONS[a].source and ALLOCATIONS[a].source.kind == "shapley"
+    }
+    paths = [calibration_path(model, s), probe_path(model, s)]
+    for estimator in estimators - {None}:
+        paths += job_paths(model, s, estimator)
     paths += [*eval_paths(dense_dir(model, s), s), f"results/{model}/dense/ppl.json"]
-    for sparsity in sparsities:
-        paths.append(f"results/{model}/s{sparsity}/ppl.json")
-        for allocation in allocations:
-            paths.append(budget_path(model, s, allocation, sparsity))
-            paths.append(f"results/{model}/s{sparsity}/{allocation}/ppl.json")
-            for pruner in pruners:
-                folder = run_dir(model, s, allocation, sparsity, pruner)
-                paths += [f"{folder}/prune.json", f"{folder}/model"]
-                paths += eval_paths(folder, s)
-                paths.append(
-                    f"results/{model}/s{sparsity}/{allocation}/{pruner}/ppl.json"
-                )
-    return paths
+    for sparsity, allocation, pruner in itertools.product(
+        sparsities, allocations, pruners
+    ):
+        folder = run_dir(model, s, allocation, sparsity, pruner)
+        paths += [
+            scores_path(model, s, allocation, sparsity, pruner),
+            budget_path(model, s, allocation, sparsity, pruner),
+            f"{folder}/prune.json",
+            f"{folder}/model",
+            *eval_paths(folder, s),
+            f"results/{model}/s{sparsity}/{allocation}/{pruner}/ppl.json",
+            f"results/{model}/s{sparsity}/{allocation}/ppl.json",
+            f"results/{model}/s{sparsity}/ppl.json",
+        ]
+    return sorted({p for p in paths if p})
 
 
 def check_before_planning():
@@ -325,7 +413,9 @@ def check_before_planning():
             preflight.check_model(s, model)
             check_store(f"{store_dir(model, s)}/store")
             for path in intermediates(model, s, sorted(sparsities)):
-                check_intact(path, refold(path) if Path(path).name == "model" else REBUILD)
+                check_intact(
+                    path, refold(path) if Path(path).name == "model" else REBUILD
+                )
     except (cfg.ConfigError, CorruptFileError) as error:
         fail(error)
 

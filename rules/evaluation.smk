@@ -61,9 +61,7 @@ rule evaluate_dense:
 
 rule collect:
     input:
-        budget=lambda wc: budget_path(
-            wc.model, settings(wc), wc.allocation, wc.sparsity
-        ),
+        budget=run_budget,
         report=lambda wc: f"{run_folder(wc)}/prune.json",
         evaluations=lambda wc: eval_paths(run_folder(wc), settings(wc)),
         checkpoint=lambda wc: f"{run_folder(wc)}/model",

@@ -1,8 +1,6 @@
 rule prune:
     input:
-        budget=lambda wc: budget_path(
-            wc.model, settings(wc), wc.allocation, wc.sparsity
-        ),
+        budget=run_budget,
         calibration=lambda wc: calibration_path(wc.model, settings(wc)),
         model=lambda wc: local_inputs(settings(wc)["path"]),
     output:

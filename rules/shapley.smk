@@ -39,7 +39,7 @@ rule shapley:
     input:
         lambda wc: job_paths(wc.model, settings(wc), wc.estimator),
     output:
-        values="results/{model}/shapley/{estimator}/{key}/shapley.h5",
+        values="results/{model}/shapley/{estimator}/{key}/scores.json",
         table=report(
             "results/{model}/shapley/{estimator}/{key}/shapley.csv",
             category="Shapley values",

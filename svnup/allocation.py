@@ -1,16 +1,16 @@
-"""Per-block sparsity allocation from block scores.
+"""Per-block sparsity allocation: the map from per-block scores to per-block sparsities.
 
-Every method returns one sparsity per block whose *parameter-weighted* mean is exactly the
-target, so non-uniform and uniform pruning remove the same number of weights and stay comparable.
-Scores (Shapley importance for SV-NUP, outlier density for OWL) are mapped linearly into
-[S - lam, S + lam], higher score meaning denser, then shifted by the one constant that restores
-the weighted mean after clipping to the bounds.
+Every mapping returns one sparsity per block whose *parameter-weighted* mean is exactly the target
+within the bounds, so non-uniform and uniform pruning remove the same number of weights and stay
+comparable. Published allocators centre their ratios with an unweighted mean; that equals the
+weighted one when blocks have equal size (every model svnup supports), and the exact shift is
+harmless otherwise. The scores come from elsewhere (Shapley values, dense-model metrics, a search);
+``svnup.registry.ALLOCATIONS`` says which mapping each method uses.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 
@@ -54,27 +54,48 @@ def _check_lam(lam: float) -> float:
     return lam
 
 
+def _fit_mean(
+    base: np.ndarray, slope: np.ndarray, weights: np.ndarray, target: float, lo: float, hi: float
+) -> np.ndarray:
+    """clip(base + c * slope, lo, hi) whose weighted mean is ``target`` (every slope > 0).
+
+    The weighted mean is continuous, non-decreasing and piecewise linear in c, with kinks where a
+    block hits a bound, so c lies between two adjacent kinks and follows by interpolation. A
+    constant slope shifts the sparsities; a slope equal to them scales them.
+    """
+    kinks = np.unique(np.concatenate([(lo - base) / slope, (hi - base) / slope]))
+    means = np.clip(base[None, :] + kinks[:, None] * slope[None, :], lo, hi) @ weights
+    k = int(np.searchsorted(means, target))
+    if k == 0 or k == kinks.size or means[k] == target:
+        c = kinks[min(k, kinks.size - 1)]
+    else:
+        frac = (target - means[k - 1]) / (means[k] - means[k - 1])
+        c = kinks[k - 1] + frac * (kinks[k] - kinks[k - 1])
+    return np.clip(base + c * slope, lo, hi)
+
+
 def _shift_to_mean(
     sparsity: np.ndarray, weights: np.ndarray, target: float, lo: float, hi: float
 ) -> np.ndarray:
-    """clip(sparsity + c, lo, hi) whose weighted mean is ``target``.
+    """clip(sparsity + c, lo, hi) whose weighted mean is ``target``."""
+    return _fit_mean(sparsity, np.ones_like(sparsity), weights, target, lo, hi)
 
-    The weighted mean is continuous, non-decreasing and piecewise linear in c, with kinks where a
-    block hits a bound, so c lies between two adjacent kinks and follows by interpolation.
-    """
-    kinks = np.unique(np.concatenate([lo - sparsity, hi - sparsity]))
-    means = np.clip(sparsity[None, :] + kinks[:, None], lo, hi) @ weights
-    k = int(np.searchsorted(means, target))
-    if k == 0 or k == kinks.size or means[k] == target:
-        shift = kinks[min(k, kinks.size - 1)]
-    else:
-        frac = (target - means[k - 1]) / (means[k] - means[k - 1])
-        shift = kinks[k - 1] + frac * (kinks[k] - kinks[k - 1])
-    return np.clip(sparsity + shift, lo, hi)
+
+def _min_max(scores: np.ndarray) -> np.ndarray:
+    """Scores mapped onto [0, 1]; all equal scores map to 0.5."""
+    span = scores.max() - scores.min()
+    return (scores - scores.min()) / span if span > 0 else np.full(scores.shape, 0.5)
+
+
+def _inputs(scores, params, target, bounds) -> tuple[np.ndarray, np.ndarray, float, float, float]:
+    params = _check_params(params)
+    scores = _check_scores(scores, params, "scores")
+    target, lo, hi = _check_target(target, bounds)
+    return scores, params / params.sum(), target, lo, hi
 
 
 def uniform_allocation(
-    params: np.ndarray, target: float, bounds: Bounds = (0.0, 0.99)
+    scores: None, params: np.ndarray, target: float, bounds: Bounds = (0.0, 0.99)
 ) -> np.ndarray:
     """The same sparsity for every block: the baseline every non-uniform method is compared with."""
     params = _check_params(params)
@@ -82,104 +103,196 @@ def uniform_allocation(
     return np.full(params.shape, target)
 
 
-def score_allocation(
+def linear_allocation(
     scores: np.ndarray,
     params: np.ndarray,
     target: float,
-    lam: float,
     bounds: Bounds = (0.0, 0.99),
-) -> np.ndarray:
-    """Sparsity S - lam * (2z - 1) for min-max normalised scores z, shifted to the exact mean."""
-    params = _check_params(params)
-    scores = _check_scores(scores, params, "scores")
-    target, lo, hi = _check_target(target, bounds)
-    lam = _check_lam(lam)
-    span = scores.max() - scores.min()
-    z = (scores - scores.min()) / span if span > 0 else np.full(scores.shape, 0.5)
-    density = (1.0 - target) + lam * (2.0 * z - 1.0)
-    return _shift_to_mean(1.0 - density, params / params.sum(), target, lo, hi)
-
-
-def svnup_allocation(
-    importance: np.ndarray,
-    params: np.ndarray,
-    target: float,
     lam: float = 0.2,
-    bounds: Bounds = (0.0, 0.99),
 ) -> np.ndarray:
-    """SV-NUP: more important blocks (higher Shapley value) are pruned less."""
-    return score_allocation(importance, params, target, lam, bounds)
+    """Density (1 - S) + lam * (2z - 1) for min-max normalised scores z (higher score, denser),
+    shifted by the one constant that makes the parameter-weighted mean sparsity exactly S.
+
+    With equal block sizes and no bound hit this is OWL's map: a 2 * lam wide density range
+    centred on the target density by its mean (SV-NUP, leave-one-out and OWL use it).
+    """
+    scores, weights, target, lo, hi = _inputs(scores, params, target, bounds)
+    density = (1.0 - target) + _check_lam(lam) * (2.0 * _min_max(scores) - 1.0)
+    return _shift_to_mean(1.0 - density, weights, target, lo, hi)
 
 
-def owl_allocation(
-    outlier_density: np.ndarray,
+def dlp_allocation(
+    scores: np.ndarray,
     params: np.ndarray,
     target: float,
-    lam: float = 0.08,
+    bounds: Bounds = (0.0, 0.99),
+    alpha: float = 0.15,
+) -> np.ndarray:
+    """DLP: a block's importance is 1 - m_b / sum(m) for its mean Wanda score m_b, mapped like OWL
+    with half-width alpha. That importance is a decreasing affine function of m_b, so its min-max
+    normalisation is that of -m_b: blocks with smaller Wanda scores stay denser."""
+    return linear_allocation(-np.asarray(scores, dtype=np.float64), params, target, bounds, alpha)
+
+
+def alphapruning_allocation(
+    scores: np.ndarray,
+    params: np.ndarray,
+    target: float,
+    bounds: Bounds = (0.0, 0.99),
+    epsilon: float = 0.3,
+) -> np.ndarray:
+    """AlphaPruning: min-max normalised heavy-tail exponents mapped into [1 - eps, 1 + eps] and
+    scaled so the parameter-weighted mean is S; a larger alpha (a less heavy-tailed, less trained
+    spectrum) means a sparser block. Where the scaled ratios leave the bounds, the scale is
+    re-solved so the clipped sparsities keep the exact mean (the reference does not clip)."""
+    scores, weights, target, lo, hi = _inputs(scores, params, target, bounds)
+    if not 0.0 <= epsilon < 1.0:
+        raise ValueError(f"alphapruning epsilon must be in [0, 1), got {epsilon}")
+    ratio = (1.0 - epsilon) + 2.0 * epsilon * _min_max(scores)
+    return _fit_mean(np.zeros_like(ratio), ratio, weights, target, lo, hi)
+
+
+def offset_allocation(
+    scores: np.ndarray, params: np.ndarray, target: float, bounds: Bounds = (0.0, 0.99)
+) -> np.ndarray:
+    """S + scores: per-block sparsity offsets around the target (ATP's arithmetic progression
+    beta * (b - (L - 1) / 2)), shifted to the exact weighted mean within the bounds."""
+    scores, weights, target, lo, hi = _inputs(scores, params, target, bounds)
+    return _shift_to_mean(target + scores, weights, target, lo, hi)
+
+
+def _lower_hull(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Vertices of the lower convex hull of the points (x, y), x increasing."""
+    hull: list[int] = []
+    for i in range(x.size):
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            if (y[b] - y[a]) * (x[i] - x[a]) >= (y[i] - y[a]) * (x[b] - x[a]):
+                hull.pop()
+            else:
+                break
+        hull.append(i)
+    return x[hull], y[hull]
+
+
+def curve_allocation(
+    damage: np.ndarray,
+    levels: np.ndarray,
+    params: np.ndarray,
+    target: float,
     bounds: Bounds = (0.0, 0.99),
 ) -> np.ndarray:
-    """OWL: blocks with more activation-weighted outliers are pruned less.
+    """Sparsities that minimise the predicted damage sum_b d_b(s_b) at the exact weighted mean.
 
-    OWL centres its ratios with an unweighted mean; the shift here makes the weighted mean exact.
+    ``damage[k, b]`` is block b's damage when it is pruned at ``levels[k]`` (0 at sparsity 0);
+    d_b interpolates it linearly and continues the last segment's slope up to the upper bound.
+    Each curve is replaced by its lower convex hull, on which the greedy exchange (raise the block
+    whose next weight pruned costs least) is optimal: every block ends where its damage per
+    pruned weight reaches one common price, and one block stops part-way along a segment so
+    that the mean is exact.
     """
-    return score_allocation(outlier_density, params, target, lam, bounds)
-
-
-def _to_numpy(x: Any) -> np.ndarray:
-    """Accept torch tensors without importing torch here."""
-    if hasattr(x, "detach"):
-        x = x.detach().float().cpu().numpy()
-    return np.asarray(x)
-
-
-def outlier_counts(weight: Any, col_norm: Any, m: float = 5.0) -> tuple[int, int]:
-    """(outliers, entries) of one linear layer: |W| * ||x_col|| above m times the layer mean.
-
-    ``weight`` is [out, in]; ``col_norm`` is [in], the square root of the summed squared inputs.
-    """
-    if not m > 0:
-        raise ValueError(f"m (outlier threshold multiple) must be > 0, got {m}")
-    weight, col_norm = _to_numpy(weight), _to_numpy(col_norm)
-    if weight.ndim != 2 or col_norm.shape != (weight.shape[1],):
+    params = _check_params(params)
+    damage = np.asarray(damage, dtype=np.float64)
+    levels = np.asarray(levels, dtype=np.float64)
+    if damage.shape != (levels.size, params.size) or not np.all(np.isfinite(damage)):
         raise ValueError(
-            f"col_norm must have shape [in_features] = ({weight.shape[-1]},) for a 2-D weight, "
-            f"got weight {weight.shape} and col_norm {col_norm.shape}"
+            f"damage must be a finite [levels={levels.size}, blocks={params.size}] table, "
+            f"got shape {damage.shape}"
         )
-    scores = np.abs(weight) * col_norm[None, :]
-    threshold = m * scores.mean(dtype=np.float64)
-    return int(np.count_nonzero(scores > threshold)), int(scores.size)
+    if not (np.all(np.diff(levels) > 0) and levels[0] > 0 and levels[-1] < 1):
+        raise ValueError(f"levels must increase within (0, 1), got {levels.tolist()}")
+    target, lo, hi = _check_target(target, bounds)
+    weights = params / params.sum()
+    segments = []  # (price per unit of weighted sparsity, block, start, end)
+    for b in range(params.size):
+        x = np.concatenate([[0.0], levels])
+        y = np.concatenate([[0.0], damage[:, b]])
+        slope = (y[-1] - y[-2]) / (x[-1] - x[-2])
+        x, y = np.append(x, hi), np.append(y, y[-1] + slope * (hi - x[-1]))
+        x, y = _lower_hull(x, y)
+        for i in range(x.size - 1):
+            start, end = max(x[i], lo), min(x[i + 1], hi)
+            if end > start:
+                price = (y[i + 1] - y[i]) / (x[i + 1] - x[i])
+                segments.append((price, b, start, end))
+    sparsity = np.full(params.size, lo)
+    need = target - lo
+    for _, b, start, end in sorted(segments):
+        if need <= 0:
+            break
+        step = min(end - max(start, sparsity[b]), need / weights[b])
+        if step > 0:
+            sparsity[b] += step
+            need -= step * weights[b]
+    return sparsity
 
 
-def block_outlier_density(layers: Sequence[tuple[Any, Any]], m: float = 5.0) -> float:
-    """Outlier density of a block: outliers over entries, pooled over its linear layers."""
-    if not layers:
-        raise ValueError("layers must list at least one (weight, col_norm) pair")
-    counts = [outlier_counts(weight, col_norm, m) for weight, col_norm in layers]
-    return sum(c for c, _ in counts) / sum(t for _, t in counts)
+def atp_grid(n_blocks: int, target: float, step: float) -> list[float]:
+    """ATP's candidate common differences: step, 2 * step, ... while every block of the
+    progression S + beta * (b - (L - 1) / 2) stays within [0, 1]."""
+    if n_blocks < 2:
+        raise ValueError(
+            "ATP needs a model with at least 2 blocks (its progression runs over depth)"
+        )
+    limit = min(2 * target, 2 * (1 - target)) / (n_blocks - 1)
+    grid = []
+    while round((len(grid) + 1) * step, 12) <= limit:
+        grid.append(round((len(grid) + 1) * step, 12))
+    if not grid:
+        raise ValueError(
+            f"allocation.atp.step {step} exceeds the largest common difference {limit:.5f} that "
+            f"keeps {n_blocks} blocks within [0, 1] at sparsity {target}; lower the step"
+        )
+    return grid
 
 
-METHODS = ("svnup", "owl", "uniform", "loo")
+def unimodal_argmin(loss: Callable[[int], float], n: int) -> int:
+    """Index of the smallest of loss(0), ..., loss(n - 1), by golden-section search.
+
+    Exact for a unimodal sequence (falling, then rising) in O(log n) calls; ``loss`` is called at
+    most once per index.
+    """
+    cache: dict[int, float] = {}
+
+    def at(i: int) -> float:
+        if i not in cache:
+            cache[i] = loss(i)
+        return cache[i]
+
+    lo, hi = 0, n - 1
+    while hi - lo > 3:
+        left = lo + round((hi - lo) * 0.382)
+        right = max(lo + round((hi - lo) * 0.618), left + 1)
+        if at(left) <= at(right):
+            hi = right
+        else:
+            lo = left
+    return min(range(lo, hi + 1), key=at)
 
 
 def allocate(
     method: str,
-    *,
+    scores: np.ndarray | None,
     params: np.ndarray,
     target: float,
-    lam: float | None = None,
     bounds: Bounds = (0.0, 0.99),
-    importance: np.ndarray | None = None,
-    outlier_density: np.ndarray | None = None,
+    **method_params: float,
 ) -> np.ndarray:
-    """Dispatch on the config's method; ``loo`` is the SV-NUP mapping of LOO importance."""
-    if method == "uniform":
-        return uniform_allocation(params, target, bounds)
-    if method in ("svnup", "loo"):
-        if importance is None:
-            raise ValueError(f"allocation method {method!r} needs importance (per-block scores)")
-        return svnup_allocation(importance, params, target, 0.2 if lam is None else lam, bounds)
-    if method == "owl":
-        if outlier_density is None:
-            raise ValueError("allocation method 'owl' needs outlier_density (per-block LOD)")
-        return owl_allocation(outlier_density, params, target, 0.08 if lam is None else lam, bounds)
-    raise ValueError(f"unknown allocation method {method!r}; choose one of {list(METHODS)}")
+    """Per-block sparsities of allocation ``method`` (a name in ``svnup.registry.ALLOCATIONS``)."""
+    from svnup.registry import ALLOCATIONS, choices, resolve
+
+    if method not in ALLOCATIONS:
+        raise ValueError(
+            f"unknown allocation method {method!r}; choose one of {choices(ALLOCATIONS)}"
+        )
+    entry = ALLOCATIONS[method]
+    if entry.source is not None and scores is None:
+        raise ValueError(f"allocation method {method!r} needs per-block scores")
+    unknown = set(method_params) - set(entry.mapping_params)
+    if unknown:
+        raise ValueError(
+            f"allocation method {method!r} takes {list(entry.mapping_params)}, "
+            f"not {sorted(unknown)}"
+        )
+    arguments = {entry.params[name].argument or name: v for name, v in method_params.items()}
+    return resolve(entry.mapping)(scores, params, target, bounds, **arguments)

@@ -28,10 +28,17 @@ STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
         ("spec", "model", "estimator", "job", "calibration", "masks?", "store", "out"),
     ),
     "shapley": ("aggregate coalition jobs into per-block values", ("spec", "jobs*", "out", "csv")),
-    "owl": ("outlier density per block (OWL)", ("spec", "model", "calibration", "out")),
+    "metric": (
+        "a per-block metric of the dense model (OWL, DLP, AlphaPruning)",
+        ("spec", "model", "calibration?", "out"),
+    ),
+    "search": (
+        "search an allocation for one target (ATP)",
+        ("spec", "model", "sparsity", "calibration", "out"),
+    ),
     "budget": (
         "per-block sparsities for one target",
-        ("spec", "sparsity", "calibration", "importance?", "out"),
+        ("spec", "sparsity", "calibration", "scores?", "out"),
     ),
     "prune": (
         "prune with a budget and save the checkpoint",
@@ -74,7 +81,7 @@ OPTION_HELP = {
     "jobs": "coalition job files (HDF5) to aggregate",
     "csv": "per-block values as CSV",
     "sparsity": "target sparsity: the parameter-weighted mean of the per-block sparsities",
-    "importance": "per-block importance: Shapley values (HDF5) or outlier densities (JSON)",
+    "scores": "per-block scores (JSON) of the allocation method: Shapley values, a metric",
     "budget": "per-block sparsities (JSON) written by the budget stage",
     "out_dir": "output folder",
     "report": "pruning report (JSON) written by the prune stage",
@@ -87,7 +94,7 @@ OPTION_HELP = {
     "checkpoint": "the pruned checkpoint kept on disk (save_model), recorded in ppl.json",
     "results": "the model's results folder (names the report)",
     "summary": "summary CSV written by the summary stage",
-    "shapley": "Shapley values (HDF5) to plot",
+    "shapley": "Shapley values (scores JSON) to plot",
     "budgets": "budgets (JSON) whose per-block sparsities to plot",
 }
 JSON_OPTIONS = {"spec", "model", "estimator"}

@@ -39,8 +39,25 @@ class ConfigError(ValueError):
 
 
 def _schema() -> dict:
+    """The config schema, with every name that can be plugged in taken from the registries."""
+    from svnup.registry import ALLOCATIONS, PRUNERS
+    from svnup.shapley import ESTIMATORS
+
     text = resources.files("svnup").joinpath("schemas/config.schema.yaml").read_text()
-    return yaml.safe_load(text)
+    schema = yaml.safe_load(text)
+    defs = schema["$defs"]
+    defs["allocation_method"]["enum"] = list(ALLOCATIONS)
+    defs["pruner"]["enum"] = list(PRUNERS)
+    defs["shapley"]["properties"]["estimator"]["enum"] = list(ESTIMATORS)
+    sections = defs["allocation"]["properties"]
+    for method, entry in ALLOCATIONS.items():
+        if entry.params:
+            sections[method] = {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {name: param.schema for name, param in entry.params.items()},
+            }
+    return schema
 
 
 def _key_of(error) -> str:
@@ -231,28 +248,71 @@ def shapley_spec(settings: dict, estimator: str | None = None) -> dict:
     }
 
 
-def owl_spec(settings: dict) -> dict:
-    return {"calibration": key(calibration_spec(settings)), "m": settings["allocation"]["owl"]["m"]}
+def metric_spec(settings: dict, metric: str, params: dict) -> dict:
+    """A dense-model metric: the model, and the calibration data where the metric reads it."""
+    from svnup.registry import METRICS
 
-
-def budget_spec(settings: dict, method: str) -> dict:
-    """What an allocation depends on, for every target sparsity (the target is in the path)."""
-    allocation = settings["allocation"]
-    spec = {"method": method, "min": allocation["min"], "max": allocation["max"]}
-    if method == "svnup":
-        spec.update(importance=key(shapley_spec(settings)), lam=allocation["lambda"])
-    elif method == "loo":
-        spec.update(importance=key(shapley_spec(settings, "loo")), lam=allocation["lambda"])
-    elif method == "owl":
-        spec.update(importance=key(owl_spec(settings)), lam=allocation["owl"]["lambda"])
+    if METRICS[metric].statistics:
+        base = {"calibration": key(calibration_spec(settings))}
     else:
-        spec.update(calibration=key(calibration_spec(settings)))
+        base = {"model": model_spec(settings)}
+    return {**base, "metric": metric, **params}
+
+
+def search_spec(settings: dict, method: str, params: dict, pruner: str) -> dict:
+    """A search over allocations (the target is in the path): its candidates are allocations
+    within the bounds, pruned with ``pruner`` and scored on the calibration data."""
+    return {
+        "calibration": key(calibration_spec(settings)),
+        "search": method,
+        "pruner": pruner,
+        "min": settings["allocation"]["min"],
+        "max": settings["allocation"]["max"],
+        **params,
+    }
+
+
+def score_spec(settings: dict, method: str, pruner: str) -> dict | None:
+    """What allocation ``method``'s per-block scores depend on; None if it reads none."""
+    from svnup.registry import ALLOCATIONS, method_params
+
+    source = ALLOCATIONS[method].source
+    if source is None:
+        return None
+    if source.kind == "shapley":
+        return shapley_spec(settings, source.name)
+    values = method_params(settings["allocation"], method)
+    params = {name: values[name] for name in source.params}
+    if source.kind == "metric":
+        return metric_spec(settings, source.name, params)
+    return search_spec(settings, method, params, pruner)
+
+
+def budget_spec(settings: dict, method: str, pruner: str) -> dict:
+    """What an allocation depends on, for every target sparsity (the target is in the path).
+
+    Only a method whose scores come from a search with the run's pruner depends on the pruner.
+    """
+    from svnup.registry import ALLOCATIONS, method_params
+
+    allocation = settings["allocation"]
+    values = method_params(allocation, method)
+    spec = {
+        "method": method,
+        "min": allocation["min"],
+        "max": allocation["max"],
+        "calibration": key(calibration_spec(settings)),
+        **{name: values[name] for name in ALLOCATIONS[method].mapping_params},
+    }
+    scores = score_spec(settings, method, pruner)
+    if scores is not None:
+        spec["scores"] = key(scores)
     return spec
 
 
 def prune_spec(settings: dict, method: str, sparsity: float, pruner: str) -> dict:
     return {
-        "budget": key(budget_spec(settings, method)),
+        "budget": key(budget_spec(settings, method, pruner)),
         "sparsity": sparsity,
         "pruner": pruner,
         "calibration": key(calibration_spec(settings)),
@@ -268,6 +328,8 @@ def eval_spec(settings: dict, dataset: str) -> dict:
     content = data_content(dataset)
     if content:
         spec["content"] = content
+    if settings["evaluation"].get("windows") is not None:
+        spec["windows"] = settings["evaluation"]["windows"]
     return spec
 
 
@@ -288,11 +350,3 @@ def n_blocks(settings: dict) -> int:
     from svnup.preflight import model_facts
 
     return model_facts(settings).n_blocks
-
-
-def names(kind: str) -> list[str]:
-    """The names the schema accepts for ``kind``: "allocation" or "pruner"."""
-    schema = _schema()
-    if kind == "pruner":
-        return list(schema["$defs"]["pruner"]["enum"])
-    return list(schema["properties"]["targets"]["properties"]["allocations"]["items"]["enum"])

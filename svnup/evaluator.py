@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from svnup.models import BlockModel, linear_layers
+from svnup.models import BlockKwargs, BlockModel, linear_layers
 
 ABLATIONS = ("prune", "skip")
 
@@ -81,7 +81,7 @@ class CoalitionEvaluator:
             }
         return self._pruned[index]
 
-    def _forward(self, index: int, hidden: torch.Tensor, kwargs: dict, ablated: bool):
+    def _forward(self, index: int, hidden: torch.Tensor, kwargs: BlockKwargs, ablated: bool):
         if ablated and self.ablation == "skip":
             return hidden
         self.block_forwards += 1

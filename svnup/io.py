@@ -110,3 +110,44 @@ def read_json(path: str | Path, fix: str = REBUILD):
         return json.loads(text)
     except ValueError as error:
         raise corrupt(path, f"not valid JSON: {error}", fix) from None
+
+
+def write_scores(path: str | Path, values, stderr=None, **meta) -> None:
+    """Per-block scores in the one format every allocation method reads: values, standard errors
+    (null where the source has none) and what produced them."""
+    values = [float(v) for v in values]
+    stderr = [None] * len(values) if stderr is None else [float(v) for v in stderr]
+    write_json(path, {"values": values, "stderr": stderr, **meta})
+
+
+def read_scores(path: str | Path) -> tuple[list[float], list[float | None], dict]:
+    """(values, stderr, the rest) of a file written by ``write_scores``."""
+    data = read_json(path)
+    return data.pop("values"), data.pop("stderr"), data
+
+
+class JsonLines:
+    """An append-only journal of JSON rows, fsynced per row, for work that must survive a kill.
+
+    A last line without its newline is the torn write of a killed process and is ignored.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def rows(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        data = self.path.read_bytes()
+        complete = data[: data.rfind(b"\n") + 1]
+        return [json.loads(line) for line in complete.splitlines() if line.strip()]
+
+    def append(self, row: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "ab") as handle:
+            handle.write((json.dumps(_finite(row), allow_nan=False) + "\n").encode())
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)

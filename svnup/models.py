@@ -3,7 +3,10 @@
 Every stage (perplexity, pruning, coalition evaluation) works on the same view of a model: an
 input stage (embeddings, positions), decoder blocks mapping hidden states to hidden states,
 and an output stage (final norm, projection, LM head). Model families differ only in where those
-modules live, so a family is a few attribute paths chosen by ``config.model_type``.
+modules live and whether the logits are soft-capped, so a family is a small table entry chosen by
+``config.model_type``. What each block receives besides its hidden states (masks, rotary
+embeddings) is captured from the model's own forward, block by block, so families whose layers
+differ (sliding-window and global attention in Gemma 2/3) need nothing of their own.
 """
 
 from __future__ import annotations
@@ -23,12 +26,17 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 @dataclass(frozen=True)
 class Family:
-    """Where a model family keeps its input stage, blocks and output stage."""
+    """Where a model family keeps its input stage, blocks and output stage.
+
+    ``softcap``: the model's forward caps its logits, ``c * tanh(logits / c)`` with
+    ``c = config.final_logit_softcapping`` (when that is set).
+    """
 
     blocks: str
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     head: str = "lm_head"
+    softcap: bool = False
 
 
 _LLAMA_LIKE = Family(
@@ -36,11 +44,27 @@ _LLAMA_LIKE = Family(
     inputs=("model.embed_tokens", "model.rotary_emb"),
     outputs=("model.norm",),
 )
+_GEMMA = Family(
+    blocks="model.layers",
+    inputs=("model.embed_tokens", "model.rotary_emb"),
+    outputs=("model.norm",),
+    softcap=True,
+)
 FAMILIES: dict[str, Family] = {
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
+    "phi3": _LLAMA_LIKE,
+    "gemma2": _GEMMA,
+    "gemma3_text": _GEMMA,
+    # Gemma 3 with its vision tower: the text-only forward of the language model; this model's
+    # forward does not soft-cap its logits (Gemma 3 checkpoints leave the cap unset anyway).
+    "gemma3": Family(
+        blocks="model.language_model.layers",
+        inputs=("model.language_model.embed_tokens", "model.language_model.rotary_emb"),
+        outputs=("model.language_model.norm",),
+    ),
     "opt": Family(
         blocks="model.decoder.layers",
         inputs=(
@@ -99,25 +123,46 @@ def _linear_weights(block: nn.Module) -> int:
     return sum(m.weight.numel() for m in linear_layers(block).values())
 
 
+_STATEFUL = ("cache", "past_key_values")  # generation state, never passed on to the blocks
+
+
 class _StopForward(Exception):
-    """Raised by the catcher once block 0 has seen its inputs."""
+    """Raised by the last catcher once it has seen its inputs."""
 
 
 class _Catcher(nn.Module):
-    """Stands in for block 0 to record what the model passes to its blocks."""
+    """Stands in for a block to record what the model passes it; passes the hidden states on."""
 
-    def __init__(self, block: nn.Module) -> None:
+    def __init__(self, block: nn.Module, stop: bool) -> None:
         super().__init__()
         self.block = block
+        self.stop = stop
         self.hidden: torch.Tensor | None = None
-        self.kwargs: dict = {}
+        self.kwargs: dict | None = None
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         if args:
             raise TypeError("blocks are expected to receive keyword arguments after hidden_states")
         self.hidden = hidden_states
         self.kwargs = kwargs
-        raise _StopForward
+        if self.stop:
+            raise _StopForward
+        return hidden_states
+
+
+@dataclass(frozen=True)
+class BlockKwargs:
+    """The keyword arguments (masks, position embeddings, ...) the model passes each block.
+
+    Captured per block, because blocks differ: sliding-window and global attention layers get
+    different masks, and in Gemma 3 different rotary embeddings. Blocks of one attention type
+    share the same tensors. ``kwargs[b]`` is what block ``b`` receives.
+    """
+
+    per_block: tuple[dict, ...]
+
+    def __getitem__(self, index: int) -> dict:
+        return self.per_block[index]
 
 
 class BlockModel:
@@ -140,6 +185,9 @@ class BlockModel:
         self.blocks: nn.ModuleList = _get(model, self.family.blocks)
         self.batch_size = batch_size
         self.dtype = next(model.parameters()).dtype
+        self.logit_softcap: float | None = (
+            getattr(model.config, "final_logit_softcapping", None) if self.family.softcap else None
+        )
         self.offload = self._decide_offload(offload)
         self._resident: dict[int, int] = {}
         if not self.offload:
@@ -187,45 +235,54 @@ class BlockModel:
         """Number of prunable (linear) weights per block, the weights of the weighted mean."""
         return [_linear_weights(block) for block in self.blocks]
 
-    @torch.no_grad()
-    def embed(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Hidden states entering block 0 for every sequence, and the block keyword arguments.
-
-        The keyword arguments (position embeddings, masks, ...) are whatever the model itself passes
-        its blocks, captured from a one-sequence forward so they broadcast over any batch size.
-        """
-        catcher = _Catcher(self.blocks[0])
-        self.blocks[0] = catcher
-        batches = [input_ids[:1], *input_ids.split(self.batch_size)]
-        captured = []
+    def _capture(self, input_ids: torch.Tensor, last: int) -> list[_Catcher]:
+        """Run the model on ``input_ids`` with catchers standing in for blocks 0..``last``."""
+        catchers = [_Catcher(self.blocks[i], stop=i == last) for i in range(last + 1)]
+        for index, catcher in enumerate(catchers):
+            self.blocks[index] = catcher
         try:
-            with self.on_device(*self._stage(self.family.inputs)):
-                for batch in batches:
-                    with contextlib.suppress(_StopForward):
-                        self.model(input_ids=batch.to(self.device), use_cache=False)
-                    captured.append((catcher.hidden, catcher.kwargs))
+            with contextlib.suppress(_StopForward):
+                self.model(input_ids=input_ids.to(self.device), use_cache=False)
         finally:
-            self.blocks[0] = catcher.block
-        kwargs = captured[0][1]
-        hidden = torch.cat([h for h, _ in captured[1:]])
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
-        kwargs["use_cache"] = False
-        return hidden, kwargs
+            for index, catcher in enumerate(catchers):
+                self.blocks[index] = catcher.block
+        return catchers
 
     @torch.no_grad()
-    def forward_block(self, index: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, BlockKwargs]:
+        """Hidden states entering block 0 for every sequence, and every block's keyword arguments.
+
+        The keyword arguments are whatever the model itself passes each block, captured from a
+        one-sequence forward (with the blocks replaced by pass-through catchers) so they broadcast
+        over any batch size.
+        """
+        batches = input_ids.split(self.batch_size)
+        with self.on_device(*self._stage(self.family.inputs)):
+            catchers = self._capture(input_ids[:1], last=self.n_blocks - 1)
+            hidden = torch.cat([self._capture(batch, last=0)[0].hidden for batch in batches])
+        per_block = []
+        for index, catcher in enumerate(catchers):
+            if catcher.kwargs is None:
+                raise RuntimeError(f"the model's forward never called block {index}")
+            kwargs = {k: v for k, v in catcher.kwargs.items() if k not in _STATEFUL}
+            per_block.append({**kwargs, "use_cache": False})
+        return hidden, BlockKwargs(tuple(per_block))
+
+    @torch.no_grad()
+    def forward_block(self, index: int, hidden: torch.Tensor, kwargs: BlockKwargs) -> torch.Tensor:
         """Run block ``index`` on ``hidden`` [N, T, d] in micro-batches; returns the new states."""
         block = self.blocks[index]
+        block_kwargs = kwargs[index]
         with self.on_device(block):
             out = torch.empty_like(hidden)
             for start in range(0, hidden.shape[0], self.batch_size):
                 out[start : start + self.batch_size] = block(
-                    hidden[start : start + self.batch_size], **kwargs
+                    hidden[start : start + self.batch_size], **block_kwargs
                 )
         return out
 
     def forward_blocks(
-        self, hidden: torch.Tensor, kwargs: dict, blocks: range | None = None, desc: str = ""
+        self, hidden: torch.Tensor, kwargs: BlockKwargs, blocks: range | None = None, desc: str = ""
     ) -> torch.Tensor:
         """Propagate ``hidden`` through ``blocks`` (all by default), with a progress bar."""
         blocks = range(self.n_blocks) if blocks is None else blocks
@@ -240,7 +297,8 @@ class BlockModel:
         """Summed next-token NLL of each sequence (float64 [N]) from the last block's output.
 
         Logits are produced ``chunk_tokens`` at a time so a large vocabulary at a long sequence
-        length never materialises the whole float32 logit tensor.
+        length never materialises the whole float32 logit tensor. A soft cap is applied as the
+        model's forward applies it: in the model's dtype, before the float32 cross-entropy.
         """
         head = _get(self.model, self.family.head)
         outputs = self._stage(self.family.outputs)
@@ -253,7 +311,10 @@ class BlockModel:
                 h = hidden[start : start + rows_per_chunk, :-1]
                 for module in outputs:
                     h = module(h)
-                logits = head(h).float()
+                logits = head(h)
+                if self.logit_softcap is not None:
+                    logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+                logits = logits.float()
                 nll = F.cross_entropy(
                     logits.flatten(0, 1),
                     targets[start : start + rows_per_chunk].flatten(),

@@ -48,14 +48,20 @@ class ModelFacts:
 
 
 def _first(config: dict, keys: tuple[str, ...]) -> int | None:
-    return next((int(config[k]) for k in keys if config.get(k) is not None), None)
+    """The first of ``keys`` that the config sets; multimodal models (Gemma 3) keep the language
+    model's sizes in a nested text config."""
+    for section in (config, config.get("text_config") or {}):
+        found = next((int(section[k]) for k in keys if section.get(k) is not None), None)
+        if found is not None:
+            return found
+    return None
 
 
 @functools.lru_cache(maxsize=64)
 def _hub_facts(path: str, revision: str) -> ModelFacts:
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path, revision=revision)
+    config = AutoConfig.from_pretrained(path, revision=revision).get_text_config()
     return ModelFacts(
         int(config.num_hidden_layers), getattr(config, "max_position_embeddings", None)
     )
@@ -198,7 +204,9 @@ def target_model(config: dict, target: str) -> str | None:
             "number in (0, 1), e.g. s0.7"
         )
     cfg.check_target(settings, float(first[1:]), key=f"target path {target}")
-    allocations, pruners = cfg.names("allocation"), cfg.names("pruner")
+    from svnup.registry import ALLOCATIONS, PRUNERS
+
+    allocations, pruners = list(ALLOCATIONS), list(PRUNERS)
     if rest and rest[-1] == "ppl.json" and len(rest) <= 3:
         if len(rest) >= 2 and rest[0] not in allocations:
             raise ConfigError(

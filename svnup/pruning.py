@@ -18,8 +18,7 @@ from tqdm.auto import tqdm
 
 from svnup.kernels import LayerStats, magnitude_mask, parse_nm, sparsegpt_prune, wanda_mask
 from svnup.models import BlockModel, linear_layers
-
-PRUNERS = ("magnitude", "wanda", "sparsegpt")
+from svnup.registry import PRUNERS, choices, resolve
 
 
 @dataclass
@@ -78,19 +77,18 @@ def _add_error_hooks(
     return [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
 
 
-def _prune_layer(
-    method: str, layer: nn.Linear, stats: LayerStats | None, sparsity: float, nm
-) -> None:
+def prune_magnitude(layer: nn.Linear, stats: None, sparsity: float, nm) -> None:
+    layer.weight.data.masked_fill_(magnitude_mask(layer.weight.data, sparsity, nm), 0)
+
+
+def prune_wanda(layer: nn.Linear, stats: LayerStats, sparsity: float, nm) -> None:
     weight = layer.weight.data
-    if method == "sparsegpt":
-        new_weight, _ = sparsegpt_prune(weight, stats.hessian, sparsity, nm)
-        weight.copy_(new_weight)
-        return
-    if method == "wanda":
-        mask = wanda_mask(weight, stats.col_norm_sq, sparsity, nm)
-    else:
-        mask = magnitude_mask(weight, sparsity, nm)
-    weight.masked_fill_(mask, 0)
+    weight.masked_fill_(wanda_mask(weight, stats.col_norm_sq, sparsity, nm), 0)
+
+
+def prune_sparsegpt(layer: nn.Linear, stats: LayerStats, sparsity: float, nm) -> None:
+    new_weight, _ = sparsegpt_prune(layer.weight.data, stats.hessian, sparsity, nm)
+    layer.weight.data.copy_(new_weight)
 
 
 @torch.no_grad()
@@ -107,7 +105,9 @@ def prune_model(
     masks, which only make sense with a uniform sparsity of n/m.
     """
     if method not in PRUNERS:
-        raise ValueError(f"unknown pruner {method!r}; choose one of {', '.join(PRUNERS)}")
+        raise ValueError(f"unknown pruner {method!r}; choose one of {choices(PRUNERS)}")
+    pruner = PRUNERS[method]
+    prune_layer = resolve(pruner.kernel)
     targets = check_sparsities(sparsities, model.n_blocks)
     pattern = parse_nm(nm)
     if pattern and any(abs(s - pattern[0] / pattern[1]) > 1e-9 for s in targets):
@@ -120,10 +120,12 @@ def prune_model(
         with model.on_device(block):
             layers = linear_layers(block)
             stats = None
-            if method != "magnitude" and targets[index] > 0:
+            if pruner.statistics is not None and targets[index] > 0:
                 stats = {
                     name: LayerStats(
-                        layer.in_features, hessian=method == "sparsegpt", device=model.device
+                        layer.in_features,
+                        hessian=pruner.statistics == "hessian",
+                        device=model.device,
                     )
                     for name, layer in layers.items()
                 }
@@ -135,7 +137,7 @@ def prune_model(
             if targets[index] > 0:
                 for name, layer in layers.items():
                     layer_stats = stats[name] if stats else None
-                    _prune_layer(method, layer, layer_stats, targets[index], pattern)
+                    prune_layer(layer, layer_stats, targets[index], pattern)
             del stats
             sums = {name: [0.0, 0.0] for name in layers}
             hooks = _add_error_hooks(layers, dense, sums)

@@ -83,13 +83,15 @@ def make_report(
     results: Path, out_dir: Path, summary: Path, shapley: Path | None, budgets: list[Path]
 ) -> Path:
     """Write shapley.png, sparsity.png, perplexity.png and report.html under ``out_dir``."""
-    from svnup.stages import load_importance
+    from svnup.io import read_scores
 
     out_dir = Path(out_dir)
     table = pd.read_csv(summary)
     figures = []
     if shapley is not None:
-        values, stderr = load_importance(shapley)
+        values, stderr, _ = read_scores(shapley)
+        values = np.asarray(values, dtype=float)
+        stderr = np.array([np.nan if e is None else e for e in stderr])
         plot_shapley(values, stderr, out_dir / "shapley.png", f"{results.name}: block importance")
         figures.append(out_dir / "shapley.png")
     if budgets:

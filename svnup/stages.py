@@ -18,7 +18,15 @@ from pathlib import Path
 import numpy as np
 
 from svnup import __version__
-from svnup.io import atomic_path, open_h5, read_json, write_json
+from svnup.io import (
+    JsonLines,
+    atomic_path,
+    open_h5,
+    read_json,
+    read_scores,
+    write_json,
+    write_scores,
+)
 
 log = logging.getLogger("svnup")
 
@@ -236,13 +244,16 @@ def shapley(spec: dict, jobs: list[Path], out: Path, csv: Path) -> None:
     result = estimator.estimate(value)
     stderr = result.stderr if result.stderr is not None else np.full(n_blocks, np.nan)
     seconds = sum(records[m].seconds for m in estimator.coalitions())
-    with atomic_path(out) as tmp, open_h5(tmp, "w") as f:
-        f.create_dataset("values", data=result.values)
-        f.create_dataset("stderr", data=stderr)
-        f.attrs["spec"] = _json(spec)
-        f.attrs["n_coalitions"] = result.n_coalitions
-        f.attrs["coalition_seconds"] = seconds
-        f.attrs["versions"] = _json(versions())
+    write_scores(
+        out,
+        result.values,
+        stderr,
+        source="shapley",
+        spec=spec,
+        n_coalitions=result.n_coalitions,
+        seconds=seconds,
+        versions=versions(),
+    )
     table = pd.DataFrame({"block": range(n_blocks), "shapley": result.values, "stderr": stderr})
     with atomic_path(csv) as tmp:
         table.to_csv(tmp, index=False)
@@ -256,55 +267,151 @@ def _json(data) -> str:
     return json.dumps(data, sort_keys=True)
 
 
-def load_importance(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Per-block values and standard errors from a Shapley HDF5 file."""
-    with open_h5(path, "r") as f:
-        return f["values"][()], f["stderr"][()]
+def metric(spec: dict, runtime: dict, model: dict, calibration: Path | None, out: Path) -> None:
+    """A per-block metric of the dense model (``svnup.registry.METRICS``), from its weights and,
+    where the metric needs them, the dense calibration statistics."""
+    from tqdm.auto import tqdm
+
+    from svnup.models import linear_layers
+    from svnup.registry import METRICS, choices, resolve
+
+    name = spec["metric"]
+    if name not in METRICS:
+        raise ValueError(f"unknown metric {name!r}; choose one of {choices(METRICS)}")
+    entry = METRICS[name]
+    if entry.statistics and calibration is None:
+        raise ValueError(f"metric {name!r} needs --calibration (dense input statistics)")
+    function = resolve(entry.function)
+    params = {k: v for k, v in spec.items() if k not in ("metric", "calibration", "model")}
+    stats = None
+    if entry.statistics:
+        from svnup.calibration import load_statistics
+
+        _, stats, _ = load_statistics(calibration)
+    engine, _ = _load(model, runtime, with_tokenizer=False)
+    start = time.perf_counter()
+    values = []
+    for index, block in enumerate(tqdm(engine.blocks, desc=name)):
+        with engine.on_device(block):
+            layers = {
+                layer_name: (layer.weight.data, stats[index][layer_name] if stats else None)
+                for layer_name, layer in linear_layers(block).items()
+            }
+            values.append(function(layers, **params))
+    write_scores(
+        out,
+        values,
+        source=f"metric:{name}",
+        spec=spec,
+        seconds=time.perf_counter() - start,
+        versions=versions(),
+    )
 
 
-def owl(spec: dict, runtime: dict, model: dict, calibration: Path, out: Path) -> None:
-    """Layerwise outlier density of each block (OWL), from dense statistics."""
-    from svnup.allocation import block_outlier_density
+def search(
+    spec: dict, runtime: dict, model: dict, sparsity: float, calibration: Path, out: Path
+) -> None:
+    """ATP's search: the common difference beta of per-block sparsities S + beta * (b - (L-1)/2)
+    with the lowest calibration loss after pruning with the run's pruner, on the reference's grid
+    beta = step, 2 * step, ... up to the largest beta that keeps every block in [0, 1].
+
+    The reference scans the grid and picks by WikiText-2 test perplexity. svnup picks by the NLL
+    of the calibration sequences, so the test set never chooses a hyper-parameter, and by default
+    searches the grid by golden section (the loss falls, then rises with beta: O(log n) prunes
+    instead of n); ``strategy: grid`` scans it all. Each candidate is the allocation the budget
+    stage would make of it (within the allocation bounds) and is journalled, so a killed search
+    resumes.
+    """
+    from svnup.allocation import allocate, atp_grid, unimodal_argmin
     from svnup.calibration import load_statistics
+    from svnup.perplexity import mean_nll
+    from svnup.pruning import prune_model
+
+    ids, _, meta = load_statistics(calibration)
+    n_blocks, params = meta["n_blocks"], np.asarray(meta["block_params"], dtype=np.float64)
+    grid = atp_grid(n_blocks, sparsity, spec["step"])
+    depth = np.arange(n_blocks) - (n_blocks - 1) / 2
+    journal = JsonLines(Path(out).with_suffix(".journal"))
+    done = {row["beta"]: row for row in journal.rows()}
+    state: dict = {}
+
+    def loss(index: int) -> float:
+        beta = grid[index]
+        if beta not in done:
+            if not state:
+                state["engine"], _ = _load(model, runtime, with_tokenizer=False)
+                state["dense"] = _linear_weights(state["engine"])
+            sparsities = allocate(
+                spec["search"], beta * depth, params, sparsity, (spec["min"], spec["max"])
+            )
+            start = time.perf_counter()
+            prune_model(state["engine"], ids, sparsities.tolist(), method=spec["pruner"])
+            nll = mean_nll(state["engine"], ids)
+            _restore_linear_weights(state["engine"], state["dense"])
+            done[beta] = {"beta": beta, "nll": nll, "seconds": time.perf_counter() - start}
+            journal.append(done[beta])
+            log.info("%s beta %.4f: calibration NLL %.5f", spec["search"], beta, nll)
+        return done[beta]["nll"]
+
+    if spec["strategy"] == "grid":
+        best = min(range(len(grid)), key=loss)
+    else:
+        best = unimodal_argmin(loss, len(grid))
+    candidates = [done[beta] for beta in grid if beta in done]
+    write_scores(
+        out,
+        grid[best] * depth,
+        source=f"search:{spec['search']}",
+        spec=spec,
+        target=sparsity,
+        beta=grid[best],
+        grid=grid,
+        candidates=candidates,
+        seconds=sum(c["seconds"] for c in candidates),
+        versions=versions(),
+    )
+    journal.remove()
+
+
+def _linear_weights(engine) -> list[dict]:
+    """A CPU copy of every block's linear weights, to undo pruning in place."""
     from svnup.models import linear_layers
 
-    engine, _ = _load(model, runtime, with_tokenizer=False)
-    _, stats, _ = load_statistics(calibration)
-    density = []
-    for index, block in enumerate(engine.blocks):
-        pairs = [
-            (layer.weight.data, stats[index][name].sqrt())
-            for name, layer in linear_layers(block).items()
-        ]
-        density.append(block_outlier_density(pairs, spec["m"]))
-    write_json(out, {"spec": spec, "outlier_density": density, "versions": versions()})
+    return [
+        {name: layer.weight.data.to("cpu", copy=True) for name, layer in linear_layers(b).items()}
+        for b in engine.blocks
+    ]
 
 
-def budget(spec: dict, sparsity: float, calibration: Path, importance: Path | None, out: Path):
+def _restore_linear_weights(engine, weights: list[dict]) -> None:
+    from svnup.models import linear_layers
+
+    for block, saved in zip(engine.blocks, weights, strict=True):
+        for name, layer in linear_layers(block).items():
+            layer.weight.data.copy_(saved[name])
+
+
+def budget(spec: dict, sparsity: float, calibration: Path, scores: Path | None, out: Path) -> None:
     """Per-block sparsities for one target: the allocation, with the weighted mean exactly on it.
 
     The parameter counts that weight the mean come from the calibration record, so this stage
     never loads the model.
     """
     from svnup.allocation import allocate
+    from svnup.registry import ALLOCATIONS
 
     with open_h5(calibration, "r") as f:
         meta = json.loads(f.attrs["meta"])
     params = np.asarray(meta["block_params"], dtype=np.float64)
     method = spec["method"]
-    scores, stderr = None, None
-    if method in ("svnup", "loo"):
-        scores, stderr = load_importance(importance)
-    elif method == "owl":
-        scores = np.asarray(read_json(importance)["outlier_density"])
+    values, stderr, meta = (None, None, {}) if scores is None else read_scores(scores)
     sparsities = allocate(
-        "svnup" if method == "loo" else method,
-        params=params,
-        target=sparsity,
-        lam=spec.get("lam"),
-        bounds=(spec["min"], spec["max"]),
-        importance=scores if method != "owl" else None,
-        outlier_density=scores if method == "owl" else None,
+        method,
+        None if values is None else np.asarray(values, dtype=np.float64),
+        params,
+        sparsity,
+        (spec["min"], spec["max"]),
+        **{name: spec[name] for name in ALLOCATIONS[method].mapping_params},
     )
     achieved = float(np.dot(sparsities, params) / params.sum())
     write_json(
@@ -315,8 +422,9 @@ def budget(spec: dict, sparsity: float, calibration: Path, importance: Path | No
             "achieved": achieved,
             "sparsities": sparsities.tolist(),
             "block_params": params.astype(int).tolist(),
-            "importance": None if scores is None else np.asarray(scores).tolist(),
-            "importance_stderr": None if stderr is None else stderr.tolist(),
+            "importance": values,
+            "importance_stderr": stderr,
+            "scores": {k: meta.get(k) for k in ("source", "n_coalitions", "seconds")},
         },
     )
 
@@ -368,7 +476,12 @@ def evaluate(spec: dict, runtime: dict, model: dict, model_dir: str, out: Path) 
         )
     engine, tokenizer = _load(model, runtime, path=model_dir)
     result = dataset_perplexity(
-        engine, tokenizer, spec["dataset"], split=spec["split"], seqlen=spec["seqlen"]
+        engine,
+        tokenizer,
+        spec["dataset"],
+        split=spec["split"],
+        seqlen=spec["seqlen"],
+        windows=spec.get("windows"),
     )
     log.info("%s: ppl %.4f over %d windows", spec["dataset"], result.ppl, result.windows)
     write_json(out, {"spec": spec, **result.to_dict(), "versions": versions()})
@@ -400,7 +513,8 @@ def collect(
     }
     if budget is not None:
         plan = read_json(budget)
-        data["budget"] = {k: plan[k] for k in ("achieved", "sparsities", "importance", "spec")}
+        keys = ("achieved", "sparsities", "importance", "scores", "spec")
+        data["budget"] = {k: plan[k] for k in keys}
     if report is not None:
         pruning = read_json(report)
         data["pruning"] = {

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random LLaMA / OPT models and the optional ../shared fixtures."""
+"""Shared fixtures: tiny random models of every family and the optional ../shared fixtures."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 STORIES = SHARED / "models" / "stories260K"
@@ -20,6 +21,18 @@ def needs_shared(path: Path = SHARED):
     return pytest.mark.skipif(
         not path.exists(), reason=f"fixture {path} is absent (../shared is not beside the checkout)"
     )
+
+
+def model_nll(model, ids: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL per sequence from the model's own full forward."""
+    with torch.no_grad():
+        logits = model(ids).logits
+    ref = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+    return ref.view(ids.shape[0], -1).double().sum(1)
+
+
+def random_ids(vocab_size: int, n: int = 5, seqlen: int = 24) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (n, seqlen), generator=torch.Generator().manual_seed(1))
 
 
 def build_tiny_llama(path: Path, layers: int = 4, seed: int = 0, **overrides) -> Path:
@@ -59,6 +72,98 @@ def build_tiny_opt(path: Path, layers: int = 3, seed: int = 0) -> Path:
     return path
 
 
+SLIDING_WINDOW = 4  # tokens; the tests run sequences of 16-32 so the window cuts in
+_TINY_DECODER = {
+    "vocab_size": 96,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "max_position_embeddings": 256,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    # Larger than the default 0.02 so attention is far from uniform and the soft caps bite.
+    "initializer_range": 0.2,
+}
+
+
+def _mixed_layer_types(layers: int) -> list[str]:
+    """Sliding-window block 0, then global and sliding layers alternating."""
+    return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+
+
+def _gemma_text(layers: int) -> dict:
+    return {
+        **_TINY_DECODER,
+        "num_hidden_layers": layers,
+        "query_pre_attn_scalar": 8,
+        "sliding_window": SLIDING_WINDOW,
+        "layer_types": _mixed_layer_types(layers),
+        "final_logit_softcapping": 0.5,
+        "attn_logit_softcapping": 1.0,
+    }
+
+
+def _save_random(model_class, config, path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    model_class(config).save_pretrained(path)
+    return path
+
+
+def build_tiny_gemma2(path: Path, layers: int = 4, seed: int = 0) -> Path:
+    """Save a random Gemma 2: sliding and global layers, soft-capped attention and logits, tied
+    head."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    return _save_random(Gemma2ForCausalLM, Gemma2Config(**_gemma_text(layers)), path, seed)
+
+
+def build_tiny_gemma3_text(path: Path, layers: int = 4, seed: int = 0) -> Path:
+    """Save a random Gemma 3 text model: sliding and global layers with their own rotary bases."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    return _save_random(Gemma3ForCausalLM, Gemma3TextConfig(**_gemma_text(layers)), path, seed)
+
+
+def build_tiny_gemma3(path: Path, layers: int = 3, seed: int = 0) -> Path:
+    """Save a random multimodal Gemma 3 (``model_type`` gemma3) with a one-layer vision tower."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    vision = {
+        "model_type": "siglip_vision_model",
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "image_size": 28,
+        "patch_size": 14,
+    }
+    config = Gemma3Config(
+        text_config=_gemma_text(layers),
+        vision_config=vision,
+        mm_tokens_per_image=4,
+        image_token_id=95,
+        boi_token_id=93,
+        eoi_token_id=94,
+        initializer_range=_TINY_DECODER["initializer_range"],
+    )
+    return _save_random(Gemma3ForConditionalGeneration, config, path, seed)
+
+
+def build_tiny_phi3(path: Path, layers: int = 3, seed: int = 0) -> Path:
+    """Save a random Phi-3 (fused qkv_proj and gate_up_proj) with a sliding window everywhere."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    config = Phi3Config(
+        **{k: v for k, v in _TINY_DECODER.items() if k != "head_dim"},
+        num_hidden_layers=layers,
+        sliding_window=SLIDING_WINDOW,
+    )
+    return _save_random(Phi3ForCausalLM, config, path, seed)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_path(tmp_path_factory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
@@ -67,3 +172,23 @@ def tiny_llama_path(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_opt_path(tmp_path_factory) -> Path:
     return build_tiny_opt(tmp_path_factory.mktemp("tiny-opt"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma2_path(tmp_path_factory) -> Path:
+    return build_tiny_gemma2(tmp_path_factory.mktemp("tiny-gemma2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_text_path(tmp_path_factory) -> Path:
+    return build_tiny_gemma3_text(tmp_path_factory.mktemp("tiny-gemma3-text"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_path(tmp_path_factory) -> Path:
+    return build_tiny_gemma3(tmp_path_factory.mktemp("tiny-gemma3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_phi3_path(tmp_path_factory) -> Path:
+    return build_tiny_phi3(tmp_path_factory.mktemp("tiny-phi3"))

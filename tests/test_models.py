@@ -2,27 +2,20 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import STORIES, needs_shared
+from conftest import SLIDING_WINDOW, STORIES, model_nll, needs_shared, random_ids
 from transformers import AutoModelForCausalLM
 
-from svnup.models import BlockModel, family_of, load_model
+from svnup.models import BlockKwargs, BlockModel, family_of, load_model
 
 
-def _block_logits_match(path, attn="sdpa", batch_size=3):
+def _block_logits_match(path, attn="sdpa", batch_size=3, offload=False):
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn)
-    engine = BlockModel(model, batch_size=batch_size)
-    ids = torch.randint(
-        0, model.config.vocab_size, (5, 24), generator=torch.Generator().manual_seed(1)
-    )
+    engine = BlockModel(model, batch_size=batch_size, offload=offload)
+    ids = random_ids(model.config.get_text_config().vocab_size)
     hidden, kwargs = engine.embed(ids)
     hidden = engine.forward_blocks(hidden, kwargs)
     nll = engine.sequence_nll(hidden, ids, chunk_tokens=30)
-    with torch.no_grad():
-        logits = model(ids).logits
-    ref = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
-    ref = ref.view(5, -1).double().sum(1)
-    torch.testing.assert_close(nll, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(nll, model_nll(model, ids), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -35,6 +28,72 @@ def test_opt_blocks_reproduce_model(tiny_opt_path, attn):
     _block_logits_match(tiny_opt_path, attn)
 
 
+# Gemma 2 does not support sdpa (its attention soft cap needs eager).
+@pytest.mark.parametrize(
+    "fixture, attn",
+    [
+        ("tiny_gemma2_path", "eager"),
+        ("tiny_gemma3_text_path", "sdpa"),
+        ("tiny_gemma3_text_path", "eager"),
+        ("tiny_gemma3_path", "sdpa"),
+        ("tiny_gemma3_path", "eager"),
+        ("tiny_phi3_path", "sdpa"),
+        ("tiny_phi3_path", "eager"),
+    ],
+)
+def test_new_family_blocks_reproduce_model(fixture, attn, request):
+    """Sequences of 24 tokens against a sliding window of 4, the batch split 3 + 2."""
+    _block_logits_match(request.getfixturevalue(fixture), attn)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gemma2_path", "tiny_gemma3_path"])
+def test_offloaded_tied_head_reproduces_model(fixture, request):
+    _block_logits_match(request.getfixturevalue(fixture), "eager", batch_size=2, offload=True)
+
+
+def _causal_band(seqlen: int, window: int | None) -> torch.Tensor:
+    """[q, k] True where query q may attend to key k: itself and the ``window - 1`` before it."""
+    q = torch.arange(seqlen)[:, None]
+    k = torch.arange(seqlen)[None, :]
+    return (k <= q) & (k > q - window) if window else k <= q
+
+
+@pytest.mark.parametrize(
+    "fixture, layer_types",
+    [("tiny_gemma2_path", "SFSF"), ("tiny_gemma3_text_path", "SFSF"), ("tiny_phi3_path", "SSS")],
+)
+def test_each_block_gets_its_attention_types_mask(fixture, layer_types, request):
+    """Sliding layers (S) see the last SLIDING_WINDOW tokens, global ones (F) every earlier one."""
+    model = AutoModelForCausalLM.from_pretrained(
+        request.getfixturevalue(fixture), attn_implementation="eager"
+    )
+    _, kwargs = BlockModel(model).embed(random_ids(96, n=2, seqlen=16))
+    for index, layer_type in enumerate(layer_types):
+        allowed = kwargs[index]["attention_mask"][0, 0] == 0
+        window = SLIDING_WINDOW if layer_type == "S" else None
+        assert torch.equal(allowed, _causal_band(16, window)), f"block {index}"
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gemma2_path", "tiny_gemma3_text_path"])
+def test_reproduction_needs_per_block_kwargs_and_the_logit_cap(fixture, request):
+    """The reproduction tests can fail: block 0's arguments for every block (the wrong mask and,
+    in Gemma 3, the wrong rotary base on global layers) or uncapped logits miss the model."""
+    model = AutoModelForCausalLM.from_pretrained(
+        request.getfixturevalue(fixture), attn_implementation="eager"
+    )
+    engine = BlockModel(model)
+    ids = random_ids(96)
+    ref = model_nll(model, ids)
+    hidden, kwargs = engine.embed(ids)
+    block0_everywhere = BlockKwargs((kwargs[0],) * engine.n_blocks)
+    wrong_mask = engine.sequence_nll(engine.forward_blocks(hidden, block0_everywhere), ids)
+    assert not torch.allclose(wrong_mask, ref, rtol=1e-3)
+    out = engine.forward_blocks(hidden, kwargs)
+    torch.testing.assert_close(engine.sequence_nll(out, ids), ref, rtol=1e-5, atol=1e-5)
+    engine.logit_softcap = None
+    assert not torch.allclose(engine.sequence_nll(out, ids), ref, rtol=1e-3)
+
+
 @needs_shared(STORIES)
 def test_stories260k_blocks_reproduce_model():
     _block_logits_match(STORIES)
@@ -43,9 +102,17 @@ def test_stories260k_blocks_reproduce_model():
 def test_captured_kwargs_are_the_models_own(tiny_llama_path):
     engine, _ = load_model(tiny_llama_path, with_tokenizer=False)
     _, kwargs = engine.embed(torch.ones(2, 8, dtype=torch.long))
-    cos, sin = kwargs["position_embeddings"]
-    assert cos.shape[-2] == 8 and "position_ids" in kwargs
-    assert kwargs["use_cache"] is False and "cache" not in kwargs
+    for index in range(engine.n_blocks):
+        cos, sin = kwargs[index]["position_embeddings"]
+        assert cos.shape[-2] == 8 and "position_ids" in kwargs[index]
+        assert kwargs[index]["use_cache"] is False and "cache" not in kwargs[index]
+
+
+def test_block_the_forward_never_reaches_is_an_error(tiny_llama_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_path)
+    model.config.num_hidden_layers = 3  # the model's forward now runs only layers[:3]
+    with pytest.raises(RuntimeError, match="never called block 3"):
+        BlockModel(model).embed(torch.ones(1, 8, dtype=torch.long))
 
 
 def test_offload_keeps_weights_on_cpu_and_matches(tiny_llama_path):

@@ -30,11 +30,12 @@ from workflow_fixture import (
     write_config,
 )
 
+from svnup.registry import ALLOCATIONS
 from svnup.store import read_records
 
 pytestmark = pytest.mark.workflow
 
-MODEL_STAGES = {"calibrate", "probe", "coalitions", "shapley", "owl"}
+MODEL_STAGES = {"calibrate", "probe", "coalitions", "shapley", "metric", "search"}
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +76,35 @@ def test_default_console_is_quiet(project):
     assert "python -m svnup" not in output, "shell commands belong to --printshellcmds"
     assert "localrule" not in output and "wildcards:" not in output
     jobs = output.count("Finished jobid")
-    assert jobs == 22 and "(Rule: coalitions)" in output
+    assert jobs == sum(_job_counts(output).values()) and "(Rule: coalitions)" in output
     assert "coalitions: 100%" in output and "dense statistics: 100%" in output
     lines = [line for line in output.splitlines() if line.strip() and "%|" not in line]
     assert len(lines) <= 6 * jobs + 25, "\n".join(lines)  # 410 lines with shell commands
+
+
+def test_every_registered_allocation_method_runs(project):
+    """The registry, the schema, the wildcards and the rules agree: every method runs, and a
+    method that searches with the run's pruner gets one search and one budget per pruner."""
+    write_config(project, tiny_config(**{"allocation.atp": {"step": 0.05}}))
+    targets = {method: f"results/tiny/s0.5/{method}/wanda/ppl.json" for method in ALLOCATIONS}
+    targets["atp-magnitude"] = "results/tiny/s0.5/atp/magnitude/ppl.json"
+    try:
+        snakemake(project, "--cores", "2", *targets.values())
+        for name, target in targets.items():
+            budget = _ppl(project, target)["budget"]
+            assert budget["achieved"] == pytest.approx(0.5, abs=1e-9), name
+            spread = max(budget["sparsities"]) - min(budget["sparsities"])
+            assert (spread == 0) == (name == "uniform"), (name, budget["sparsities"])
+        searches = list((project / "results/tiny/search/atp").glob("*/s0.5.json"))
+        assert len(searches) == 2
+        for path in searches:
+            search = json.loads(path.read_text())
+            betas = [c["beta"] for c in search["candidates"]]
+            assert betas == pytest.approx([0.05, 0.1, 0.15, 0.2])
+            best = min(search["candidates"], key=lambda c: c["nll"])
+            assert search["beta"] == best["beta"]
+    finally:
+        write_config(project, tiny_config())
 
 
 def test_snakemake_report_renders_registered_figures(project):
@@ -101,19 +127,19 @@ def test_new_target_sparsity_plans_no_coalition_jobs(project):
 
 
 def test_lambda_change_reruns_only_allocation_pruning_evaluation(project):
-    write_config(project, tiny_config(**{"allocation.lambda": 0.3}))
+    write_config(project, tiny_config(**{"allocation.svnup.lambda": 0.3}))
     plan = planned_jobs(project)
     assert not MODEL_STAGES & plan.keys() and "evaluate_dense" not in plan
     assert plan["budget"] == 1 and plan["prune"] == 1 and plan["evaluate"] == 1
     snakemake(project, "--cores", "2")
     changed = _ppl(project, "results/tiny/s0.5/ppl.json")
-    assert changed["budget"]["spec"]["lam"] == 0.3
+    assert changed["budget"]["spec"]["lambda"] == 0.3
 
     write_config(project, tiny_config())
     plan = planned_jobs(project)
     assert not {"budget", "prune", "evaluate"} & plan.keys(), plan
     snakemake(project, "--cores", "2")
-    assert _ppl(project, "results/tiny/s0.5/ppl.json")["budget"]["spec"]["lam"] == 0.2
+    assert _ppl(project, "results/tiny/s0.5/ppl.json")["budget"]["spec"]["lambda"] == 0.2
 
 
 def test_dataset_change_reruns_only_evaluation(project):
@@ -235,12 +261,14 @@ def test_damaged_calibration_is_named_before_any_job_deletes_anything(project, t
     [
         ("results/tiny/coalitions/*/store/coalitions.h5", "journals beside it are kept"),
         ("tiny/model.safetensors", "restore it, or download the model again"),
-        ("results/tiny/runs/svnup/s0.5/wanda/*/model/model.safetensors", "prunes it again"),
-        ("results/tiny/runs/svnup/s0.5/wanda/*/eval/*.json", "delete it and re-run"),
+        ("{run}/model/model.safetensors", "prunes it again"),
+        ("{run}/eval/*.json", "delete it and re-run"),
     ],
 )
 def test_damaged_files_are_named_with_how_to_recover(project, tmp_path, pattern, message):
-    path = next(project.glob(pattern))
+    checkpoint = _ppl(project, "results/tiny/s0.5/svnup/wanda/ppl.json")["checkpoint"]
+    run = Path(checkpoint).parent  # the run folder of the current config (others lie beside)
+    path = next(project.glob(pattern.format(run=run)))
     shutil.copy2(path, tmp_path / path.name)
     _truncate(path)
     try:
@@ -279,7 +307,8 @@ def _rows(path: Path) -> list[dict]:
 
 def test_summary_matches_every_run_after_a_change_is_reverted(project):
     """The window change of the previous test, reverted and re-run: the summary must hold the
-    numbers of the runs the config asks for, never an alias copy or a run of an earlier grid."""
+    numbers of the runs the config asks for, never an alias copy, a run of an earlier grid (the
+    stray file) or a run outside the grid (every allocation method ran in an earlier test)."""
     stray = project / "results/tiny/s0.9/uniform/wanda/ppl.json"
     stray.parent.mkdir(parents=True)
     run = {"allocation": "uniform", "pruner": "wanda", "target_sparsity": 0.9}
@@ -291,10 +320,8 @@ def test_summary_matches_every_run_after_a_change_is_reverted(project):
     }
     assert {row["path"] for row in rows} == declared
     numbers = {(r["allocation"], float(r["sparsity"]), r["dataset"]): float(r["ppl"]) for r in rows}
-    runs = [p for p in project.glob("results/tiny/**/ppl.json") if p != stray]
     aliases = {"results/tiny/s0.5/ppl.json", "results/tiny/s0.5/svnup/ppl.json"}
-    assert {str(p.relative_to(project)) for p in runs} == declared | aliases
-    for path in runs:
+    for path in (project / p for p in declared | aliases):
         ppl = json.loads(path.read_text())
         sparsity = ppl["target_sparsity"] or 0.0
         for dataset, value in ppl["perplexity"].items():

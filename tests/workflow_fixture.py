@@ -33,9 +33,9 @@ def tiny_config(**overrides) -> dict:
         },
         "allocation": {
             "method": "svnup",
-            "lambda": 0.2,
             "min": 0.0,
             "max": 0.99,
+            "svnup": {"lambda": 0.2},
             "owl": {"m": 5.0, "lambda": 0.08},
         },
         "pruner": "wanda",

@@ -1,0 +1,201 @@
+"""What can be plugged in, by the names the config uses: pruners, block metrics, allocation methods.
+
+The config schema's enums, the Snakemake wildcard constraints, the CLI and the stages all read these
+tables, so adding a method is one entry here plus its kernel, metric or mapping. Implementations are
+named by import path and loaded on first use: reading the tables (the Snakefile does at every
+invocation) never imports torch. Estimators live in ``svnup.shapley.ESTIMATORS`` (numpy only).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Param:
+    """One numeric parameter of a method: its default, its JSON-schema bounds and what it does."""
+
+    default: float | str
+    schema: dict[str, Any]
+    help: str
+    argument: str | None = None  # the mapping's keyword, where the config key is not a valid one
+
+
+@dataclass(frozen=True)
+class Pruner:
+    """A per-layer pruning kernel. ``statistics`` is what it needs from each layer's calibration
+    inputs: None, ``col_norm`` (summed squared inputs per column) or ``hessian`` (2/n X X^T)."""
+
+    statistics: str | None
+    kernel: str
+    reference: str
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A per-block score of the dense model, from its weights and (if ``statistics``) the summed
+    squared inputs of each linear layer. ``function(layers, **params) -> float`` gets
+    ``{name: (weight, col_norm_sq or None)}`` for one block."""
+
+    function: str
+    statistics: bool
+    reference: str
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where an allocation method's per-block scores come from.
+
+    ``kind`` is ``shapley`` (a Shapley stage; ``name`` is the estimator, None for the configured
+    one), ``metric`` (a Metric of the dense model) or ``search`` (a search over allocations for
+    one target and pruner). ``params`` names the method's parameters that the scores depend on;
+    the others only affect the mapping from scores to sparsities.
+    """
+
+    kind: str
+    name: str | None = None
+    params: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """A way to turn per-block scores into per-block sparsities with an exact weighted mean.
+
+    ``mapping(scores, params, target, bounds, **mapping_params)`` is in ``svnup.allocation``.
+    """
+
+    source: Source | None
+    mapping: str
+    params: dict[str, Param] = field(default_factory=dict)
+    reference: str = ""
+
+    @property
+    def mapping_params(self) -> tuple[str, ...]:
+        shared = self.source.params if self.source else ()
+        return tuple(name for name in self.params if name not in shared)
+
+
+def _half_width(default: float, argument: str | None = "lam") -> Param:
+    return Param(
+        default,
+        {"type": "number", "minimum": 0, "maximum": 1},
+        "half-width of the per-block density range around the target density",
+        argument,
+    )
+
+
+PRUNERS: dict[str, Pruner] = {
+    "magnitude": Pruner(
+        None,
+        "svnup.pruning:prune_magnitude",
+        "magnitude baseline of the SparseGPT and Wanda repositories: one |W| threshold per matrix",
+    ),
+    "wanda": Pruner(
+        "col_norm",
+        "svnup.pruning:prune_wanda",
+        "Wanda (Sun et al., ICLR 2024; locuslab/wanda): |W| * ||x|| per output row",
+    ),
+    "sparsegpt": Pruner(
+        "hessian",
+        "svnup.pruning:prune_sparsegpt",
+        "SparseGPT (Frantar & Alistarh, ICML 2023; IST-DASLab/sparsegpt)",
+    ),
+}
+
+METRICS: dict[str, Metric] = {
+    "owl": Metric(
+        "svnup.metrics:owl_outlier_ratio",
+        statistics=True,
+        reference="OWL (Yin et al., ICML 2024; luuyin/OWL): layerwise outlier distribution",
+    ),
+    "dlp": Metric(
+        "svnup.metrics:dlp_mean_score",
+        statistics=True,
+        reference="DLP (Chen et al., ICML 2025, arXiv 2505.23807; ironartisan/DLP)",
+    ),
+    "alphapruning": Metric(
+        "svnup.metrics:alphapruning_alpha",
+        statistics=False,
+        reference="AlphaPruning (Lu et al., NeurIPS 2024; haiquanlu/AlphaPruning): alpha_peak",
+    ),
+}
+
+ALLOCATIONS: dict[str, Allocation] = {
+    "svnup": Allocation(
+        Source("shapley"),
+        "svnup.allocation:linear_allocation",
+        {"lambda": _half_width(0.2)},
+        "SV-NUP: Shapley value of each block (svnup's estimators), linear map",
+    ),
+    "loo": Allocation(
+        Source("shapley", "loo"),
+        "svnup.allocation:linear_allocation",
+        {"lambda": _half_width(0.2)},
+        "leave-one-out importance (one coalition per block), the SV-NUP map",
+    ),
+    "owl": Allocation(
+        Source("metric", "owl", params=("m",)),
+        "svnup.allocation:linear_allocation",
+        {
+            "m": Param(5.0, {"type": "number", "exclusiveMinimum": 0}, "outlier threshold, x mean"),
+            "lambda": _half_width(0.08),
+        },
+        METRICS["owl"].reference,
+    ),
+    "dlp": Allocation(
+        Source("metric", "dlp"),
+        "svnup.allocation:dlp_allocation",
+        {"alpha": _half_width(0.15, argument=None)},
+        METRICS["dlp"].reference,
+    ),
+    "alphapruning": Allocation(
+        Source("metric", "alphapruning"),
+        "svnup.allocation:alphapruning_allocation",
+        {
+            "epsilon": Param(
+                0.3,
+                {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
+                "ratios are mapped into [1 - epsilon, 1 + epsilon] x target",
+            )
+        },
+        METRICS["alphapruning"].reference,
+    ),
+    "atp": Allocation(
+        Source("search", "atp", params=("step", "strategy")),
+        "svnup.allocation:offset_allocation",
+        {
+            "step": Param(
+                0.002,
+                {"type": "number", "exclusiveMinimum": 0, "maximum": 0.1},
+                "grid step of the common difference beta",
+            ),
+            "strategy": Param(
+                "golden",
+                {"enum": ["golden", "grid"]},
+                "golden: golden-section search of the grid (a unimodal loss); grid: all of it",
+            ),
+        },
+        "ATP (Huang et al., ICML 2025; wzhuang-xmu/ATP): arithmetic progression over depth",
+    ),
+    "uniform": Allocation(None, "svnup.allocation:uniform_allocation", {}, "the same sparsity"),
+}
+
+
+def resolve(path: str) -> Callable:
+    """The function named ``module:attribute``."""
+    module, _, attribute = path.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def method_params(section: dict, method: str) -> dict[str, float]:
+    """Parameters of allocation ``method``: registry defaults, overridden by its config section."""
+    entry = ALLOCATIONS[method]
+    given = section.get(method) or {}
+    return {name: given.get(name, param.default) for name, param in entry.params.items()}
+
+
+def choices(table: dict) -> str:
+    return ", ".join(table)

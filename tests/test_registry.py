@@ -1,0 +1,68 @@
+"""The registries are the one place a pruner, metric or allocation method is declared: the
+schema, the config defaults and the stages read them (the workflow test runs every method)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+from workflow_fixture import REPO
+
+from svnup import config as cfg
+from svnup.registry import ALLOCATIONS, METRICS, PRUNERS, method_params, resolve
+from svnup.shapley import ESTIMATORS
+
+
+def test_schema_enums_come_from_the_registries():
+    schema = cfg._schema()
+    defs = schema["$defs"]
+    assert defs["allocation_method"]["enum"] == list(ALLOCATIONS)
+    assert defs["pruner"]["enum"] == list(PRUNERS)
+    assert defs["shapley"]["properties"]["estimator"]["enum"] == list(ESTIMATORS)
+    sections = defs["allocation"]["properties"]
+    for method, entry in ALLOCATIONS.items():
+        if entry.params:
+            assert set(sections[method]["properties"]) == set(entry.params), method
+
+
+def test_every_implementation_resolves():
+    for entry in PRUNERS.values():
+        assert callable(resolve(entry.kernel))
+    for entry in METRICS.values():
+        assert callable(resolve(entry.function))
+    for method, entry in ALLOCATIONS.items():
+        assert callable(resolve(entry.mapping)), method
+        if entry.source is not None and entry.source.kind == "metric":
+            assert entry.source.name in METRICS, method
+        if entry.source is not None and entry.source.kind == "shapley":
+            assert entry.source.name in (None, *ESTIMATORS), method
+
+
+def test_config_defaults_and_overrides():
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    for method, entry in ALLOCATIONS.items():
+        assert method_params({}, method) == {n: p.default for n, p in entry.params.items()}
+        if entry.params:  # the shipped config.yaml shows every method's defaults
+            assert config["allocation"][method] == method_params({}, method), method
+    assert method_params({"owl": {"m": 7.0}}, "owl") == {"m": 7.0, "lambda": 0.08}
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        (("allocation", "method"), "random", "config key 'allocation.method'"),
+        (("pruner",), "obs", "config key 'pruner'"),
+        (("allocation", "dlp"), {"alpha": -1}, "config key 'allocation.dlp.alpha'"),
+        (("allocation", "atp"), {"beta": 0.1}, "config key 'allocation.atp.beta': unknown key"),
+        (("targets", "allocations"), ["owl", "random"], "config key 'targets.allocations.1'"),
+    ],
+)
+def test_names_outside_the_registries_are_config_errors(path, value, message):
+    config = copy.deepcopy(yaml.safe_load((REPO / "config.yaml").read_text()))
+    node = config
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = value
+    with pytest.raises(cfg.ConfigError, match=message.replace(".", r"\.")):
+        cfg.validate(config)
