@@ -193,8 +193,8 @@ def test_added_dataset_keeps_finished_evaluations(project):
     finally:
         _move(list(aside.glob("results/tiny/runs/*/s*/*/*/model")), aside, project)
         write_config(project, tiny_config())
-    run = snakemake(project, "--cores", "2")  # the checkpoints are back: only bookkeeping runs
-    assert not {"prune", "evaluate", "evaluate_dense"} & _job_counts(run.stderr).keys()
+    # the checkpoints are back: what is left to do is bookkeeping (collect, summary)
+    assert not {"prune", "evaluate", "evaluate_dense"} & planned_jobs(project).keys()
 
 
 def test_edited_local_inputs_are_new_cache_keys(project, tmp_path):
@@ -222,7 +222,7 @@ def test_edited_local_inputs_are_new_cache_keys(project, tmp_path):
     finally:
         for path in (heldout, weights):
             shutil.copy2(tmp_path / path.name, path)
-    assert planned_jobs(project) == {}
+    assert not {*MODEL_STAGES, "prune", "evaluate", "evaluate_dense"} & planned_jobs(project).keys()
 
 
 def _one_line_error(root: Path, *args: str) -> str:
