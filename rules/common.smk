@@ -411,6 +411,8 @@ def check_before_planning():
         for model in sorted(models or config["targets"]["models"]):
             s = model_settings(model)
             preflight.check_model(s, model)
+            if cfg.is_workflow_path(s["path"]):  # the demo model
+                check_intact(s["path"], refold(s["path"], "trains"))
             check_store(f"{store_dir(model, s)}/store")
             for path in intermediates(model, s, sorted(sparsities)):
                 check_intact(

@@ -28,9 +28,9 @@ _CHUNK = 1 << 20
 RESTORE = "restore it, or download the model again"
 
 
-def refold(folder: str | Path) -> str:
-    """How to recover from a damaged file in a pruned checkpoint folder."""
-    return f"delete the folder {folder} and re-run snakemake, which prunes it again"
+def refold(folder: str | Path, rebuilds: str = "prunes") -> str:
+    """How to recover from a damaged file in a checkpoint folder the workflow builds."""
+    return f"delete the folder {folder} and re-run snakemake, which {rebuilds} it again"
 
 
 @functools.lru_cache(maxsize=4096)

@@ -469,7 +469,7 @@ def evaluate(spec: dict, runtime: dict, model: dict, model_dir: str, out: Path) 
     from svnup.perplexity import dataset_perplexity
 
     check_source(spec["dataset"], spec["split"])  # before the model loads
-    if is_workflow_path(str(model_dir)) and not Path(model_dir).exists():
+    if is_workflow_path(str(model_dir)) and not _appears(Path(model_dir), seconds=60):
         raise FileNotFoundError(
             f"pruned checkpoint {model_dir} is gone (with save_model: false it is removed once "
             "its run is collected); ask for the run's ppl.json, which prunes it again"
@@ -485,6 +485,17 @@ def evaluate(spec: dict, runtime: dict, model: dict, model_dir: str, out: Path) 
     )
     log.info("%s: ppl %.4f over %d windows", spec["dataset"], result.ppl, result.windows)
     write_json(out, {"spec": spec, **result.to_dict(), "versions": versions()})
+
+
+def _appears(path: Path, seconds: float) -> bool:
+    """Whether ``path`` exists or shows up within ``seconds``: on a shared file system a folder
+    written on another node can take a while to be visible here."""
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(1.0)
+    return True
 
 
 def collect(
