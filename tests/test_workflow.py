@@ -241,43 +241,6 @@ def _truncate(path: Path) -> None:
         f.truncate(path.stat().st_size // 2)
 
 
-def test_damaged_calibration_is_named_before_any_job_deletes_anything(project, tmp_path):
-    calibration = next(project.glob("results/tiny/calibration/*/calibration.h5"))
-    masks = next(project.glob("results/tiny/probe/*/masks.h5"))
-    masks_time = masks.stat().st_mtime_ns
-    shutil.copy2(calibration, tmp_path / calibration.name)
-    _truncate(calibration)
-    try:
-        line = _one_line_error(project, "--cores", "1")
-        assert f"{calibration.relative_to(project)} is truncated or corrupt" in line
-        assert "delete it and re-run" in line
-        assert masks.stat().st_mtime_ns == masks_time, "a job ran and replaced an earlier output"
-    finally:
-        shutil.copy2(tmp_path / calibration.name, calibration)
-
-
-@pytest.mark.parametrize(
-    ("pattern", "message"),
-    [
-        ("results/tiny/coalitions/*/store/coalitions.h5", "journals beside it are kept"),
-        ("tiny/model.safetensors", "restore it, or download the model again"),
-        ("{run}/model/model.safetensors", "prunes it again"),
-        ("{run}/eval/*.json", "delete it and re-run"),
-    ],
-)
-def test_damaged_files_are_named_with_how_to_recover(project, tmp_path, pattern, message):
-    checkpoint = _ppl(project, "results/tiny/s0.5/svnup/wanda/ppl.json")["checkpoint"]
-    run = Path(checkpoint).parent  # the run folder of the current config (others lie beside)
-    path = next(project.glob(pattern.format(run=run)))
-    shutil.copy2(path, tmp_path / path.name)
-    _truncate(path)
-    try:
-        line = _one_line_error(project, "--dry-run")
-        assert f"{path.relative_to(project)} is truncated or corrupt" in line and message in line
-    finally:
-        shutil.copy2(tmp_path / path.name, path)
-
-
 def _coalition_summaries(root: Path, estimator: str = "swsv") -> dict[str, dict]:
     summaries = {}
     for path in (root / "results/tiny/coalitions").glob(f"*/{estimator}/*/*.h5"):
@@ -327,6 +290,45 @@ def test_summary_matches_every_run_after_a_change_is_reverted(project):
         for dataset, value in ppl["perplexity"].items():
             assert numbers[(ppl["allocation"] or "dense", sparsity, dataset)] == value, path
     stray.unlink()
+
+
+def test_damaged_calibration_is_named_before_any_job_deletes_anything(project, tmp_path):
+    calibration = next(project.glob("results/tiny/calibration/*/calibration.h5"))
+    masks = next(project.glob("results/tiny/probe/*/masks.h5"))
+    masks_time = masks.stat().st_mtime_ns
+    shutil.copy2(calibration, tmp_path / calibration.name)
+    _truncate(calibration)
+    try:
+        line = _one_line_error(project, "--cores", "1")
+        assert f"{calibration.relative_to(project)} is truncated or corrupt" in line
+        assert "delete it and re-run" in line
+        assert masks.stat().st_mtime_ns == masks_time, "a job ran and replaced an earlier output"
+    finally:
+        shutil.copy2(tmp_path / calibration.name, calibration)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "message"),
+    [
+        ("results/tiny/coalitions/*/store/coalitions.h5", "journals beside it are kept"),
+        ("tiny/model.safetensors", "restore it, or download the model again"),
+        ("{run}/model/model.safetensors", "prunes it again"),
+        ("{run}/eval/*.json", "delete it and re-run"),
+    ],
+)
+def test_damaged_files_are_named_with_how_to_recover(project, tmp_path, pattern, message):
+    # the run folder of the current config (those of earlier configs lie beside it); the runs
+    # are complete and collected with save_model on since the previous test
+    checkpoint = _ppl(project, "results/tiny/s0.5/svnup/wanda/ppl.json")["checkpoint"]
+    run = Path(checkpoint).parent
+    path = next(project.glob(pattern.format(run=run)))
+    shutil.copy2(path, tmp_path / path.name)
+    _truncate(path)
+    try:
+        line = _one_line_error(project, "--dry-run")
+        assert f"{path.relative_to(project)} is truncated or corrupt" in line and message in line
+    finally:
+        shutil.copy2(tmp_path / path.name, path)
 
 
 def _wait_for(predicate, timeout: float, what: str):
