@@ -87,7 +87,8 @@ def prune_wanda(layer: nn.Linear, stats: LayerStats, sparsity: float, nm) -> Non
 
 
 def prune_sparsegpt(layer: nn.Linear, stats: LayerStats, sparsity: float, nm) -> None:
-    new_weight, _ = sparsegpt_prune(layer.weight.data, stats.hessian, sparsity, nm)
+    # The kernel factorises the Hessian in place; popping it lets that buffer go at once.
+    new_weight, _ = sparsegpt_prune(layer.weight.data, stats.pop_hessian(), sparsity, nm)
     layer.weight.data.copy_(new_weight)
 
 
