@@ -2,8 +2,8 @@
 
 Why: the pruners and the block engine are the base every allocation experiment stands on, so their
 numbers on the shared fixtures (dense perplexity and pruned perplexity against the reference
-figures of ../shared/README.md, the usual magnitude > Wanda > SparseGPT ordering after pruning)
-and their run times are checked in one place.
+figures of ../shared/README.md, SparseGPT ahead of Wanda and magnitude after pruning) and their
+run times are checked in one place.
 
     python benchmarks/bench_core.py --models c4-llama-12L --sparsities 0.5 0.6 0.7 0.8 \
         --timing-baseline 603c6c2

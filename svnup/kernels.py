@@ -237,7 +237,7 @@ def sparsegpt_prune(
     up to a multiple of m so groups never straddle blocks.
 
     ``hessian`` is consumed: when it is float32 on the weight's device it is damped and factorised
-    in place (no second in_features^2 buffer) and holds garbage afterwards; pass a copy to keep it.
+    in place (no private copy of H) and holds garbage afterwards; pass a copy to keep it.
     Its scale does not matter (a per-token or per-sequence mean gives the same result).
 
     Input columns the calibration data never excited (H_jj == 0) are zeroed in the returned

@@ -1,4 +1,4 @@
-"""The sequential pruning driver: exact per-block sparsity, N:M, early errors, pruned inputs."""
+"""The sequential pruning driver: exact per-layer sparsity, N:M, early errors, pruned inputs."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def _weights(engine: BlockModel) -> list[dict[str, torch.Tensor]]:
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
 @pytest.mark.parametrize("method", PRUNERS)
-def test_every_row_gets_its_blocks_sparsity(paths, family, method):
+def test_every_layer_gets_its_blocks_sparsity(paths, family, method):
     engine, _ = load_model(paths[family], with_tokenizer=False)
     sparsities = SPARSITIES[family]
     before = _weights(engine)
@@ -61,10 +61,15 @@ def test_every_row_gets_its_blocks_sparsity(paths, family, method):
         zeros = 0
         for lr in report.layers:
             weight = layers[lr.name].weight
-            per_row = (weight == 0).sum(dim=1)
-            expected = round(target * weight.shape[1])
-            assert torch.all(per_row == expected), f"block {b} {lr.name}: {per_row.tolist()}"
-            assert lr.sparsity == pytest.approx(expected / weight.shape[1])
+            # Wanda counts per row; magnitude and SparseGPT per layer (their rows differ).
+            expected = round(target * weight.numel())
+            if method == "wanda":
+                per_row = (weight == 0).sum(dim=1)
+                expected = round(target * weight.shape[1])
+                assert torch.all(per_row == expected), f"block {b} {lr.name}: {per_row.tolist()}"
+                expected *= weight.shape[0]
+            assert int((weight == 0).sum()) == expected, f"block {b} {lr.name}"
+            assert lr.sparsity == pytest.approx(expected / weight.numel())
             assert 0 < lr.relative_error < 1
             zeros += int((weight == 0).sum())
         total = sum(layer.weight.numel() for layer in layers.values())
@@ -141,7 +146,9 @@ def test_later_blocks_see_inputs_of_the_pruned_earlier_blocks(tiny_llama_path):
 
 @needs_shared(STORIES)
 @needs_shared(WIKITEXT)
-def test_stories260k_error_ordering():
+def test_stories260k_sparsegpt_has_the_lowest_error():
+    """Per block, SparseGPT's mean layer error is below Wanda's and magnitude's. Those two do
+    not rank the same way in every block (whole-matrix magnitude wins some)."""
     from svnup.data import calibration_samples
 
     engine, tokenizer = load_model(STORIES)
@@ -157,5 +164,5 @@ def test_stories260k_error_ordering():
             sum(layer.relative_error for layer in r.layers) / len(r.layers) for r in reports
         ]
     for block in range(engine.n_blocks):
-        ordered = [errors[m][block] for m in ("sparsegpt", "wanda", "magnitude")]
-        assert ordered == sorted(ordered) and len(set(ordered)) == 3, (block, errors)
+        others = min(errors["wanda"][block], errors["magnitude"][block])
+        assert errors["sparsegpt"][block] < others, (block, errors)
