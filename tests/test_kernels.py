@@ -429,23 +429,9 @@ def _stats(x: torch.Tensor) -> LayerStats:
     return stats
 
 
-REAL_C4_LLAMA = [
-    pytest.mark.shared,
-    needs_shared(C4_LLAMA),
-    needs_shared(C4),
-]
-
-
-def _with_marks(*marks):
-    def apply(test):
-        for mark in reversed(marks):
-            test = mark(test)
-        return test
-
-    return apply
-
-
-@_with_marks(*REAL_C4_LLAMA)
+@pytest.mark.shared
+@needs_shared(C4_LLAMA)
+@needs_shared(C4)
 @pytest.mark.parametrize("sparsity", [0.5, 0.8])
 def test_sparsegpt_agrees_with_the_reference_rule_on_c4_llama(c4_llama_activations, sparsity):
     """Against the plain algorithm with the reference's block threshold (one more weight per
@@ -460,7 +446,9 @@ def test_sparsegpt_agrees_with_the_reference_rule_on_c4_llama(c4_llama_activatio
         assert errors[0] == pytest.approx(errors[1], rel=0.01), (name, errors)
 
 
-@_with_marks(*REAL_C4_LLAMA)
+@pytest.mark.shared
+@needs_shared(C4_LLAMA)
+@needs_shared(C4)
 def test_sparsegpt_nm_and_the_other_kernels_match_the_plain_methods_on_c4_llama(
     c4_llama_activations,
 ):
@@ -479,7 +467,9 @@ def test_sparsegpt_nm_and_the_other_kernels_match_the_plain_methods_on_c4_llama(
             assert torch.equal(wanda, _plain_wanda(weight, stats.col_norm_sq, sparsity)), name
 
 
-@_with_marks(*REAL_C4_LLAMA)
+@pytest.mark.shared
+@needs_shared(C4_LLAMA)
+@needs_shared(C4)
 @pytest.mark.parametrize("nm", [None, (2, 4)])
 def test_sparsegpt_with_a_dead_input_is_scale_invariant_on_c4_llama(c4_llama_activations, nm):
     """A dead channel in block 11's down_proj, activations scaled by 0.01: nothing moves."""
