@@ -284,8 +284,7 @@ def search(
     """
     from svnup.allocation import allocate, atp_grid, unimodal_argmin
     from svnup.calibration import load_statistics
-    from svnup.perplexity import mean_nll
-    from svnup.pruning import prune_model
+    from svnup.pruning import prune_and_score
 
     ids, _, meta = load_statistics(calibration)
     n_blocks, params = meta["n_blocks"], np.asarray(meta["block_params"], dtype=np.float64)
@@ -305,8 +304,7 @@ def search(
                 spec["search"], beta * depth, params, sparsity, (spec["min"], spec["max"])
             )
             start = time.perf_counter()
-            prune_model(state["engine"], ids, sparsities.tolist(), method=spec["pruner"])
-            nll = mean_nll(state["engine"], ids)
+            nll = prune_and_score(state["engine"], ids, sparsities.tolist(), spec["pruner"])
             _restore_linear_weights(state["engine"], state["dense"])
             done[beta] = {"beta": beta, "nll": nll, "seconds": time.perf_counter() - start}
             journal.append(done[beta])
