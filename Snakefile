@@ -27,6 +27,7 @@ include: "rules/report.smk"
 localrules:
     all,
     budget,
+    curve,
     shapley,
     collect,
     collect_dense,

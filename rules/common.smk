@@ -60,6 +60,46 @@ def checked(wildcards, spec, name="key"):
     return as_json(spec)
 
 
+def game_settings(wildcards, spec_of, name="key"):
+    """The model's settings at the probe sparsity whose ``spec_of`` key is the path's ``name``:
+    games are played at the Shapley probe and at every level a damage curve asks for."""
+    s = settings(wildcards)
+    for level in cfg.probe_levels(s):
+        variant = cfg.at_probe(s, level)
+        if cfg.key(spec_of(variant)) == getattr(wildcards, name):
+            return variant
+    raise WorkflowError(
+        f"{name} {getattr(wildcards, name)} does not match the current config; "
+        "request the user-facing targets instead"
+    )
+
+
+def store_settings(wildcards):
+    return game_settings(wildcards, cfg.store_spec, name="store")
+
+
+def shapley_settings(wildcards):
+    return game_settings(wildcards, lambda s: cfg.shapley_spec(s, wildcards.estimator))
+
+
+def curve_inputs(wildcards):
+    """The Shapley values at every level of a damage-curve method's levels."""
+    s = settings(wildcards)
+    spec = json.loads(curve_spec_json(wildcards))
+    estimator = ALLOCATIONS[wildcards.allocation].source.name
+    return [
+        shapley_path(wildcards.model, cfg.at_probe(s, p), estimator)
+        for p in spec["levels"]
+    ]
+
+
+def curve_spec_json(wildcards):
+    s = settings(wildcards)
+    return _spec_with_key(
+        wildcards, [cfg.score_spec(s, wildcards.allocation, None)], "curve"
+    )
+
+
 def local_inputs(*paths):
     """Inputs produced by this workflow (the demo model and corpus); hub ids are not files."""
     return [p for p in paths if cfg.is_workflow_path(p)]
@@ -107,6 +147,8 @@ def scores_path(model, s, allocation, sparsity, pruner):
     if source.kind == "shapley":
         return shapley_path(model, s, source.name)
     key = cfg.key(cfg.score_spec(s, allocation, pruner))
+    if source.kind == "levels":
+        return f"results/{model}/curves/{allocation}/{key}/scores.json"
     if source.kind == "metric":
         return f"results/{model}/metrics/{source.name}/{key}/scores.json"
     return f"results/{model}/search/{allocation}/{key}/s{sparsity}.json"

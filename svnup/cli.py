@@ -26,6 +26,10 @@ STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
         ("spec", "model", "estimator", "job", "calibration", "masks?", "store", "out"),
     ),
     "shapley": ("aggregate coalition jobs into per-block values", ("spec", "jobs*", "out", "csv")),
+    "curve": (
+        "a [level, block] table of Shapley values at several probe sparsities",
+        ("spec", "scores*", "out"),
+    ),
     "metric": (
         "a per-block metric of the dense model (OWL, DLP, AlphaPruning)",
         ("spec", "model", "calibration?", "out"),

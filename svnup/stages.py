@@ -227,6 +227,24 @@ def _json(data) -> str:
     return json.dumps(data, sort_keys=True)
 
 
+def curve(spec: dict, scores: list[Path], out: Path) -> None:
+    """One [level, block] table from the Shapley values measured at each probe sparsity."""
+    if len(scores) != len(spec["levels"]):
+        raise ValueError(f"got {len(scores)} score files for levels {spec['levels']}")
+    rows = [read_scores(path) for path in scores]
+    write_scores(
+        out,
+        [values for values, _, _ in rows],
+        [stderr for _, stderr, _ in rows],
+        source="levels",
+        levels=spec["levels"],
+        spec=spec,
+        n_coalitions=sum(meta.get("n_coalitions") or 0 for _, _, meta in rows),
+        seconds=sum(meta.get("seconds") or 0.0 for _, _, meta in rows),
+        versions=versions(),
+    )
+
+
 def metric(spec: dict, runtime: dict, model: dict, calibration: Path | None, out: Path) -> None:
     """A per-block metric of the dense model (``svnup.registry.METRICS``), from its weights and,
     where the metric needs them, the dense calibration statistics."""
@@ -369,6 +387,7 @@ def budget(spec: dict, sparsity: float, calibration: Path, scores: Path | None, 
         params,
         sparsity,
         (spec["min"], spec["max"]),
+        levels=meta.get("levels"),
         **{name: spec[name] for name in ALLOCATIONS[method].mapping_params},
     )
     achieved = float(np.dot(sparsities, params) / params.sum())

@@ -70,7 +70,8 @@ def test_end_to_end_outputs(project):
 def test_every_registered_allocation_method_runs(project):
     """The registry, the schema, the wildcards and the rules agree: every method runs, and a
     method that searches with the run's pruner gets one search and one budget per pruner."""
-    write_config(project, tiny_config(**{"allocation.atp": {"step": 0.05}}))
+    overrides = {"allocation.atp": {"step": 0.05}, "allocation.svnup-fit": {"levels": [0.3, 0.5]}}
+    write_config(project, tiny_config(**overrides))
     targets = {method: f"results/tiny/s0.5/{method}/wanda/ppl.json" for method in ALLOCATIONS}
     targets["atp-magnitude"] = "results/tiny/s0.5/atp/magnitude/ppl.json"
     try:
