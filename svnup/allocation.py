@@ -204,8 +204,9 @@ def damage_allocation(
     With the fitted model (``fit_damage``) the optimum equalises the marginal damage per pruned
     weight, a_b c exp(c s_b) = mu w_b, so s_b = K + (ln w_b - ln a_b) / c: sparsity falls with the
     log of a block's damage scale, by as much as the measured curvature says, and K makes the
-    weighted mean exact within the bounds. Scales below ``floor`` x their median (blocks whose
-    damage is lost in the noise) are raised to it, so no block is pruned on noise alone.
+    weighted mean exact within the bounds. Scales below ``floor`` x the median positive scale
+    (blocks whose damage is lost in the noise) are raised to it, so no block is pruned on noise
+    alone.
     """
     if levels is None:
         raise ValueError("damage allocation needs the levels its damage was measured at")
@@ -217,13 +218,12 @@ def damage_allocation(
     if not 0 < floor <= 1:
         raise ValueError(f"floor must be in (0, 1], got {floor}")
     curvature, scale = fit_damage(damage, np.asarray(levels, dtype=np.float64))
-    median = np.median(scale)
-    if not median > 0:
+    if not np.any(scale > 0):
         raise ValueError(
-            "the median block damage is not positive: the probe levels are too low to measure "
-            "damage on this evaluation set; raise the levels or the evaluation samples"
+            "no block's fitted damage is positive: the probe levels are too low to measure damage "
+            "on this evaluation set; raise the levels or the evaluation samples"
         )
-    scale = np.maximum(scale, floor * median)
+    scale = np.maximum(scale, floor * np.median(scale[scale > 0]))
     weights = params / params.sum()
     return _shift_to_mean((np.log(weights) - np.log(scale)) / curvature, weights, target, lo, hi)
 

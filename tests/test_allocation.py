@@ -277,7 +277,7 @@ def test_damage_allocation_floors_blocks_lost_in_noise():
     c, _ = fit_damage(damage, levels)
     assert sparsity[3] - sparsity[0] == pytest.approx(np.log(4) / c, rel=1e-6)
     assert sparsity[3] < 0.99
-    with pytest.raises(ValueError, match="median block damage is not positive"):
+    with pytest.raises(ValueError, match="no block's fitted damage is positive"):
         damage_allocation(-np.abs(damage), np.ones(4), 0.5, levels=levels)
     with pytest.raises(ValueError, match="levels must increase"):
         damage_allocation(damage, np.ones(4), 0.5, levels=levels[::-1])
