@@ -422,6 +422,41 @@ def evaluate(spec: dict, runtime: dict, model: dict, model_dir: str, out: Path) 
     write_json(out, {"spec": spec, **result.to_dict(), "versions": versions()})
 
 
+def zeroshot(spec: dict, runtime: dict, model: dict, model_dir: str, out: Path) -> None:
+    """Zero-shot accuracy of a (pruned or dense) checkpoint on lm-evaluation-harness tasks.
+
+    The harness runs the whole model on the device (no block offload).
+    """
+    from svnup.zeroshot import check_harness, task_manager, zero_shot_accuracy
+
+    check_harness()
+    manager = task_manager(spec["tasks"], spec["include_path"])  # unknown tasks fail here
+    engine, tokenizer = _load(model, {**runtime, "offload": False}, path=model_dir)
+    result = zero_shot_accuracy(
+        engine.model,
+        tokenizer,
+        spec["tasks"],
+        include_path=spec["include_path"],
+        limit=spec["limit"],
+        batch_size=runtime.get("batch_size", 8),
+        manager=manager,
+    )
+    log.info("zero-shot mean acc %s over %s", result["mean_acc"], ", ".join(result["tasks"]))
+    write_json(out, {"spec": spec, **result, "versions": versions()})
+
+
+def zeroshot_task(spec: dict, out_dir: Path) -> None:
+    """A local multiple-choice task (pick the true continuation of a passage) built from a text
+    source, for zero-shot evaluation without downloads (svnup.zeroshot.continuation_docs)."""
+    from svnup.data import load_texts
+    from svnup.zeroshot import continuation_docs, write_choice_task
+
+    texts = load_texts(spec["source"], spec["split"])
+    docs = continuation_docs(texts, spec["n_docs"], spec["n_choices"], spec["seed"])
+    with atomic_path(out_dir) as tmp:
+        write_choice_task(tmp, spec["name"], docs, final_folder=out_dir)
+
+
 def collect(
     name: str,
     sparsity: float | None,
@@ -431,8 +466,10 @@ def collect(
     out: Path,
     budget: Path | None = None,
     report: Path | None = None,
+    zero_shot: Path | None = None,
 ) -> None:
-    """One ppl.json with every number of a run: perplexities, protocol, budget, timings."""
+    """One ppl.json with every number of a run: perplexities, protocol, budget, timings, and the
+    zero-shot accuracies where they were asked for."""
     results = [read_json(p) for p in evaluations]
     data = {
         "model": name,
@@ -453,6 +490,8 @@ def collect(
             "block_sparsity": [b["sparsity"] for b in pruning["blocks"]],
             "blocks": pruning["blocks"],
         }
+    if zero_shot is not None:
+        data["zero_shot"] = read_json(zero_shot)
     write_json(out, data)
 
 
@@ -472,6 +511,7 @@ def summary(results: Path, out: Path) -> None:
                     "sparsity": run["target_sparsity"] or 0.0,
                     "dataset": dataset,
                     "ppl": ppl,
+                    "zero_shot_acc": run.get("zero_shot", {}).get("mean_acc"),
                     "pruning_seconds": run.get("pruning", {}).get("seconds"),
                 }
             )
