@@ -42,6 +42,10 @@ STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
         "prune with a budget and save the checkpoint",
         ("spec", "model", "budget", "calibration", "out_dir", "report"),
     ),
+    "recipe": (
+        "llm-compressor recipe of an allocation (SparseGPT, Wanda)",
+        ("budget", "pruner", "model", "out"),
+    ),
     "evaluate": (
         "perplexity of a checkpoint on one dataset",
         ("spec", "model", "model_dir", "out"),

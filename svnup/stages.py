@@ -386,19 +386,31 @@ def prune(
     out_dir: Path,
     report: Path,
 ) -> None:
-    """Prune with the budget's per-block sparsities and save a Hugging Face checkpoint."""
+    """Prune with the budget's per-block sparsities and save a Hugging Face checkpoint, with its
+    provenance and an llm-compressor recipe of the allocation beside it (svnup.export)."""
     from svnup.calibration import load_statistics
+    from svnup.export import block_names, describe_checkpoint
     from svnup.pruning import prune_model
 
     plan = read_json(budget)
     engine, tokenizer = _load(model, runtime)
-    ids, _, _ = load_statistics(calibration)
+    ids, _, calibration_meta = load_statistics(calibration)
     start = time.perf_counter()
     reports = prune_model(engine, ids, plan["sparsities"], method=spec["pruner"])
     seconds = time.perf_counter() - start
     with atomic_path(out_dir) as tmp:
         engine.model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        describe_checkpoint(
+            tmp,
+            plan=plan,
+            prune_spec=spec,
+            model=model,
+            calibration_spec=calibration_meta["spec"],
+            blocks=block_names(engine.family.blocks, engine.n_blocks),
+            measured=[r.sparsity for r in reports],
+            versions=versions(),
+        )
     write_json(
         report,
         {
@@ -407,6 +419,23 @@ def prune(
             "blocks": [r.to_dict() for r in reports],
             "versions": versions(),
         },
+    )
+
+
+def recipe(budget: Path, pruner: str, model: dict, out: Path) -> None:
+    """The llm-compressor recipe of one allocation, from its budget alone (nothing is pruned)."""
+    from transformers import AutoConfig
+
+    from svnup import export
+    from svnup.models import family_of
+
+    plan = read_json(budget)
+    config = AutoConfig.from_pretrained(model["path"])
+    blocks = export.block_names(family_of(config.model_type).blocks, len(plan["sparsities"]))
+    export.write_recipe(
+        out,
+        export.recipe(pruner, plan["sparsities"], blocks),
+        export.recipe_header(plan, pruner, model["path"], __version__),
     )
 
 
