@@ -481,7 +481,9 @@ def zeroshot_task(spec: dict, out_dir: Path) -> None:
     from svnup.zeroshot import continuation_docs, write_choice_task
 
     texts = load_texts(spec["source"], spec["split"])
-    docs = continuation_docs(texts, spec["n_docs"], spec["n_choices"], spec["seed"])
+    docs = continuation_docs(
+        texts, spec["n_docs"], spec["n_choices"], spec["seed"], spec["context_sentences"]
+    )
     with atomic_path(out_dir) as tmp:
         write_choice_task(tmp, spec["name"], docs, final_folder=out_dir)
 

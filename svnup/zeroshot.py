@@ -29,7 +29,6 @@ INSTALL_HINT = "pip install -e '.[zeroshot]' (lm-evaluation-harness with its hf 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 MIN_SENTENCE_WORDS = 4
 MAX_SENTENCE_CHARS = 300
-CONTEXT_SENTENCES = 3
 DISTRACTOR_POOL = 8  # candidates drawn per distractor; the closest in length are kept
 
 
@@ -223,14 +222,18 @@ def _sentences(text: str) -> list[str]:
 
 
 def continuation_docs(
-    texts: Sequence[str], n_docs: int, n_choices: int = 4, seed: int = 0
+    texts: Sequence[str],
+    n_docs: int,
+    n_choices: int = 4,
+    seed: int = 0,
+    context_sentences: int = 3,
 ) -> list[dict]:
     """Pick-the-true-continuation documents from passages of text.
 
-    For a passage with at least two sentences, the context is up to three sentences and the
-    true choice the sentence after them; the distractors are sentences of other passages, the
-    closest in length to the true one among a seeded random draw (so that length alone does not
-    give the answer away). The label's position is drawn at random.
+    For a passage with at least two sentences, the context is up to ``context_sentences``
+    sentences and the true choice the sentence after them; the distractors are sentences of
+    other passages, the closest in length to the true one among a seeded random draw (so that
+    length alone does not give the answer away). The label's position is drawn at random.
     """
     if n_choices < 2:
         raise ValueError(f"n_choices={n_choices}: a multiple-choice task needs at least 2")
@@ -247,7 +250,7 @@ def continuation_docs(
         sentences = passages[index]
         answer_at = rng.randrange(1, len(sentences))
         answer = sentences[answer_at]
-        context = " ".join(sentences[max(0, answer_at - CONTEXT_SENTENCES) : answer_at])
+        context = " ".join(sentences[max(0, answer_at - context_sentences) : answer_at])
         drawn = rng.sample(pool, min(len(pool), DISTRACTOR_POOL * n_choices))
         others = list(dict.fromkeys(s for i, s in drawn if i != index and s not in sentences))
         distractors = sorted(others, key=lambda s: abs(len(s) - len(answer)))[: n_choices - 1]

@@ -229,6 +229,7 @@ def test_task_stage_writes_a_task_folder_that_points_at_itself(tmp_path, passage
         "n_docs": 10,
         "n_choices": 3,
         "seed": 0,
+        "context_sentences": 2,
     }
     stages.zeroshot_task(spec, tmp_path / "tasks")
     config = yaml.safe_load((tmp_path / "tasks" / "mine.yaml").read_text())
