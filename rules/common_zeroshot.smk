@@ -10,7 +10,9 @@ DEMO_TASK = {
     "n_docs": 100,
     "n_choices": 4,
     "seed": 0,
-    "context_sentences": 1,  # context and choice fit the demo model's 128 positions
+    # A choice of at most 120 bytes fits the demo model's 128 positions (context is cut).
+    "context_sentences": 1,
+    "max_sentence_bytes": 120,
 }
 
 

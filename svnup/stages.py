@@ -482,7 +482,12 @@ def zeroshot_task(spec: dict, out_dir: Path) -> None:
 
     texts = load_texts(spec["source"], spec["split"])
     docs = continuation_docs(
-        texts, spec["n_docs"], spec["n_choices"], spec["seed"], spec["context_sentences"]
+        texts,
+        spec["n_docs"],
+        spec["n_choices"],
+        spec["seed"],
+        spec["context_sentences"],
+        spec["max_sentence_bytes"],
     )
     with atomic_path(out_dir) as tmp:
         write_choice_task(tmp, spec["name"], docs, final_folder=out_dir)

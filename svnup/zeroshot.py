@@ -28,7 +28,6 @@ HARNESS = "lm_eval"
 INSTALL_HINT = "pip install -e '.[zeroshot]' (lm-evaluation-harness with its hf extra)"
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 MIN_SENTENCE_WORDS = 4
-MAX_SENTENCE_CHARS = 300
 DISTRACTOR_POOL = 8  # candidates drawn per distractor; the closest in length are kept
 
 
@@ -212,11 +211,13 @@ def write_choice_task(
     return path
 
 
-def _sentences(text: str) -> list[str]:
-    """Sentences of a passage that read as prose (enough words, not a whole page)."""
+def _sentences(text: str, max_bytes: int) -> list[str]:
+    """Sentences of a passage that read as prose: enough words, at most ``max_bytes`` of UTF-8
+    (a byte-level tokenizer never makes more tokens than that, so a choice fits a short model).
+    """
     found = []
     for sentence in SENTENCE_END.split(" ".join(text.split())):
-        if len(sentence.split()) >= MIN_SENTENCE_WORDS and len(sentence) <= MAX_SENTENCE_CHARS:
+        if len(sentence.split()) >= MIN_SENTENCE_WORDS and len(sentence.encode()) <= max_bytes:
             found.append(sentence)
     return found
 
@@ -227,6 +228,7 @@ def continuation_docs(
     n_choices: int = 4,
     seed: int = 0,
     context_sentences: int = 3,
+    max_sentence_bytes: int = 300,
 ) -> list[dict]:
     """Pick-the-true-continuation documents from passages of text.
 
@@ -238,7 +240,7 @@ def continuation_docs(
     if n_choices < 2:
         raise ValueError(f"n_choices={n_choices}: a multiple-choice task needs at least 2")
     rng = random.Random(seed)
-    passages = [s for s in (_sentences(t) for t in texts) if s]
+    passages = [s for s in (_sentences(t, max_sentence_bytes) for t in texts) if s]
     pool = [(index, s) for index, sentences in enumerate(passages) for s in sentences]
     usable = [index for index, sentences in enumerate(passages) if len(sentences) >= 2]
     if len(usable) < n_docs:

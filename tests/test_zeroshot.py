@@ -230,6 +230,7 @@ def test_task_stage_writes_a_task_folder_that_points_at_itself(tmp_path, passage
         "n_choices": 3,
         "seed": 0,
         "context_sentences": 2,
+        "max_sentence_bytes": 200,
     }
     stages.zeroshot_task(spec, tmp_path / "tasks")
     config = yaml.safe_load((tmp_path / "tasks" / "mine.yaml").read_text())
@@ -237,4 +238,5 @@ def test_task_stage_writes_a_task_folder_that_points_at_itself(tmp_path, passage
     assert data == (tmp_path / "tasks" / "mine.jsonl").resolve() and data.is_file()
     docs = [json.loads(line) for line in data.read_text().splitlines()]
     assert len(docs) == 10 and all(len(doc["choices"]) == 3 for doc in docs)
+    assert max(len(c.encode()) for doc in docs for c in doc["choices"]) <= 200
     assert sorted(p.name for p in tmp_path.iterdir()) == ["passages.jsonl", "tasks"]  # no tmp
