@@ -34,11 +34,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from svnup.allocation import allocate, block_outlier_density
+from svnup.allocation import allocate
 from svnup.calibration import BlockMasks, dense_statistics, probe_masks
 from svnup.data import calibration_samples, eval_stream
 from svnup.evaluator import CoalitionEvaluator
 from svnup.io import atomic_path
+from svnup.metrics import owl_outlier_ratio
 from svnup.models import BlockModel, linear_layers, load_model
 from svnup.perplexity import stream_perplexity
 from svnup.pruning import prune_model
@@ -179,11 +180,11 @@ class Study:
         self.stats = dense_statistics(self.engine, self.calibration)
         self.outlier_density = np.array(
             [
-                block_outlier_density(
-                    [
-                        (layer.weight.data, self.stats[b][name].sqrt())
+                owl_outlier_ratio(
+                    {
+                        name: (layer.weight.data, self.stats[b][name])
                         for name, layer in linear_layers(block).items()
-                    ],
+                    },
                     args.owl_m,
                 )
                 for b, block in enumerate(self.engine.blocks)
@@ -401,18 +402,10 @@ def section_estimators(study: Study, emit) -> None:
     )
     target = args.study_targets[0]
     alloc = {
-        "svnup": allocate(
-            "svnup", params=study.params, target=target, lam=args.lam, importance=swsv.values
-        ),
-        "loo": allocate(
-            "loo", params=study.params, target=target, lam=args.lam, importance=loo.values
-        ),
+        "svnup": allocate("svnup", swsv.values, study.params, target, **{"lambda": args.lam}),
+        "loo": allocate("loo", loo.values, study.params, target, **{"lambda": args.lam}),
         "owl": allocate(
-            "owl",
-            params=study.params,
-            target=target,
-            lam=args.owl_lam,
-            outlier_density=study.outlier_density,
+            "owl", study.outlier_density, study.params, target, **{"lambda": args.owl_lam}
         ),
     }
     for b in range(n):
@@ -518,23 +511,13 @@ def allocation(
 ) -> np.ndarray:
     args = study.args
     if method == "uniform":
-        return allocate("uniform", params=study.params, target=target)
+        return allocate("uniform", None, study.params, target)
     if method == "owl":
-        return allocate(
-            "owl",
-            params=study.params,
-            target=target,
-            lam=args.owl_lam if lam is None else lam,
-            outlier_density=study.outlier_density,
-        )
+        lam = args.owl_lam if lam is None else lam
+        return allocate("owl", study.outlier_density, study.params, target, **{"lambda": lam})
     scores = importance(study, method, args.probe if probe is None else probe, value or args.value)
-    return allocate(
-        method,
-        params=study.params,
-        target=target,
-        lam=args.lam if lam is None else lam,
-        importance=scores,
-    )
+    lam = args.lam if lam is None else lam
+    return allocate(method, scores, study.params, target, **{"lambda": lam})
 
 
 def section_perplexity(study: Study, emit) -> None:

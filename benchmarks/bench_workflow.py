@@ -36,14 +36,16 @@ import pandas as pd
 import torch
 import yaml
 
-from svnup.allocation import allocate, block_outlier_density
+from svnup.allocation import allocate
 from svnup.calibration import dense_statistics, probe_masks
 from svnup.config import model_settings
 from svnup.data import calibration_samples
 from svnup.evaluator import CoalitionEvaluator
+from svnup.metrics import owl_outlier_ratio
 from svnup.models import linear_layers, load_model
 from svnup.perplexity import dataset_perplexity
 from svnup.pruning import prune_model
+from svnup.registry import ALLOCATIONS, method_params
 from svnup.shapley import LeaveOneOut, SlidingWindow
 
 HERE = Path(__file__).resolve().parent
@@ -233,12 +235,12 @@ def library_numbers(workdir: Path, config: dict, log: Log) -> tuple[dict, dict[s
         result = estimator.estimate(lambda mask: value(*records[mask]))
         numbers["importance"][name] = result.values.tolist()
     numbers["importance"]["owl"] = [
-        block_outlier_density(
-            [
-                (layer.weight.data, stats[index][name].sqrt())
+        owl_outlier_ratio(
+            {
+                name: (layer.weight.data, stats[index][name])
                 for name, layer in linear_layers(block).items()
-            ],
-            budget["owl"]["m"],
+            },
+            method_params(budget, "owl")["m"],
         )
         for index, block in enumerate(engine.blocks)
     ]
@@ -262,25 +264,16 @@ def library_numbers(workdir: Path, config: dict, log: Log) -> tuple[dict, dict[s
 
 
 def _allocation(method: str, target: float, params, budget: dict, importance: dict) -> np.ndarray:
-    bounds = (budget["min"], budget["max"])
-    if method == "uniform":
-        return allocate("uniform", params=params, target=target, bounds=bounds)
-    if method == "owl":
-        return allocate(
-            "owl",
-            params=params,
-            target=target,
-            lam=budget["owl"]["lambda"],
-            bounds=bounds,
-            outlier_density=np.asarray(importance["owl"]),
-        )
+    entry = ALLOCATIONS[method]
+    values = method_params(budget, method)
+    scores = None if entry.source is None else np.asarray(importance[method])
     return allocate(
         method,
-        params=params,
-        target=target,
-        lam=budget["lambda"],
-        bounds=bounds,
-        importance=np.asarray(importance[method]),
+        scores,
+        params,
+        target,
+        (budget["min"], budget["max"]),
+        **{name: values[name] for name in entry.mapping_params},
     )
 
 
@@ -316,8 +309,9 @@ def _setup(config: dict, windows: dict[str, int]) -> str:
         f"{cal['seed']}); {sh['estimator'].upper()} w={sh['window']} stride {sh['stride']} on the "
         f"first {sh['eval_samples']} of them, {sh['ablation']} ablation with a "
         f"{sh['probe_pruner']} probe at {sh['probe_sparsity']}, {sh['value']}; SV-NUP and LOO "
-        f"lambda {al['lambda']}, bounds [{al['min']}, {al['max']}]; OWL M={al['owl']['m']:g} "
-        f"lambda {al['owl']['lambda']}; evaluation: {evaluation}, split {s['evaluation']['split']}"
+        f"lambda {method_params(al, 'svnup')['lambda']}, bounds [{al['min']}, {al['max']}]; OWL "
+        f"M={method_params(al, 'owl')['m']:g} lambda {method_params(al, 'owl')['lambda']}; "
+        f"evaluation: {evaluation}, split {s['evaluation']['split']}"
     )
 
 

@@ -10,6 +10,8 @@ harmless otherwise. The scores come from elsewhere (Shapley values, dense-model 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 Bounds = tuple[float, float]
@@ -159,6 +161,72 @@ def offset_allocation(
     return _shift_to_mean(target + scores, weights, target, lo, hi)
 
 
+def _lower_hull(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Vertices of the lower convex hull of the points (x, y), x increasing."""
+    hull: list[int] = []
+    for i in range(x.size):
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            if (y[b] - y[a]) * (x[i] - x[a]) >= (y[i] - y[a]) * (x[b] - x[a]):
+                hull.pop()
+            else:
+                break
+        hull.append(i)
+    return x[hull], y[hull]
+
+
+def curve_allocation(
+    damage: np.ndarray,
+    levels: np.ndarray,
+    params: np.ndarray,
+    target: float,
+    bounds: Bounds = (0.0, 0.99),
+) -> np.ndarray:
+    """Sparsities that minimise the predicted damage sum_b d_b(s_b) at the exact weighted mean.
+
+    ``damage[k, b]`` is block b's damage when it is pruned at ``levels[k]`` (0 at sparsity 0);
+    d_b interpolates it linearly and continues the last segment's slope up to the upper bound.
+    Each curve is replaced by its lower convex hull, on which the greedy exchange (raise the block
+    whose next weight pruned costs least) is optimal: every block ends where its damage per
+    pruned weight reaches one common price, and one block stops part-way along a segment so
+    that the mean is exact.
+    """
+    params = _check_params(params)
+    damage = np.asarray(damage, dtype=np.float64)
+    levels = np.asarray(levels, dtype=np.float64)
+    if damage.shape != (levels.size, params.size) or not np.all(np.isfinite(damage)):
+        raise ValueError(
+            f"damage must be a finite [levels={levels.size}, blocks={params.size}] table, "
+            f"got shape {damage.shape}"
+        )
+    if not (np.all(np.diff(levels) > 0) and levels[0] > 0 and levels[-1] < 1):
+        raise ValueError(f"levels must increase within (0, 1), got {levels.tolist()}")
+    target, lo, hi = _check_target(target, bounds)
+    weights = params / params.sum()
+    segments = []  # (price per unit of weighted sparsity, block, start, end)
+    for b in range(params.size):
+        x = np.concatenate([[0.0], levels])
+        y = np.concatenate([[0.0], damage[:, b]])
+        slope = (y[-1] - y[-2]) / (x[-1] - x[-2])
+        x, y = np.append(x, hi), np.append(y, y[-1] + slope * (hi - x[-1]))
+        x, y = _lower_hull(x, y)
+        for i in range(x.size - 1):
+            start, end = max(x[i], lo), min(x[i + 1], hi)
+            if end > start:
+                price = (y[i + 1] - y[i]) / (x[i + 1] - x[i])
+                segments.append((price, b, start, end))
+    sparsity = np.full(params.size, lo)
+    need = target - lo
+    for _, b, start, end in sorted(segments):
+        if need <= 0:
+            break
+        step = min(end - max(start, sparsity[b]), need / weights[b])
+        if step > 0:
+            sparsity[b] += step
+            need -= step * weights[b]
+    return sparsity
+
+
 def atp_grid(n_blocks: int, target: float, step: float) -> list[float]:
     """ATP's candidate common differences: step, 2 * step, ... while every block of the
     progression S + beta * (b - (L - 1) / 2) stays within [0, 1]."""
@@ -176,6 +244,30 @@ def atp_grid(n_blocks: int, target: float, step: float) -> list[float]:
             f"keeps {n_blocks} blocks within [0, 1] at sparsity {target}; lower the step"
         )
     return grid
+
+
+def unimodal_argmin(loss: Callable[[int], float], n: int) -> int:
+    """Index of the smallest of loss(0), ..., loss(n - 1), by golden-section search.
+
+    Exact for a unimodal sequence (falling, then rising) in O(log n) calls; ``loss`` is called at
+    most once per index.
+    """
+    cache: dict[int, float] = {}
+
+    def at(i: int) -> float:
+        if i not in cache:
+            cache[i] = loss(i)
+        return cache[i]
+
+    lo, hi = 0, n - 1
+    while hi - lo > 3:
+        left = lo + round((hi - lo) * 0.382)
+        right = max(lo + round((hi - lo) * 0.618), left + 1)
+        if at(left) <= at(right):
+            hi = right
+        else:
+            lo = left
+    return min(range(lo, hi + 1), key=at)
 
 
 def allocate(

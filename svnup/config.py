@@ -276,11 +276,14 @@ def prune_spec(settings: dict, method: str, sparsity: float, pruner: str) -> dic
 
 
 def eval_spec(settings: dict, dataset: str) -> dict:
-    return {
+    spec = {
         "dataset": dataset,
         "split": settings["evaluation"]["split"],
         "seqlen": settings["seqlen"],
     }
+    if settings["evaluation"].get("windows") is not None:
+        spec["windows"] = settings["evaluation"]["windows"]
+    return spec
 
 
 def eval_id(settings: dict, dataset: str) -> str:

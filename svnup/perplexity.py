@@ -97,10 +97,14 @@ def dataset_perplexity(
     *,
     split: str = "test",
     seqlen: int = 2048,
+    windows: int | None = None,
     cache_dir: str | Path | None = None,
 ) -> PerplexityResult:
-    """Perplexity on a named dataset (``wikitext2``, ``c4``, ``ptb``) or a local file."""
+    """Perplexity on a named dataset (``wikitext2``, ``c4``, ``ptb``) or a local file, over its
+    first ``windows`` windows of ``seqlen`` tokens (all by default)."""
     from svnup.data import eval_stream
 
     stream = eval_stream(tokenizer, source, split=split, seqlen=seqlen, cache_dir=cache_dir)
+    if windows is not None:
+        stream = stream[:, : windows * seqlen]
     return stream_perplexity(model, stream, seqlen, dataset=source, split=split)

@@ -18,7 +18,7 @@ from typing import Any
 class Param:
     """One numeric parameter of a method: its default, its JSON-schema bounds and what it does."""
 
-    default: float
+    default: float | str
     schema: dict[str, Any]
     help: str
     argument: str | None = None  # the mapping's keyword, where the config key is not a valid one
@@ -164,14 +164,19 @@ ALLOCATIONS: dict[str, Allocation] = {
         METRICS["alphapruning"].reference,
     ),
     "atp": Allocation(
-        Source("search", "atp", params=("step",)),
+        Source("search", "atp", params=("step", "strategy")),
         "svnup.allocation:offset_allocation",
         {
             "step": Param(
                 0.002,
                 {"type": "number", "exclusiveMinimum": 0, "maximum": 0.1},
                 "grid step of the common difference beta",
-            )
+            ),
+            "strategy": Param(
+                "golden",
+                {"enum": ["golden", "grid"]},
+                "golden: golden-section search of the grid (a unimodal loss); grid: all of it",
+            ),
         },
         "ATP (Huang et al., ICML 2025; wzhuang-xmu/ATP): arithmetic progression over depth",
     ),

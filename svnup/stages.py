@@ -272,15 +272,17 @@ def search(
     spec: dict, runtime: dict, model: dict, sparsity: float, calibration: Path, out: Path
 ) -> None:
     """ATP's search: the common difference beta of per-block sparsities S + beta * (b - (L-1)/2)
-    with the lowest calibration loss after pruning with the run's pruner, over beta = step,
-    2 * step, ... up to the largest beta that keeps every block in [0, 1] (the reference grid).
+    with the lowest calibration loss after pruning with the run's pruner, on the reference's grid
+    beta = step, 2 * step, ... up to the largest beta that keeps every block in [0, 1].
 
-    The reference scores each beta by WikiText-2 test perplexity; svnup scores it by the NLL of the
-    calibration sequences, so the test set never chooses a hyper-parameter. Each candidate is the
-    allocation the budget stage would make of it (within the allocation bounds), and its result is
-    journalled, so a killed search resumes where it stopped.
+    The reference scans the grid and picks by WikiText-2 test perplexity. svnup picks by the NLL
+    of the calibration sequences, so the test set never chooses a hyper-parameter, and by default
+    searches the grid by golden section (the loss falls, then rises with beta: O(log n) prunes
+    instead of n); ``strategy: grid`` scans it all. Each candidate is the allocation the budget
+    stage would make of it (within the allocation bounds) and is journalled, so a killed search
+    resumes.
     """
-    from svnup.allocation import allocate, atp_grid
+    from svnup.allocation import allocate, atp_grid, unimodal_argmin
     from svnup.calibration import load_statistics
     from svnup.perplexity import mean_nll
     from svnup.pruning import prune_model
@@ -291,32 +293,41 @@ def search(
     depth = np.arange(n_blocks) - (n_blocks - 1) / 2
     journal = JsonLines(Path(out).with_suffix(".journal"))
     done = {row["beta"]: row for row in journal.rows()}
-    todo = [beta for beta in grid if beta not in done]
-    if todo:
-        engine, _ = _load(model, runtime, with_tokenizer=False)
-        dense = _linear_weights(engine)
-    for beta in todo:
-        sparsities = allocate(
-            spec["search"], beta * depth, params, sparsity, (spec["min"], spec["max"])
-        )
-        start = time.perf_counter()
-        prune_model(engine, ids, sparsities.tolist(), method=spec["pruner"])
-        nll = mean_nll(engine, ids)
-        _restore_linear_weights(engine, dense)
-        row = {"beta": beta, "nll": nll, "seconds": time.perf_counter() - start}
-        log.info("%s beta %.4f: calibration NLL %.5f", spec["search"], beta, nll)
-        journal.append(row)
-        done[beta] = row
-    best = min(grid, key=lambda beta: done[beta]["nll"])
+    state: dict = {}
+
+    def loss(index: int) -> float:
+        beta = grid[index]
+        if beta not in done:
+            if not state:
+                state["engine"], _ = _load(model, runtime, with_tokenizer=False)
+                state["dense"] = _linear_weights(state["engine"])
+            sparsities = allocate(
+                spec["search"], beta * depth, params, sparsity, (spec["min"], spec["max"])
+            )
+            start = time.perf_counter()
+            prune_model(state["engine"], ids, sparsities.tolist(), method=spec["pruner"])
+            nll = mean_nll(state["engine"], ids)
+            _restore_linear_weights(state["engine"], state["dense"])
+            done[beta] = {"beta": beta, "nll": nll, "seconds": time.perf_counter() - start}
+            journal.append(done[beta])
+            log.info("%s beta %.4f: calibration NLL %.5f", spec["search"], beta, nll)
+        return done[beta]["nll"]
+
+    if spec["strategy"] == "grid":
+        best = min(range(len(grid)), key=loss)
+    else:
+        best = unimodal_argmin(loss, len(grid))
+    candidates = [done[beta] for beta in grid if beta in done]
     write_scores(
         out,
-        best * depth,
+        grid[best] * depth,
         source=f"search:{spec['search']}",
         spec=spec,
         target=sparsity,
-        beta=best,
-        candidates=[done[beta] for beta in grid],
-        seconds=sum(done[beta]["seconds"] for beta in grid),
+        beta=grid[best],
+        grid=grid,
+        candidates=candidates,
+        seconds=sum(c["seconds"] for c in candidates),
         versions=versions(),
     )
     journal.remove()
@@ -353,7 +364,7 @@ def budget(spec: dict, sparsity: float, calibration: Path, scores: Path | None, 
         meta = json.loads(f.attrs["meta"])
     params = np.asarray(meta["block_params"], dtype=np.float64)
     method = spec["method"]
-    values, stderr = (None, None) if scores is None else read_scores(scores)[:2]
+    values, stderr, meta = (None, None, {}) if scores is None else read_scores(scores)
     sparsities = allocate(
         method,
         None if values is None else np.asarray(values, dtype=np.float64),
@@ -373,6 +384,7 @@ def budget(spec: dict, sparsity: float, calibration: Path, scores: Path | None, 
             "block_params": params.astype(int).tolist(),
             "importance": values,
             "importance_stderr": stderr,
+            "scores": {k: meta.get(k) for k in ("source", "n_coalitions", "seconds")},
         },
     )
 
@@ -445,7 +457,12 @@ def evaluate(spec: dict, runtime: dict, model: dict, model_dir: str, out: Path) 
 
     engine, tokenizer = _load(model, runtime, path=model_dir)
     result = dataset_perplexity(
-        engine, tokenizer, spec["dataset"], split=spec["split"], seqlen=spec["seqlen"]
+        engine,
+        tokenizer,
+        spec["dataset"],
+        split=spec["split"],
+        seqlen=spec["seqlen"],
+        windows=spec.get("windows"),
     )
     log.info("%s: ppl %.4f over %d windows", spec["dataset"], result.ppl, result.windows)
     write_json(out, {"spec": spec, **result.to_dict(), "versions": versions()})
@@ -518,7 +535,8 @@ def collect(
     }
     if budget is not None:
         plan = read_json(budget)
-        data["budget"] = {k: plan[k] for k in ("achieved", "sparsities", "importance", "spec")}
+        keys = ("achieved", "sparsities", "importance", "scores", "spec")
+        data["budget"] = {k: plan[k] for k in keys}
     if report is not None:
         pruning = read_json(report)
         data["pruning"] = {

@@ -18,6 +18,7 @@ from svnup.allocation import (
     linear_allocation,
     offset_allocation,
     uniform_allocation,
+    unimodal_argmin,
 )
 from svnup.registry import ALLOCATIONS
 
@@ -159,6 +160,22 @@ def test_published_mappings_equal_their_reference_formulas(scores, target, stren
         atp_reference(len(scores), target, beta),
         atol=1e-12,
     )
+
+
+def test_golden_section_finds_the_minimum_of_every_unimodal_sequence():
+    for n in range(1, 60):
+        for best in range(n):
+            calls: list[int] = []
+
+            def loss(i: int, best: int = best, calls: list[int] = calls) -> float:
+                calls.append(i)
+                return abs(i - best) + 1e-3 * i
+
+            assert unimodal_argmin(loss, n) == best
+            assert len(calls) == len(set(calls)) <= 14, (n, best, calls)
+    # a flat start (beta too small to matter) and a noisy floor still end at a minimum
+    values = [5.0, 5.0, 5.0, 4.0, 3.0, 3.1, 3.05, 6.0]
+    assert values[unimodal_argmin(values.__getitem__, len(values))] <= 3.1
 
 
 def test_atp_grid_is_the_reference_grid():

@@ -50,3 +50,20 @@ def test_stories260k_wikitext2_dense_perplexity(tmp_path):
     result = stream_perplexity(engine, stream, 512, dataset="wikitext2", windows_per_pass=512)
     assert result.windows == 1591
     assert result.ppl == pytest.approx(122.3344, abs=2e-3)
+
+
+@needs_shared(STORIES)
+@needs_shared(WIKITEXT)
+def test_first_windows_only(tmp_path):
+    """``windows`` keeps the first N windows of the stream, the study protocol's subset."""
+    from svnup.perplexity import dataset_perplexity
+
+    engine, tokenizer = load_model(STORIES, batch_size=64)
+    source = str(WIKITEXT / "test.jsonl")
+    result = dataset_perplexity(
+        engine, tokenizer, source, seqlen=512, windows=3, cache_dir=tmp_path
+    )
+    stream = eval_stream(tokenizer, source, seqlen=512, cache_dir=tmp_path)[:, : 3 * 512]
+    ref, n = _reference_ppl(engine.model, stream, 512)
+    assert result.windows == n == 3
+    assert result.ppl == pytest.approx(ref, rel=1e-5)

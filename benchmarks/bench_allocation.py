@@ -1,0 +1,325 @@
+"""Allocation study: every allocation method x {Wanda, SparseGPT} through the workflow.
+
+Why: svnup's claim is that its recommended allocation beats every allocation a user could pick
+instead (uniform, OWL, DLP, ATP, AlphaPruning, leave-one-out, the paper's SV-NUP), on a real
+pretrained model and at a cost comparable to pruning itself. The study runs the real pipeline
+(``snakemake``) on the configs in ``benchmarks/configs/allocation-<model>.yaml`` so that every
+number is what a user gets, then tabulates perplexity per (pruner, target, method), the per-block
+allocations, and each method's scoring cost in CPU seconds relative to one SparseGPT pruning pass
+on the same calibration set, all from the same run.
+
+The working directory (``benchmarks/.cache/allocation``) links ``data`` to ``../shared/data`` and
+``models/c4-llama-12L`` to the fixture, converts smollm2-135m from its GGUF into
+``models/smollm2-135m`` once (``../shared/tools/gguf_to_hf.py``; needs ``pip install gguf
+accelerate``), and writes the calibration file of the first 1,600 C4 documents. Variants that
+change a shared setting (the Shapley estimator) run in a sibling directory of their own.
+
+    python benchmarks/bench_allocation.py --model smollm2-135m              # study, 64 windows
+    python benchmarks/bench_allocation.py --model smollm2-135m --windows 0  # all 595 windows
+    python benchmarks/bench_allocation.py --model c4-llama-12L
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from svnup import config as cfg
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+SHARED = REPO.parent / "shared"
+C4 = SHARED / "data" / "c4" / "c4-validation-2k.jsonl"
+SMOLLM_GGUF = SHARED / "models" / "smollm2-135m" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+CALIBRATION_DOCS = 1600
+# Study variants: (label, allocation method, config overrides run in a directory of their own)
+VARIANTS = {"svnup-permutation": ("svnup", {"shapley": {"estimator": "permutation"}})}
+NAMES = {
+    "uniform": "uniform",
+    "owl": "OWL",
+    "dlp": "DLP",
+    "alphapruning": "AlphaPruning",
+    "atp": "ATP",
+    "loo": "LOO",
+    "svnup": "SV-NUP (SWSV)",
+    "svnup-permutation": "SV-NUP (permutation)",
+}
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, choices=["smollm2-135m", "c4-llama-12L"])
+    p.add_argument(
+        "--windows",
+        type=int,
+        default=None,
+        help="WikiText-2 test windows evaluated (0: all; default: the config's)",
+    )
+    p.add_argument("--cores", type=int, default=2, help="snakemake --cores (1 thread per job)")
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--workdir", type=Path, default=HERE / ".cache" / "allocation")
+    p.add_argument("--out", type=Path, default=None, help="default: results/allocation-<model>.md")
+    args = p.parse_args(argv)
+    for path in (SHARED / "data", C4):
+        if not path.exists():
+            p.error(f"{path} is missing; ../shared must sit beside the checkout")
+    args.workdir = args.workdir.resolve()
+    if args.out is None:
+        suffix = "" if args.windows is None else f"-{args.windows or 'all'}-windows"
+        args.out = HERE / "results" / f"allocation-{args.model}{suffix}.md"
+    return args
+
+
+def _link(link: Path, target: Path) -> None:
+    if link.is_symlink() and link.resolve() == target.resolve():
+        return
+    if link.exists() or link.is_symlink():
+        raise SystemExit(f"{link} exists and is not a link to {target}; remove it")
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target.resolve(), target_is_directory=target.is_dir())
+
+
+def prepare(workdir: Path, model: str) -> None:
+    """Fixture links, the converted smollm2 checkpoint and the calibration documents."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    _link(workdir / "data", SHARED / "data")
+    models = workdir / "models"
+    models.mkdir(exist_ok=True)
+    if model == "c4-llama-12L":
+        _link(models / model, SHARED / "models" / model)
+    elif not (models / model / "config.json").exists():
+        command = [
+            sys.executable,
+            str(SHARED / "tools" / "gguf_to_hf.py"),
+            str(SMOLLM_GGUF),
+            str(models / model),
+        ]
+        print(f"converting the GGUF fixture: {shlex.join(command)}", flush=True)
+        subprocess.run(command, check=True)
+    calib = workdir / "calib" / f"c4-first-{CALIBRATION_DOCS}.jsonl"
+    if not calib.exists():
+        calib.parent.mkdir(exist_ok=True)
+        with C4.open() as source:
+            lines = [next(source) for _ in range(CALIBRATION_DOCS)]
+        calib.write_text("".join(lines))
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = _merge(base[key], value) if isinstance(value, dict) else value
+    return merged
+
+
+def run_snakemake(workdir: Path, config: dict, targets: list[str], cores: int) -> float:
+    """Run the workflow on ``config`` in ``workdir``; returns its wall time."""
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    command = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--cores",
+        str(cores),
+        *targets,
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(workdir / "config.yaml"),
+    ]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env["SVNUP_CACHE"] = str(workdir / ".cache" / "tokens")
+    log = workdir / "snakemake.log"
+    print(f"snakemake in {workdir} (log: {log})", flush=True)
+    start = time.perf_counter()
+    with log.open("a") as out:
+        result = subprocess.run(command, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        raise SystemExit(f"snakemake failed (exit {result.returncode}); see {log}")
+    return time.perf_counter() - start
+
+
+def _run(folder: Path, model: str, target: float, method: str, pruner: str) -> dict:
+    return json.loads(
+        (folder / f"results/{model}/s{target}/{method}/{pruner}/ppl.json").read_text()
+    )
+
+
+def collect(args: argparse.Namespace, config: dict, folders: dict[str, Path]) -> dict:
+    grid, model = config["targets"], args.model
+    rows, allocations = [], {}
+    for label, folder in folders.items():
+        method = VARIANTS[label][0] if label in VARIANTS else label
+        for pruner in grid["pruners"]:
+            for target in grid["sparsities"]:
+                run = _run(folder, model, target, method, pruner)
+                ((dataset, ppl),) = run["perplexity"].items()
+                rows.append(
+                    {
+                        "method": label,
+                        "pruner": pruner,
+                        "target": target,
+                        "ppl": ppl,
+                        "windows": run["evaluations"][dataset]["windows"],
+                        "prune_seconds": run["pruning"]["seconds"],
+                        "coalitions": run["budget"]["scores"]["n_coalitions"] or 0,
+                        "seconds": run["budget"]["scores"]["seconds"] or 0.0,
+                    }
+                )
+                allocations[(label, pruner, target)] = run["budget"]["sparsities"]
+    dense = json.loads((folders["uniform"] / f"results/{model}/dense/ppl.json").read_text())
+    return {
+        "rows": pd.DataFrame(rows),
+        "allocations": allocations,
+        "dense": next(iter(dense["perplexity"].values())),
+    }
+
+
+def _row(*cells: object) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _header(*cells: str) -> list[str]:
+    return [_row(*cells), _row(*("---" for _ in cells))]
+
+
+def report(args: argparse.Namespace, config: dict, numbers: dict, wall: dict) -> list[str]:
+    table: pd.DataFrame = numbers["rows"]
+    s = cfg.model_settings(config, args.model)
+    grid = config["targets"]
+    game = {"uniform", "owl", "dlp", "alphapruning", "atp"}
+    command = shlex.join(["python", "benchmarks/bench_allocation.py", *sys.argv[1:]])
+    windows = int(table["windows"].iloc[0])
+    lines = [
+        f"# Allocation study: {args.model}",
+        "",
+        f"- command: `{command}`",
+        f"- date: {datetime.now(UTC).isoformat(timespec='seconds')}",
+        f"- machine: {platform.machine()}, {os.cpu_count()} cores (load average "
+        f"{os.getloadavg()[0]:.1f} at the end); snakemake --cores {args.cores}, 1 torch thread "
+        "per job",
+        f"- svnup {metadata.version('svnup')}, torch {metadata.version('torch')}, transformers "
+        f"{metadata.version('transformers')}, snakemake {metadata.version('snakemake')}",
+        f"- config: `benchmarks/configs/allocation-{args.model}.yaml` (seqlen {s['seqlen']}, "
+        f"{s['calibration']['nsamples']} calibration windows of the first {CALIBRATION_DOCS} C4 "
+        f"documents, seed {s['calibration']['seed']}; Shapley evaluation set: the first "
+        f"{s['shapley']['eval_samples']} of them); variants: "
+        + ", ".join(f"{k}: {v[1]}" for k, v in VARIANTS.items() if k in args.variants),
+        f"- evaluation: WikiText-2 test, the first {windows} windows of {s['seqlen']} tokens; "
+        f"dense perplexity {numbers['dense']:.2f}",
+        f"- wall time of this invocation: {sum(wall.values()):.0f} s",
+        "",
+        "## Perplexity",
+        "",
+        "Best per column in bold; the last row of each pruner is the recommended method against "
+        "the best method that plays no coalition game (" + ", ".join(sorted(game)) + ").",
+        "",
+    ]
+    methods = list(dict.fromkeys(table["method"]))
+    for pruner in grid["pruners"]:
+        lines += _header(pruner, *(f"{t:.0%}" for t in grid["sparsities"]))
+        sub = table[table["pruner"] == pruner]
+        best = sub.groupby("target")["ppl"].min()
+        for method in methods:
+            cells = []
+            for target in grid["sparsities"]:
+                ppl = float(
+                    sub[(sub["method"] == method) & (sub["target"] == target)]["ppl"].iloc[0]
+                )
+                text = f"{ppl:.2f}"
+                cells.append(f"**{text}**" if ppl == best[target] else text)
+            lines.append(_row(NAMES.get(method, method), *cells))
+        recommended = s["allocation"]["method"]
+        changes = []
+        for target in grid["sparsities"]:
+            at = sub[sub["target"] == target]
+            ours = float(at[at["method"] == recommended]["ppl"].iloc[0])
+            rival = at[at["method"].isin(game)].sort_values("ppl").iloc[0]
+            changes.append(f"{ours / rival['ppl'] - 1:+.1%} vs {NAMES[rival['method']]}")
+        lines.append(_row(f"{NAMES.get(recommended, recommended)} vs best no-game", *changes))
+        lines.append("")
+    lines += [
+        "## Cost of each method's scores",
+        "",
+        "Seconds as recorded by the stage that computes the scores (coalition seconds for the "
+        "Shapley estimators, counting only the coalitions each estimator needs, so a coalition "
+        "shared with another estimator counts for both), against the seconds of one SparseGPT "
+        "pruning pass at the first target (`prune.json`), both from this run, one thread each.",
+        "",
+    ]
+    sparsegpt = table[(table["pruner"] == "sparsegpt") & (table["method"] == "uniform")]
+    reference = float(sparsegpt.sort_values("target")["prune_seconds"].iloc[0])
+    lines += _header("method", "coalitions", "seconds", "x SparseGPT pass", "computed")
+    for method in methods:
+        runs = table[table["method"] == method]
+        per_run = "once per target and pruner" if method == "atp" else "once"
+        seconds = runs["seconds"].mean() if method == "atp" else runs["seconds"].max()
+        lines.append(
+            _row(
+                NAMES.get(method, method),
+                int(runs["coalitions"].max()),
+                f"{seconds:.0f}",
+                f"{seconds / reference:.2f}",
+                per_run,
+            )
+        )
+    lines += [
+        "",
+        f"One SparseGPT pass: {reference:.0f} s. ATP searches for every target and pruner (its "
+        "row is the mean search); the other scores are computed once and reused for every target "
+        "and pruner.",
+        "",
+        "## Per-block sparsity at the middle target (Wanda)",
+        "",
+    ]
+    middle = grid["sparsities"][len(grid["sparsities"]) // 2]
+    lines += _header("block", *(NAMES.get(m, m) for m in methods))
+    n_blocks = len(numbers["allocations"][(methods[0], "wanda", middle)])
+    for block in range(n_blocks):
+        cells = [f"{numbers['allocations'][(m, 'wanda', middle)][block]:.3f}" for m in methods]
+        lines.append(_row(block, *cells))
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    prepare(args.workdir, args.model)
+    config = yaml.safe_load((HERE / "configs" / f"allocation-{args.model}.yaml").read_text())
+    if args.windows is not None:
+        config["evaluation"]["windows"] = args.windows or None
+    cfg.validate(config)
+    folders, wall = {}, {}
+    targets = [f"results/{args.model}/summary.csv"]
+    wall["main"] = run_snakemake(args.workdir, config, targets, args.cores)
+    for method in config["targets"]["allocations"]:
+        folders[method] = args.workdir
+    for label in args.variants:
+        method, override = VARIANTS[label]
+        folder = args.workdir.with_name(f"{args.workdir.name}-{label}")
+        prepare(folder, args.model)
+        variant = _merge(config, override)
+        variant["targets"] = {**config["targets"], "allocations": [method]}
+        wall[label] = run_snakemake(folder, variant, targets, args.cores)
+        folders[label] = folder
+    numbers = collect(args, config, folders)
+    lines = report(args, config, numbers, wall)
+    args.out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
