@@ -52,6 +52,7 @@ rule collect:
         budget=run_budget,
         report=lambda wc: f"{run_folder(wc)}/prune.json",
         evaluations=lambda wc: eval_paths(run_folder(wc), settings(wc)),
+        zero_shot=lambda wc: zeroshot_paths(run_folder(wc), settings(wc)),
     output:
         "results/{model}/s{sparsity}/{allocation}/{pruner}/ppl.json",
     log:
@@ -60,25 +61,33 @@ rule collect:
         "../envs/svnup.yaml"
     params:
         target=target,
+        zero_shot=collect_zero_shot,
     shell:
         "python -m svnup collect --name {wildcards.model} --sparsity {params.target} "
         "--allocation {wildcards.allocation} --pruner {wildcards.pruner} "
-        "--budget {input.budget} --report {input.report} "
+        "--budget {input.budget} --report {input.report} {params.zero_shot} "
         "--evaluations {input.evaluations} --out {output} > {log} 2>&1"
 
 
 rule collect_dense:
     input:
-        lambda wc: eval_paths(dense_dir(wc.model, settings(wc)), settings(wc)),
+        evaluations=lambda wc: eval_paths(
+            dense_dir(wc.model, settings(wc)), settings(wc)
+        ),
+        zero_shot=lambda wc: zeroshot_paths(
+            dense_dir(wc.model, settings(wc)), settings(wc)
+        ),
     output:
         "results/{model}/dense/ppl.json",
     log:
         "results/{model}/logs/collect/dense.log",
     conda:
         "../envs/svnup.yaml"
+    params:
+        zero_shot=collect_zero_shot,
     shell:
-        "python -m svnup collect --name {wildcards.model} --evaluations {input} --out {output} "
-        "> {log} 2>&1"
+        "python -m svnup collect --name {wildcards.model} {params.zero_shot} "
+        "--evaluations {input.evaluations} --out {output} > {log} 2>&1"
 
 
 rule configured_pruner:

@@ -46,13 +46,35 @@ STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
         "prune with a budget and save the checkpoint",
         ("spec", "model", "budget", "calibration", "out_dir", "report"),
     ),
+    "recipe": (
+        "llm-compressor recipe of an allocation (SparseGPT, Wanda)",
+        ("budget", "pruner", "model", "out"),
+    ),
     "evaluate": (
         "perplexity of a checkpoint on one dataset",
         ("spec", "model", "model_dir", "out"),
     ),
+    "zeroshot": (
+        "zero-shot accuracy of a checkpoint (lm-evaluation-harness)",
+        ("spec", "model", "model_dir", "out"),
+    ),
+    "zeroshot_task": (
+        "a local multiple-choice task built from a text source",
+        ("spec", "out_dir"),
+    ),
     "collect": (
         "assemble ppl.json",
-        ("name", "sparsity", "allocation", "pruner", "evaluations*", "out", "budget?", "report?"),
+        (
+            "name",
+            "sparsity",
+            "allocation",
+            "pruner",
+            "evaluations*",
+            "out",
+            "budget?",
+            "report?",
+            "zero_shot?",
+        ),
     ),
     "summary": ("gather a model's ppl.json files into a CSV", ("results", "out")),
     "report": (

@@ -415,19 +415,31 @@ def prune(
     out_dir: Path,
     report: Path,
 ) -> None:
-    """Prune with the budget's per-block sparsities and save a Hugging Face checkpoint."""
+    """Prune with the budget's per-block sparsities and save a Hugging Face checkpoint, with its
+    provenance and an llm-compressor recipe of the allocation beside it (svnup.export)."""
     from svnup.calibration import load_statistics
+    from svnup.export import block_names, describe_checkpoint
     from svnup.pruning import prune_model
 
     plan = read_json(budget)
     engine, tokenizer = _load(model, runtime)
-    ids, _, _ = load_statistics(calibration)
+    ids, _, calibration_meta = load_statistics(calibration)
     start = time.perf_counter()
     reports = prune_model(engine, ids, plan["sparsities"], method=spec["pruner"])
     seconds = time.perf_counter() - start
     with atomic_path(out_dir) as tmp:
         engine.model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        describe_checkpoint(
+            tmp,
+            plan=plan,
+            prune_spec=spec,
+            model=model,
+            calibration_spec=calibration_meta["spec"],
+            blocks=block_names(engine.family.blocks, engine.n_blocks),
+            measured=[r.sparsity for r in reports],
+            versions=versions(),
+        )
     write_json(
         report,
         {
@@ -436,6 +448,23 @@ def prune(
             "blocks": [r.to_dict() for r in reports],
             "versions": versions(),
         },
+    )
+
+
+def recipe(budget: Path, pruner: str, model: dict, out: Path) -> None:
+    """The llm-compressor recipe of one allocation, from its budget alone (nothing is pruned)."""
+    from transformers import AutoConfig
+
+    from svnup import export
+    from svnup.models import family_of
+
+    plan = read_json(budget)
+    config = AutoConfig.from_pretrained(model["path"])
+    blocks = export.block_names(family_of(config.model_type).blocks, len(plan["sparsities"]))
+    export.write_recipe(
+        out,
+        export.recipe(pruner, plan["sparsities"], blocks),
+        export.recipe_header(plan, pruner, model["path"], __version__),
     )
 
 
@@ -456,6 +485,48 @@ def evaluate(spec: dict, runtime: dict, model: dict, model_dir: str, out: Path) 
     write_json(out, {"spec": spec, **result.to_dict(), "versions": versions()})
 
 
+def zeroshot(spec: dict, runtime: dict, model: dict, model_dir: str, out: Path) -> None:
+    """Zero-shot accuracy of a (pruned or dense) checkpoint on lm-evaluation-harness tasks.
+
+    The harness runs the whole model on the device (no block offload).
+    """
+    from svnup.zeroshot import check_harness, task_manager, zero_shot_accuracy
+
+    check_harness()
+    manager = task_manager(spec["tasks"], spec["include_path"])  # unknown tasks fail here
+    engine, tokenizer = _load(model, {**runtime, "offload": False}, path=model_dir)
+    result = zero_shot_accuracy(
+        engine.model,
+        tokenizer,
+        spec["tasks"],
+        include_path=spec["include_path"],
+        limit=spec["limit"],
+        batch_size=runtime.get("batch_size", 8),
+        manager=manager,
+    )
+    log.info("zero-shot mean acc %s over %s", result["mean_acc"], ", ".join(result["tasks"]))
+    write_json(out, {"spec": spec, **result, "versions": versions()})
+
+
+def zeroshot_task(spec: dict, out_dir: Path) -> None:
+    """A local multiple-choice task (pick the true continuation of a passage) built from a text
+    source, for zero-shot evaluation without downloads (svnup.zeroshot.continuation_docs)."""
+    from svnup.data import load_texts
+    from svnup.zeroshot import continuation_docs, write_choice_task
+
+    texts = load_texts(spec["source"], spec["split"])
+    docs = continuation_docs(
+        texts,
+        spec["n_docs"],
+        spec["n_choices"],
+        spec["seed"],
+        spec["context_sentences"],
+        spec["max_sentence_bytes"],
+    )
+    with atomic_path(out_dir) as tmp:
+        write_choice_task(tmp, spec["name"], docs, final_folder=out_dir)
+
+
 def collect(
     name: str,
     sparsity: float | None,
@@ -465,8 +536,10 @@ def collect(
     out: Path,
     budget: Path | None = None,
     report: Path | None = None,
+    zero_shot: Path | None = None,
 ) -> None:
-    """One ppl.json with every number of a run: perplexities, protocol, budget, timings."""
+    """One ppl.json with every number of a run: perplexities, protocol, budget, timings, and the
+    zero-shot accuracies where they were asked for."""
     results = [read_json(p) for p in evaluations]
     data = {
         "model": name,
@@ -488,6 +561,8 @@ def collect(
             "block_sparsity": [b["sparsity"] for b in pruning["blocks"]],
             "blocks": pruning["blocks"],
         }
+    if zero_shot is not None:
+        data["zero_shot"] = read_json(zero_shot)
     write_json(out, data)
 
 
@@ -507,6 +582,7 @@ def summary(results: Path, out: Path) -> None:
                     "sparsity": run["target_sparsity"] or 0.0,
                     "dataset": dataset,
                     "ppl": ppl,
+                    "zero_shot_acc": run.get("zero_shot", {}).get("mean_acc"),
                     "pruning_seconds": run.get("pruning", {}).get("seconds"),
                 }
             )

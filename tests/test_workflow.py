@@ -6,6 +6,7 @@ dry run plans, and where needed runs the change so the next test starts from a f
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from workflow_fixture import (
     REPO,
     SNAKEFILE,
@@ -28,6 +30,7 @@ from workflow_fixture import (
     write_config,
 )
 
+from svnup import zeroshot
 from svnup.registry import ALLOCATIONS
 from svnup.store import read_records
 
@@ -136,6 +139,54 @@ def test_dataset_change_reruns_only_evaluation(project):
     assert not MODEL_STAGES & plan.keys() and not {"budget", "prune"} & plan.keys(), plan
     write_config(project, tiny_config())
     assert not {"evaluate", "evaluate_dense", "prune"} & planned_jobs(project).keys()
+
+
+def _write_local_tasks(root: Path) -> None:
+    """Two small multiple-choice tasks built from the held-out data (no downloads in tests)."""
+    texts = [json.loads(line)["text"] for line in (root / "data/heldout.jsonl").open()]
+    for seed, name in enumerate(("toy_a", "toy_b")):
+        docs = zeroshot.continuation_docs(texts, n_docs=8, seed=seed, context_sentences=1)
+        zeroshot.write_choice_task(root / "tasks", name, docs)
+
+
+def test_zero_shot_adds_only_zero_shot_jobs_and_reaches_summary_and_report(project):
+    pytest.importorskip("lm_eval", reason=zeroshot.INSTALL_HINT)
+    _write_local_tasks(project)
+    asked = {"tasks": ["toy_a"], "include_path": "tasks", "batch_size": 4}
+    write_config(project, tiny_config(**{"evaluation.zero_shot": asked}))
+    plan = planned_jobs(project)
+    assert plan["zeroshot"] == 2 and plan["zeroshot_dense"] == 1
+    assert not {"prune", "evaluate", "evaluate_dense"} & plan.keys(), plan
+    snakemake(project, "--cores", "2")
+    run = _ppl(project, "results/tiny/s0.5/ppl.json")
+    scored = run["zero_shot"]["tasks"]["toy_a"]
+    assert scored["samples"] == 8 and 0 <= scored["acc"] <= 1
+    assert run["zero_shot"]["mean_acc"] == scored["acc"]
+    assert "toy_a" in _ppl(project, "results/tiny/dense/ppl.json")["zero_shot"]["tasks"]
+    with (project / "results/tiny/summary.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    grid = {"dense", *tiny_config()["targets"]["allocations"]}  # earlier tests ran others
+    assert {row["allocation"] for row in rows if row["zero_shot_acc"] != ""} == grid
+    assert "Zero-shot accuracy" in (project / "results/tiny/report/report.html").read_text()
+
+    # A new task list re-runs only the zero-shot jobs (and the bookkeeping that gathers them).
+    asked["tasks"] = ["toy_a", "toy_b"]
+    write_config(project, tiny_config(**{"evaluation.zero_shot": asked}))
+    plan = planned_jobs(project)
+    assert plan["zeroshot"] == 2 and plan["zeroshot_dense"] == 1
+    assert not MODEL_STAGES & plan.keys(), plan
+    assert not {"prune", "evaluate", "evaluate_dense", "budget"} & plan.keys(), plan
+    write_config(project, tiny_config())
+
+
+def test_recipe_target_needs_no_pruning(project):
+    target = "results/tiny/s0.5/svnup/sparsegpt/recipe.yaml"
+    snakemake(project, "--cores", "1", target)
+    recipe = yaml.safe_load((project / target).read_text())
+    arguments = recipe["sparsity_stage"]["sparsity_modifiers"]["SparseGPTModifier"]
+    budget = _ppl(project, "results/tiny/s0.5/ppl.json")["budget"]
+    assert arguments["sparsity"] == pytest.approx(budget["sparsities"], abs=1e-6)
+    assert not list((project / "results/tiny/runs/svnup/s0.5").glob("sparsegpt")), "pruned"
 
 
 def _coalition_summaries(root: Path, estimator: str = "swsv") -> dict[str, dict]:
