@@ -14,19 +14,24 @@ configfile: "config.yaml"
 
 
 include: "rules/common.smk"
+include: "rules/common_zeroshot.smk"
 include: "rules/demo.smk"
 include: "rules/calibration.smk"
 include: "rules/shapley.smk"
 include: "rules/allocation.smk"
 include: "rules/pruning.smk"
+include: "rules/zeroshot.smk"
 include: "rules/evaluation.smk"
 include: "rules/report.smk"
+include: "rules/export.smk"
+include: "rules/preflight.smk"
 
 
 # Cheap bookkeeping runs on the submitting host, never as a cluster job.
 localrules:
     all,
     budget,
+    curve,
     shapley,
     collect,
     collect_dense,

@@ -74,3 +74,21 @@ rule budget:
     shell:
         "python -m svnup budget --spec {params.spec:q} --sparsity {params.target} "
         "--calibration {input.calibration} {params.scores} --out {output} > {log} 2>&1"
+
+
+rule curve:
+    input:
+        curve_inputs,
+    output:
+        "results/{model}/curves/{allocation}/{key}/scores.json",
+    log:
+        "results/{model}/logs/curves/{allocation}/{key}.log",
+    benchmark:
+        "results/{model}/benchmarks/curves/{allocation}/{key}.tsv"
+    conda:
+        "../envs/svnup.yaml"
+    params:
+        spec=curve_spec_json,
+    shell:
+        "python -m svnup curve --spec {params.spec:q} --scores {input} --out {output} "
+        "> {log} 2>&1"

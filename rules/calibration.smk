@@ -37,7 +37,7 @@ rule probe:
     resources:
         **runtime_resources(),
     params:
-        spec=lambda wc: checked(wc, cfg.probe_spec(settings(wc))),
+        spec=lambda wc: as_json(cfg.probe_spec(game_settings(wc, cfg.probe_spec))),
         model=lambda wc: as_json(cfg.model_spec(settings(wc))),
     shell:
         "python -m svnup probe --spec {params.spec:q} --model {params.model:q} "

@@ -64,6 +64,7 @@ rule collect:
         budget=run_budget,
         report=lambda wc: f"{run_folder(wc)}/prune.json",
         evaluations=lambda wc: eval_paths(run_folder(wc), settings(wc)),
+        zero_shot=lambda wc: zeroshot_paths(run_folder(wc), settings(wc)),
         checkpoint=lambda wc: f"{run_folder(wc)}/model",
     output:
         "results/{model}/s{sparsity}/{allocation}/{pruner}/ppl.json",
@@ -73,6 +74,7 @@ rule collect:
         "../envs/svnup.yaml"
     params:
         target=target,
+        zero_shot=collect_zero_shot,
         # ppl.json names the kept checkpoint; turning save_model on re-runs this (and pruning)
         kept=lambda wc: (
             f"--checkpoint {run_folder(wc)}/model" if config.get("save_model") else ""
@@ -80,22 +82,29 @@ rule collect:
     shell:
         "python -m svnup collect --name {wildcards.model} --sparsity {params.target} "
         "--allocation {wildcards.allocation} --pruner {wildcards.pruner} "
-        "--budget {input.budget} --report {input.report} {params.kept} "
+        "--budget {input.budget} --report {input.report} {params.zero_shot} {params.kept} "
         "--evaluations {input.evaluations} --out {output} > {log} 2>&1"
 
 
 rule collect_dense:
     input:
-        lambda wc: eval_paths(dense_dir(wc.model, settings(wc)), settings(wc)),
+        evaluations=lambda wc: eval_paths(
+            dense_dir(wc.model, settings(wc)), settings(wc)
+        ),
+        zero_shot=lambda wc: zeroshot_paths(
+            dense_dir(wc.model, settings(wc)), settings(wc)
+        ),
     output:
         "results/{model}/dense/ppl.json",
     log:
         "results/{model}/logs/collect/dense.log",
     conda:
         "../envs/svnup.yaml"
+    params:
+        zero_shot=collect_zero_shot,
     shell:
-        "python -m svnup collect --name {wildcards.model} --evaluations {input} --out {output}"
-        "> {log} 2>&1"
+        "python -m svnup collect --name {wildcards.model} {params.zero_shot} "
+        "--evaluations {input.evaluations} --out {output} > {log} 2>&1"
 
 
 rule configured_pruner:

@@ -2,7 +2,7 @@ rule coalitions:
     input:
         calibration=lambda wc: calibration_path(wc.model, settings(wc)),
         masks=lambda wc: (
-            probe_path(wc.model, settings(wc))
+            probe_path(wc.model, store_settings(wc))
             if settings(wc)["shapley"]["ablation"] == "prune"
             else []
         ),
@@ -17,12 +17,12 @@ rule coalitions:
     resources:
         **runtime_resources(),
     params:
-        spec=lambda wc: checked(wc, cfg.store_spec(settings(wc)), name="store"),
+        spec=lambda wc: as_json(cfg.store_spec(store_settings(wc))),
         estimator=lambda wc: checked(
             wc, cfg.estimator_params(settings(wc), wc.estimator)
         ),
         model=lambda wc: as_json(cfg.model_spec(settings(wc))),
-        store=lambda wc: f"{store_dir(wc.model, settings(wc))}/store",
+        store=lambda wc: f"{store_dir(wc.model, store_settings(wc))}/store",
         masks=lambda wc, input: f"--masks {input.masks}" if input.masks else "",
     shell:
         logged(
@@ -37,7 +37,7 @@ rule coalitions:
 
 rule shapley:
     input:
-        lambda wc: job_paths(wc.model, settings(wc), wc.estimator),
+        lambda wc: job_paths(wc.model, shapley_settings(wc), wc.estimator),
     output:
         values="results/{model}/shapley/{estimator}/{key}/scores.json",
         table=report(
@@ -52,7 +52,7 @@ rule shapley:
     conda:
         "../envs/svnup.yaml"
     params:
-        spec=lambda wc: checked(wc, cfg.shapley_spec(settings(wc), wc.estimator)),
+        spec=lambda wc: as_json(cfg.shapley_spec(shapley_settings(wc), wc.estimator)),
     shell:
         "python -m svnup shapley --spec {params.spec:q} --jobs {input} --out {output.values} "
         "--csv {output.table} > {log} 2>&1"

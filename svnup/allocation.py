@@ -161,70 +161,71 @@ def offset_allocation(
     return _shift_to_mean(target + scores, weights, target, lo, hi)
 
 
-def _lower_hull(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Vertices of the lower convex hull of the points (x, y), x increasing."""
-    hull: list[int] = []
-    for i in range(x.size):
-        while len(hull) >= 2:
-            a, b = hull[-2], hull[-1]
-            if (y[b] - y[a]) * (x[i] - x[a]) >= (y[i] - y[a]) * (x[b] - x[a]):
-                hull.pop()
-            else:
-                break
-        hull.append(i)
-    return x[hull], y[hull]
+DAMAGE_CURVATURES = np.geomspace(0.5, 50.0, 400)
 
 
-def curve_allocation(
-    damage: np.ndarray,
-    levels: np.ndarray,
-    params: np.ndarray,
-    target: float,
-    bounds: Bounds = (0.0, 0.99),
-) -> np.ndarray:
-    """Sparsities that minimise the predicted damage sum_b d_b(s_b) at the exact weighted mean.
+def fit_damage(damage: np.ndarray, levels: np.ndarray) -> tuple[float, np.ndarray]:
+    """Least-squares fit of damage[k, b] ~ a_b * exp(c * levels[k]): one curvature c shared by
+    every block (how fast damage grows with sparsity) and one scale a_b per block.
 
-    ``damage[k, b]`` is block b's damage when it is pruned at ``levels[k]`` (0 at sparsity 0);
-    d_b interpolates it linearly and continues the last segment's slope up to the upper bound.
-    Each curve is replaced by its lower convex hull, on which the greedy exchange (raise the block
-    whose next weight pruned costs least) is optimal: every block ends where its damage per
-    pruned weight reaches one common price, and one block stops part-way along a segment so
-    that the mean is exact.
+    For a given c the scales are linear least squares in closed form, so c is chosen on a
+    log-spaced grid. Returns (c, a); a scale can come out <= 0 when a block's measured damage is
+    noise around zero.
     """
-    params = _check_params(params)
     damage = np.asarray(damage, dtype=np.float64)
     levels = np.asarray(levels, dtype=np.float64)
-    if damage.shape != (levels.size, params.size) or not np.all(np.isfinite(damage)):
+    if damage.ndim != 2 or damage.shape[0] != levels.size or levels.size < 2:
         raise ValueError(
-            f"damage must be a finite [levels={levels.size}, blocks={params.size}] table, "
-            f"got shape {damage.shape}"
+            f"damage must be a [levels, blocks] table with at least 2 levels, got {damage.shape} "
+            f"for levels {levels.tolist()}"
         )
     if not (np.all(np.diff(levels) > 0) and levels[0] > 0 and levels[-1] < 1):
         raise ValueError(f"levels must increase within (0, 1), got {levels.tolist()}")
+    if not np.all(np.isfinite(damage)):
+        raise ValueError("damage must be finite")
+    curves = np.exp(np.outer(DAMAGE_CURVATURES, levels))  # [grid, levels]
+    scales = (curves @ damage) / (curves**2).sum(axis=1, keepdims=True)  # [grid, blocks]
+    residual = ((damage[None] - curves[:, :, None] * scales[:, None, :]) ** 2).sum(axis=(1, 2))
+    best = int(np.argmin(residual))
+    return float(DAMAGE_CURVATURES[best]), scales[best]
+
+
+def damage_allocation(
+    scores: np.ndarray,
+    params: np.ndarray,
+    target: float,
+    bounds: Bounds = (0.0, 0.99),
+    levels: np.ndarray | None = None,
+    floor: float = 0.05,
+) -> np.ndarray:
+    """Sparsities that minimise the predicted damage sum_b a_b exp(c s_b) at the exact weighted
+    mean, from per-block damage ``scores[k, b]`` measured at sparsities ``levels[k]``.
+
+    With the fitted model (``fit_damage``) the optimum equalises the marginal damage per pruned
+    weight, a_b c exp(c s_b) = mu w_b, so s_b = K + (ln w_b - ln a_b) / c: sparsity falls with the
+    log of a block's damage scale, by as much as the measured curvature says, and K makes the
+    weighted mean exact within the bounds. Scales below ``floor`` x the median positive scale
+    (blocks whose damage is lost in the noise) are raised to it, so no block is pruned on noise
+    alone.
+    """
+    if levels is None:
+        raise ValueError("damage allocation needs the levels its damage was measured at")
+    params = _check_params(params)
+    damage = np.asarray(scores, dtype=np.float64)
+    if damage.ndim != 2 or damage.shape[1] != params.size:
+        raise ValueError(f"scores must be a [levels, {params.size}] table, got {damage.shape}")
     target, lo, hi = _check_target(target, bounds)
+    if not 0 < floor <= 1:
+        raise ValueError(f"floor must be in (0, 1], got {floor}")
+    curvature, scale = fit_damage(damage, np.asarray(levels, dtype=np.float64))
+    if not np.any(scale > 0):
+        raise ValueError(
+            "no block's fitted damage is positive: the probe levels are too low to measure damage "
+            "on this evaluation set; raise the levels or the evaluation samples"
+        )
+    scale = np.maximum(scale, floor * np.median(scale[scale > 0]))
     weights = params / params.sum()
-    segments = []  # (price per unit of weighted sparsity, block, start, end)
-    for b in range(params.size):
-        x = np.concatenate([[0.0], levels])
-        y = np.concatenate([[0.0], damage[:, b]])
-        slope = (y[-1] - y[-2]) / (x[-1] - x[-2])
-        x, y = np.append(x, hi), np.append(y, y[-1] + slope * (hi - x[-1]))
-        x, y = _lower_hull(x, y)
-        for i in range(x.size - 1):
-            start, end = max(x[i], lo), min(x[i + 1], hi)
-            if end > start:
-                price = (y[i + 1] - y[i]) / (x[i + 1] - x[i])
-                segments.append((price, b, start, end))
-    sparsity = np.full(params.size, lo)
-    need = target - lo
-    for _, b, start, end in sorted(segments):
-        if need <= 0:
-            break
-        step = min(end - max(start, sparsity[b]), need / weights[b])
-        if step > 0:
-            sparsity[b] += step
-            need -= step * weights[b]
-    return sparsity
+    return _shift_to_mean((np.log(weights) - np.log(scale)) / curvature, weights, target, lo, hi)
 
 
 def atp_grid(n_blocks: int, target: float, step: float) -> list[float]:
@@ -276,9 +277,13 @@ def allocate(
     params: np.ndarray,
     target: float,
     bounds: Bounds = (0.0, 0.99),
+    levels: list[float] | None = None,
     **method_params: float,
 ) -> np.ndarray:
-    """Per-block sparsities of allocation ``method`` (a name in ``svnup.registry.ALLOCATIONS``)."""
+    """Per-block sparsities of allocation ``method`` (a name in ``svnup.registry.ALLOCATIONS``).
+
+    ``levels`` are the sparsities at which a [level, block] table of scores was measured.
+    """
     from svnup.registry import ALLOCATIONS, choices, resolve
 
     if method not in ALLOCATIONS:
@@ -295,4 +300,6 @@ def allocate(
             f"not {sorted(unknown)}"
         )
     arguments = {entry.params[name].argument or name: v for name, v in method_params.items()}
+    if levels is not None:
+        arguments["levels"] = np.asarray(levels, dtype=np.float64)
     return resolve(entry.mapping)(scores, params, target, bounds, **arguments)

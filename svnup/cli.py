@@ -28,6 +28,10 @@ STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
         ("spec", "model", "estimator", "job", "calibration", "masks?", "store", "out"),
     ),
     "shapley": ("aggregate coalition jobs into per-block values", ("spec", "jobs*", "out", "csv")),
+    "curve": (
+        "a [level, block] table of Shapley values at several probe sparsities",
+        ("spec", "scores*", "out"),
+    ),
     "metric": (
         "a per-block metric of the dense model (OWL, DLP, AlphaPruning)",
         ("spec", "model", "calibration?", "out"),
@@ -44,9 +48,21 @@ STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
         "prune with a budget and save the checkpoint",
         ("spec", "model", "budget", "calibration", "out_dir", "report"),
     ),
+    "recipe": (
+        "llm-compressor recipe of an allocation (SparseGPT, Wanda)",
+        ("budget", "pruner", "model", "out"),
+    ),
     "evaluate": (
         "perplexity of a checkpoint on one dataset",
         ("spec", "model", "model_dir", "out"),
+    ),
+    "zeroshot": (
+        "zero-shot accuracy of a checkpoint (lm-evaluation-harness)",
+        ("spec", "model", "model_dir", "out"),
+    ),
+    "zeroshot_task": (
+        "a local multiple-choice task built from a text source",
+        ("spec", "out_dir"),
     ),
     "collect": (
         "assemble ppl.json",
@@ -59,6 +75,7 @@ STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
             "out",
             "budget?",
             "report?",
+            "zero_shot?",
             "checkpoint?",
         ),
     ),
@@ -90,6 +107,7 @@ OPTION_HELP = {
     "allocation": "allocation method of the run",
     "pruner": "pruner of the run",
     "evaluations": "evaluation results (JSON) to collect",
+    "zero_shot": "zero-shot accuracies (JSON) to collect",
     "runs": "ppl.json files of the runs to tabulate",
     "checkpoint": "the pruned checkpoint kept on disk (save_model), recorded in ppl.json",
     "results": "the model's results folder (names the report)",

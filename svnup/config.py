@@ -106,7 +106,21 @@ def validate(config: dict) -> dict:
             )
         for target in config["targets"]["sparsities"]:
             check_target(settings, target, key="targets.sparsities")
+        _check_levels(settings, name)
     return config
+
+
+def _check_levels(settings: dict, name: str) -> None:
+    from svnup.registry import ALLOCATIONS, method_params
+
+    for method, entry in ALLOCATIONS.items():
+        if entry.source is not None and entry.source.kind == "levels":
+            levels = method_params(settings["allocation"], method)["levels"]
+            if any(b <= a for a, b in zip(levels, levels[1:], strict=False)):
+                raise ConfigError(
+                    f"config key 'allocation.{method}.levels' of model '{name}': {levels} must "
+                    "increase strictly; list each probe sparsity once, in order"
+                )
 
 
 def check_target(settings: dict, target: float, key: str = "sparsity") -> None:
@@ -272,6 +286,23 @@ def search_spec(settings: dict, method: str, params: dict, pruner: str) -> dict:
     }
 
 
+def at_probe(settings: dict, sparsity: float) -> dict:
+    """The settings with another Shapley probe sparsity."""
+    return {**settings, "shapley": {**settings["shapley"], "probe_sparsity": sparsity}}
+
+
+def probe_levels(settings: dict) -> list[float]:
+    """Every probe sparsity a game is played at: the Shapley probe and the levels of every
+    allocation method that measures damage at several sparsities."""
+    from svnup.registry import ALLOCATIONS, method_params
+
+    levels = {settings["shapley"]["probe_sparsity"]}
+    for method, entry in ALLOCATIONS.items():
+        if entry.source is not None and entry.source.kind == "levels":
+            levels.update(method_params(settings["allocation"], method)["levels"])
+    return sorted(levels)
+
+
 def score_spec(settings: dict, method: str, pruner: str) -> dict | None:
     """What allocation ``method``'s per-block scores depend on; None if it reads none."""
     from svnup.registry import ALLOCATIONS, method_params
@@ -282,6 +313,10 @@ def score_spec(settings: dict, method: str, pruner: str) -> dict | None:
     if source.kind == "shapley":
         return shapley_spec(settings, source.name)
     values = method_params(settings["allocation"], method)
+    if source.kind == "levels":
+        levels = values["levels"]
+        games = [key(shapley_spec(at_probe(settings, p), source.name)) for p in levels]
+        return {"levels": levels, "shapley": games}
     params = {name: values[name] for name in source.params}
     if source.kind == "metric":
         return metric_spec(settings, source.name, params)

@@ -113,11 +113,19 @@ def read_json(path: str | Path, fix: str = REBUILD):
 
 
 def write_scores(path: str | Path, values, stderr=None, **meta) -> None:
-    """Per-block scores in the one format every allocation method reads: values, standard errors
-    (null where the source has none) and what produced them."""
-    values = [float(v) for v in values]
-    stderr = [None] * len(values) if stderr is None else [float(v) for v in stderr]
+    """Per-block scores in the one format every allocation method reads: values (per block, or
+    per level and block with the ``levels`` they were measured at), standard errors (null where
+    the source has none) and what produced them."""
+    values = _floats(values)
+    stderr = _floats(stderr) if stderr is not None else _floats(values, lambda v: None)
     write_json(path, {"values": values, "stderr": stderr, **meta})
+
+
+def _floats(values, convert=float):
+    """A nested list of ``convert``ed numbers (None stays None)."""
+    if isinstance(values, str) or not hasattr(values, "__iter__"):
+        return None if values is None else convert(values)
+    return [_floats(v, convert) for v in values]
 
 
 def read_scores(path: str | Path) -> tuple[list[float], list[float | None], dict]:

@@ -88,15 +88,6 @@ def stream_perplexity(
     )
 
 
-@torch.no_grad()
-def mean_nll(model: BlockModel, input_ids: torch.Tensor) -> float:
-    """Mean next-token NLL over every prediction of the sequences ``input_ids`` [N, T]."""
-    hidden, kwargs = model.embed(input_ids)
-    hidden = model.forward_blocks(hidden, kwargs)
-    n, seqlen = input_ids.shape
-    return float(model.sequence_nll(hidden, input_ids).sum()) / (n * (seqlen - 1))
-
-
 def dataset_perplexity(
     model: BlockModel,
     tokenizer,

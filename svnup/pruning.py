@@ -58,19 +58,31 @@ def _add_stat_hooks(layers: dict[str, nn.Linear], stats: dict[str, LayerStats]) 
     return [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
 
 
+ERROR_SEQUENCES = 8
+
+
 def _add_error_hooks(
-    layers: dict[str, nn.Linear], dense: dict[str, torch.Tensor], sums: dict[str, list[float]]
+    layers: dict[str, nn.Linear],
+    dense: dict[str, torch.Tensor],
+    sums: dict[str, list[float]],
+    max_tokens: int,
 ) -> list:
-    """Accumulate ||(W - W') x||^2 and ||W x||^2 for each layer on the inputs it receives."""
+    """Accumulate ||W x - W' x||^2 and ||W x||^2 for each layer on its first ``max_tokens``
+    input tokens: a report, so it need not cost a whole extra pass over the calibration set."""
 
     def hook(name):
         def accumulate(module, args, output):
-            x = args[0].float()
-            w_dense = dense[name].float()
-            diff = x @ (w_dense - module.weight.float()).T
-            ref = x @ w_dense.T
-            sums[name][0] += float(diff.pow(2).sum())
+            left = max_tokens - sums[name][2]
+            if left <= 0:
+                return
+            x = args[0].reshape(-1, module.in_features)[:left].float()
+            pruned = output.reshape(-1, module.out_features)[:left].float()
+            if module.bias is not None:
+                pruned = pruned - module.bias.float()
+            ref = x @ dense[name].float().T
+            sums[name][0] += float((ref - pruned).pow(2).sum())
             sums[name][1] += float(ref.pow(2).sum())
+            sums[name][2] += x.shape[0]
 
         return accumulate
 
@@ -87,11 +99,11 @@ def prune_wanda(layer: nn.Linear, stats: LayerStats, sparsity: float, nm) -> Non
 
 
 def prune_sparsegpt(layer: nn.Linear, stats: LayerStats, sparsity: float, nm) -> None:
-    new_weight, _ = sparsegpt_prune(layer.weight.data, stats.hessian, sparsity, nm)
+    # The kernel factorises the Hessian in place; popping it lets that buffer go at once.
+    new_weight, _ = sparsegpt_prune(layer.weight.data, stats.pop_hessian(), sparsity, nm)
     layer.weight.data.copy_(new_weight)
 
 
-@torch.no_grad()
 def prune_model(
     model: BlockModel,
     calibration: torch.Tensor,
@@ -104,6 +116,27 @@ def prune_model(
     ``calibration`` holds token ids [n, seqlen]. ``nm`` ("2:4", "4:8") asks for semi-structured
     masks, which only make sense with a uniform sparsity of n/m.
     """
+    return _prune(model, calibration, sparsities, method, nm)[0]
+
+
+def prune_and_score(
+    model: BlockModel, calibration: torch.Tensor, sparsities: Sequence[float], method: str
+) -> float:
+    """Prune in place, then return the pruned model's mean next-token NLL on ``calibration``,
+    read from the hidden states the sequential pass has already produced (no extra forward)."""
+    _, hidden = _prune(model, calibration, sparsities, method, None)
+    n, seqlen = calibration.shape
+    return float(model.sequence_nll(hidden, calibration).sum()) / (n * (seqlen - 1))
+
+
+@torch.no_grad()
+def _prune(
+    model: BlockModel,
+    calibration: torch.Tensor,
+    sparsities: Sequence[float],
+    method: str,
+    nm: str | None,
+) -> tuple[list[BlockReport], torch.Tensor]:
     if method not in PRUNERS:
         raise ValueError(f"unknown pruner {method!r}; choose one of {choices(PRUNERS)}")
     pruner = PRUNERS[method]
@@ -139,13 +172,14 @@ def prune_model(
                     layer_stats = stats[name] if stats else None
                     prune_layer(layer, layer_stats, targets[index], pattern)
             del stats
-            sums = {name: [0.0, 0.0] for name in layers}
-            hooks = _add_error_hooks(layers, dense, sums)
+            sums = {name: [0.0, 0.0, 0] for name in layers}
+            max_tokens = ERROR_SEQUENCES * calibration.shape[1]
+            hooks = _add_error_hooks(layers, dense, sums, max_tokens)
             hidden = model.forward_block(index, hidden, kwargs)
             for hook in hooks:
                 hook.remove()
         reports.append(_block_report(index, targets[index], layers, sums, start))
-    return reports
+    return reports, hidden
 
 
 def _block_report(index, target, layers, sums, start) -> BlockReport:

@@ -18,7 +18,7 @@ from typing import Any
 class Param:
     """One numeric parameter of a method: its default, its JSON-schema bounds and what it does."""
 
-    default: float | str
+    default: Any
     schema: dict[str, Any]
     help: str
     argument: str | None = None  # the mapping's keyword, where the config key is not a valid one
@@ -50,9 +50,10 @@ class Source:
     """Where an allocation method's per-block scores come from.
 
     ``kind`` is ``shapley`` (a Shapley stage; ``name`` is the estimator, None for the configured
-    one), ``metric`` (a Metric of the dense model) or ``search`` (a search over allocations for
-    one target and pruner). ``params`` names the method's parameters that the scores depend on;
-    the others only affect the mapping from scores to sparsities.
+    one), ``levels`` (the same at each of the probe sparsities in the method's ``levels``, as one
+    [level, block] table), ``metric`` (a Metric of the dense model) or ``search`` (a search over
+    allocations for one target and pruner). ``params`` names the method's parameters that the
+    scores depend on; the others only affect the mapping from scores to sparsities.
     """
 
     kind: str
@@ -129,6 +130,27 @@ ALLOCATIONS: dict[str, Allocation] = {
         "svnup.allocation:linear_allocation",
         {"lambda": _half_width(0.2)},
         "SV-NUP: Shapley value of each block (svnup's estimators), linear map",
+    ),
+    "svnup-fit": Allocation(
+        Source("levels", params=("levels",)),
+        "svnup.allocation:damage_allocation",
+        {
+            "levels": Param(
+                [0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
+                {
+                    "type": "array",
+                    "minItems": 2,
+                    "items": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+                },
+                "probe sparsities at which every block's damage (Shapley value) is measured",
+            ),
+            "floor": Param(
+                0.05,
+                {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+                "smallest damage scale a block can have, as a fraction of the median",
+            ),
+        },
+        "svnup: Shapley damage at several probe sparsities, fitted a_b exp(c s), minimised",
     ),
     "loo": Allocation(
         Source("shapley", "loo"),

@@ -79,6 +79,20 @@ def _img(path: Path) -> str:
     return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
 
 
+def _zero_shot_section(table: pd.DataFrame) -> list[str]:
+    """Mean zero-shot accuracy per run (one value per run, repeated on its dataset rows)."""
+    if "zero_shot_acc" not in table or table["zero_shot_acc"].isna().all():
+        return []
+    accuracy = table.pivot_table(
+        index=["pruner", "allocation"], columns="sparsity", values="zero_shot_acc"
+    )
+    return [
+        "<h2>Zero-shot accuracy</h2>",
+        "<p>Mean lm-evaluation-harness accuracy (acc) over the configured tasks.</p>",
+        accuracy.to_html(float_format=lambda x: f"{x:.4f}", na_rep="-"),
+    ]
+
+
 def make_report(
     results: Path, out_dir: Path, summary: Path, shapley: Path | None, budgets: list[Path]
 ) -> Path:
@@ -111,6 +125,7 @@ def make_report(
             f"<h1>svnup: {html.escape(results.name)}</h1>",
             "<h2>Perplexity</h2>",
             pivot.to_html(float_format=lambda x: f"{x:.3f}", na_rep="-"),
+            *_zero_shot_section(table),
             *[_img(path) for path in figures],
         ]
     )

@@ -267,6 +267,24 @@ def _json(data) -> str:
     return json.dumps(data, sort_keys=True)
 
 
+def curve(spec: dict, scores: list[Path], out: Path) -> None:
+    """One [level, block] table from the Shapley values measured at each probe sparsity."""
+    if len(scores) != len(spec["levels"]):
+        raise ValueError(f"got {len(scores)} score files for levels {spec['levels']}")
+    rows = [read_scores(path) for path in scores]
+    write_scores(
+        out,
+        [values for values, _, _ in rows],
+        [stderr for _, stderr, _ in rows],
+        source="levels",
+        levels=spec["levels"],
+        spec=spec,
+        n_coalitions=sum(meta.get("n_coalitions") or 0 for _, _, meta in rows),
+        seconds=sum(meta.get("seconds") or 0.0 for _, _, meta in rows),
+        versions=versions(),
+    )
+
+
 def metric(spec: dict, runtime: dict, model: dict, calibration: Path | None, out: Path) -> None:
     """A per-block metric of the dense model (``svnup.registry.METRICS``), from its weights and,
     where the metric needs them, the dense calibration statistics."""
@@ -324,8 +342,7 @@ def search(
     """
     from svnup.allocation import allocate, atp_grid, unimodal_argmin
     from svnup.calibration import load_statistics
-    from svnup.perplexity import mean_nll
-    from svnup.pruning import prune_model
+    from svnup.pruning import prune_and_score
 
     ids, _, meta = load_statistics(calibration)
     n_blocks, params = meta["n_blocks"], np.asarray(meta["block_params"], dtype=np.float64)
@@ -345,8 +362,7 @@ def search(
                 spec["search"], beta * depth, params, sparsity, (spec["min"], spec["max"])
             )
             start = time.perf_counter()
-            prune_model(state["engine"], ids, sparsities.tolist(), method=spec["pruner"])
-            nll = mean_nll(state["engine"], ids)
+            nll = prune_and_score(state["engine"], ids, sparsities.tolist(), spec["pruner"])
             _restore_linear_weights(state["engine"], state["dense"])
             done[beta] = {"beta": beta, "nll": nll, "seconds": time.perf_counter() - start}
             journal.append(done[beta])
@@ -411,6 +427,7 @@ def budget(spec: dict, sparsity: float, calibration: Path, scores: Path | None, 
         params,
         sparsity,
         (spec["min"], spec["max"]),
+        levels=meta.get("levels"),
         **{name: spec[name] for name in ALLOCATIONS[method].mapping_params},
     )
     achieved = float(np.dot(sparsities, params) / params.sum())
@@ -438,19 +455,31 @@ def prune(
     out_dir: Path,
     report: Path,
 ) -> None:
-    """Prune with the budget's per-block sparsities and save a Hugging Face checkpoint."""
+    """Prune with the budget's per-block sparsities and save a Hugging Face checkpoint, with its
+    provenance and an llm-compressor recipe of the allocation beside it (svnup.export)."""
     from svnup.calibration import load_statistics
+    from svnup.export import block_names, describe_checkpoint
     from svnup.pruning import prune_model
 
     plan = read_json(budget)
     engine, tokenizer = _load(model, runtime)
-    ids, _, _ = load_statistics(calibration)
+    ids, _, calibration_meta = load_statistics(calibration)
     start = time.perf_counter()
     reports = prune_model(engine, ids, plan["sparsities"], method=spec["pruner"])
     seconds = time.perf_counter() - start
     with atomic_path(out_dir) as tmp:
         engine.model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        describe_checkpoint(
+            tmp,
+            plan=plan,
+            prune_spec=spec,
+            model=model,
+            calibration_spec=calibration_meta["spec"],
+            blocks=block_names(engine.family.blocks, engine.n_blocks),
+            measured=[r.sparsity for r in reports],
+            versions=versions(),
+        )
     write_json(
         report,
         {
@@ -462,18 +491,30 @@ def prune(
     )
 
 
+def recipe(budget: Path, pruner: str, model: dict, out: Path) -> None:
+    """The llm-compressor recipe of one allocation, from its budget alone (nothing is pruned)."""
+    from transformers import AutoConfig
+
+    from svnup import export
+    from svnup.models import family_of
+
+    plan = read_json(budget)
+    config = AutoConfig.from_pretrained(model["path"])
+    blocks = export.block_names(family_of(config.model_type).blocks, len(plan["sparsities"]))
+    export.write_recipe(
+        out,
+        export.recipe(pruner, plan["sparsities"], blocks),
+        export.recipe_header(plan, pruner, model["path"], __version__),
+    )
+
+
 def evaluate(spec: dict, runtime: dict, model: dict, model_dir: str, out: Path) -> None:
     """Perplexity of a (pruned or dense) checkpoint on one dataset, with its protocol."""
-    from svnup.config import is_workflow_path
     from svnup.data import check_source
     from svnup.perplexity import dataset_perplexity
 
     check_source(spec["dataset"], spec["split"])  # before the model loads
-    if is_workflow_path(str(model_dir)) and not _appears(Path(model_dir), seconds=60):
-        raise FileNotFoundError(
-            f"pruned checkpoint {model_dir} is gone (with save_model: false it is removed once "
-            "its run is collected); ask for the run's ppl.json, which prunes it again"
-        )
+    _check_checkpoint(model_dir)
     engine, tokenizer = _load(model, runtime, path=model_dir)
     result = dataset_perplexity(
         engine,
@@ -487,6 +528,17 @@ def evaluate(spec: dict, runtime: dict, model: dict, model_dir: str, out: Path) 
     write_json(out, {"spec": spec, **result.to_dict(), "versions": versions()})
 
 
+def _check_checkpoint(model_dir: str | Path) -> None:
+    """A pruned checkpoint that this workflow wrote must be there (or show up soon)."""
+    from svnup.config import is_workflow_path
+
+    if is_workflow_path(str(model_dir)) and not _appears(Path(model_dir), seconds=60):
+        raise FileNotFoundError(
+            f"pruned checkpoint {model_dir} is gone (with save_model: false it is removed once "
+            "its run is collected); ask for the run's ppl.json, which prunes it again"
+        )
+
+
 def _appears(path: Path, seconds: float) -> bool:
     """Whether ``path`` exists or shows up within ``seconds``: on a shared file system a folder
     written on another node can take a while to be visible here."""
@@ -498,6 +550,49 @@ def _appears(path: Path, seconds: float) -> bool:
     return True
 
 
+def zeroshot(spec: dict, runtime: dict, model: dict, model_dir: str, out: Path) -> None:
+    """Zero-shot accuracy of a (pruned or dense) checkpoint on lm-evaluation-harness tasks.
+
+    The harness runs the whole model on the device (no block offload).
+    """
+    from svnup.zeroshot import check_harness, task_manager, zero_shot_accuracy
+
+    check_harness()
+    manager = task_manager(spec["tasks"], spec["include_path"])  # unknown tasks fail here
+    _check_checkpoint(model_dir)
+    engine, tokenizer = _load(model, {**runtime, "offload": False}, path=model_dir)
+    result = zero_shot_accuracy(
+        engine.model,
+        tokenizer,
+        spec["tasks"],
+        include_path=spec["include_path"],
+        limit=spec["limit"],
+        batch_size=runtime.get("batch_size", 8),
+        manager=manager,
+    )
+    log.info("zero-shot mean acc %s over %s", result["mean_acc"], ", ".join(result["tasks"]))
+    write_json(out, {"spec": spec, **result, "versions": versions()})
+
+
+def zeroshot_task(spec: dict, out_dir: Path) -> None:
+    """A local multiple-choice task (pick the true continuation of a passage) built from a text
+    source, for zero-shot evaluation without downloads (svnup.zeroshot.continuation_docs)."""
+    from svnup.data import load_texts
+    from svnup.zeroshot import continuation_docs, write_choice_task
+
+    texts = load_texts(spec["source"], spec["split"])
+    docs = continuation_docs(
+        texts,
+        spec["n_docs"],
+        spec["n_choices"],
+        spec["seed"],
+        spec["context_sentences"],
+        spec["max_sentence_bytes"],
+    )
+    with atomic_path(out_dir) as tmp:
+        write_choice_task(tmp, spec["name"], docs, final_folder=out_dir)
+
+
 def collect(
     name: str,
     sparsity: float | None,
@@ -507,10 +602,11 @@ def collect(
     out: Path,
     budget: Path | None = None,
     report: Path | None = None,
+    zero_shot: Path | None = None,
     checkpoint: Path | None = None,
 ) -> None:
-    """One ppl.json with every number of a run: perplexities, protocol, budget, timings, and the
-    pruned checkpoint when it is kept."""
+    """One ppl.json with every number of a run: perplexities, protocol, budget, timings, the
+    zero-shot accuracies where they were asked for, and the pruned checkpoint when it is kept."""
     results = [read_json(p) for p in evaluations]
     data = {
         "model": name,
@@ -533,6 +629,8 @@ def collect(
             "block_sparsity": [b["sparsity"] for b in pruning["blocks"]],
             "blocks": pruning["blocks"],
         }
+    if zero_shot is not None:
+        data["zero_shot"] = read_json(zero_shot)
     write_json(out, data)
 
 
@@ -553,6 +651,7 @@ def summary(runs: list[Path], out: Path) -> None:
                     "sparsity": run["target_sparsity"] or 0.0,
                     "dataset": dataset,
                     "ppl": ppl,
+                    "zero_shot_acc": run.get("zero_shot", {}).get("mean_acc"),
                     "pruning_seconds": run.get("pruning", {}).get("seconds"),
                 }
             )

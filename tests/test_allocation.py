@@ -7,14 +7,16 @@ import sys
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from svnup.allocation import (
     allocate,
     alphapruning_allocation,
     atp_grid,
+    damage_allocation,
     dlp_allocation,
+    fit_damage,
     linear_allocation,
     offset_allocation,
     uniform_allocation,
@@ -151,6 +153,7 @@ def test_published_mappings_equal_their_reference_formulas(scores, target, stren
     # AlphaPruning: 7 layers of two sizes per block; block-wise sparsity = each layer's.
     layer_params = np.tile([1.0, 1.0, 1.0, 1.0, 2.7, 2.7, 2.7], len(scores))
     per_layer = alphapruning_reference(np.repeat(scores, 7), layer_params, target, strength)
+    assume(per_layer.max() < 0.99)  # the reference never clips; with no bound hit they agree
     block = allocate("alphapruning", scores, params * 15.1, target, epsilon=strength)
     np.testing.assert_allclose(block, per_layer[::7], atol=1e-12)
     beta = atp_grid(len(scores), target, 0.002)[-1]
@@ -203,7 +206,7 @@ def test_atp_grid_is_the_reference_grid():
         (lambda: alphapruning_allocation([1, 2], [1, 1], 0.5, epsilon=1.0), "epsilon"),
         (lambda: uniform_allocation(None, [1, 0], 0.5), "params"),
         (lambda: uniform_allocation(None, [], 0.5), "params"),
-        (lambda: allocate("random", None, [1], 0.5), "choose one of svnup, loo, owl"),
+        (lambda: allocate("random", None, [1], 0.5), "choose one of svnup, "),
         (lambda: allocate("svnup", None, [1], 0.5), "needs per-block scores"),
         (lambda: allocate("owl", [1.0], [1], 0.5, m=3.0), r"takes \['lambda'\], not \['m'\]"),
     ],
@@ -215,12 +218,66 @@ def test_errors(call, message):
 
 def test_every_method_has_a_mapping_that_takes_its_parameters():
     for method, entry in ALLOCATIONS.items():
-        scores = None if entry.source is None else np.array([0.1, 0.3, 0.2])
+        scores, levels = None if entry.source is None else np.array([0.1, 0.3, 0.2]), None
+        if entry.source is not None and entry.source.kind == "levels":
+            levels = entry.params["levels"].default
+            scores = np.outer(np.exp(np.array(levels) * 8), [0.1, 0.3, 0.2])
         params = {name: entry.params[name].default for name in entry.mapping_params}
-        sparsity = allocate(method, scores, np.ones(3), 0.5, **params)
+        sparsity = allocate(method, scores, np.ones(3), 0.5, levels=levels, **params)
         assert weighted_mean(sparsity, np.ones(3)) == pytest.approx(0.5), method
 
 
 def test_no_torch_import():
     code = "import sys, svnup.allocation, svnup.registry; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_fit_damage_recovers_an_exponential_model():
+    levels = np.array([0.3, 0.45, 0.6, 0.75])
+    scale = np.array([0.02, 0.005, 0.011, 0.3])
+    damage = np.outer(np.exp(9.0 * levels), scale)
+    curvature, fitted = fit_damage(damage, levels)
+    assert curvature == pytest.approx(9.0, rel=0.01)
+    np.testing.assert_allclose(fitted, scale, rtol=0.06)
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(
+    st.lists(st.floats(1e-4, 1.0), min_size=2, max_size=20),
+    st.floats(2.0, 20.0),
+    st.floats(0.2, 0.8),
+    st.lists(st.floats(1.0, 5.0), min_size=20, max_size=20),
+)
+def test_damage_allocation_is_the_constrained_optimum(scales, curvature, target, sizes):
+    """KKT: every block strictly inside the bounds has the same marginal damage per weight,
+    a_b c exp(c s_b) / w_b; blocks at the upper bound have less, at the lower bound more."""
+    scales = np.array(scales)
+    params = np.array(sizes[: scales.size])
+    levels = np.array([0.3, 0.5, 0.7])
+    damage = np.outer(np.exp(curvature * levels), scales)
+    bounds = (0.05, 0.95)
+    sparsity = damage_allocation(damage, params, target, bounds, levels=levels, floor=1e-6)
+    assert weighted_mean(sparsity, params) == pytest.approx(target, abs=1e-9)
+    c, a = fit_damage(damage, levels)
+    price = a * c * np.exp(c * sparsity) / (params / params.sum())
+    inside = (sparsity > bounds[0] + 1e-9) & (sparsity < bounds[1] - 1e-9)
+    if inside.any():
+        mu = np.median(price[inside])
+        np.testing.assert_allclose(price[inside], mu, rtol=1e-6)
+        assert (price[sparsity >= bounds[1] - 1e-9] <= mu * (1 + 1e-6)).all()
+        assert (price[sparsity <= bounds[0] + 1e-9] >= mu * (1 - 1e-6)).all()
+
+
+def test_damage_allocation_floors_blocks_lost_in_noise():
+    levels = np.array([0.3, 0.5, 0.7])
+    damage = np.outer(np.exp(8 * levels), [1.0, 1.0, 1.0, -0.01])  # last block: noise
+    damage[:, 3] = [-0.02, 0.01, -0.01]
+    sparsity = damage_allocation(damage, np.ones(4), 0.5, levels=levels, floor=0.25)
+    # floored to 0.25 x the median scale: ln(4) / c above the others, not the upper bound
+    c, _ = fit_damage(damage, levels)
+    assert sparsity[3] - sparsity[0] == pytest.approx(np.log(4) / c, rel=1e-6)
+    assert sparsity[3] < 0.99
+    with pytest.raises(ValueError, match="no block's fitted damage is positive"):
+        damage_allocation(-np.abs(damage), np.ones(4), 0.5, levels=levels)
+    with pytest.raises(ValueError, match="levels must increase"):
+        damage_allocation(damage, np.ones(4), 0.5, levels=levels[::-1])

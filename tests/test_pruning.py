@@ -1,4 +1,4 @@
-"""The sequential pruning driver: exact per-block sparsity, N:M, early errors, pruned inputs."""
+"""The sequential pruning driver: exact per-layer sparsity, N:M, early errors, pruned inputs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from conftest import STORIES, WIKITEXT, build_tiny_opt, needs_shared
 from svnup.calibration import dense_statistics
 from svnup.kernels import wanda_mask
 from svnup.models import BlockModel, linear_layers, load_model
-from svnup.pruning import PRUNERS, BlockReport, prune_model
+from svnup.pruning import ERROR_SEQUENCES, PRUNERS, BlockReport, prune_and_score, prune_model
 
 # A dense block between pruned ones, and a dense last block.
 SPARSITIES = {"llama": [0.3, 0.5, 0.7, 0.0], "opt": [0.6, 0.0, 0.4, 0.0]}
@@ -38,7 +38,7 @@ def _weights(engine: BlockModel) -> list[dict[str, torch.Tensor]]:
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
 @pytest.mark.parametrize("method", PRUNERS)
-def test_every_row_gets_its_blocks_sparsity(paths, family, method):
+def test_every_layer_gets_its_blocks_sparsity(paths, family, method):
     engine, _ = load_model(paths[family], with_tokenizer=False)
     sparsities = SPARSITIES[family]
     before = _weights(engine)
@@ -61,10 +61,15 @@ def test_every_row_gets_its_blocks_sparsity(paths, family, method):
         zeros = 0
         for lr in report.layers:
             weight = layers[lr.name].weight
-            per_row = (weight == 0).sum(dim=1)
-            expected = round(target * weight.shape[1])
-            assert torch.all(per_row == expected), f"block {b} {lr.name}: {per_row.tolist()}"
-            assert lr.sparsity == pytest.approx(expected / weight.shape[1])
+            # Wanda counts per row; magnitude and SparseGPT per layer (their rows differ).
+            expected = round(target * weight.numel())
+            if method == "wanda":
+                per_row = (weight == 0).sum(dim=1)
+                expected = round(target * weight.shape[1])
+                assert torch.all(per_row == expected), f"block {b} {lr.name}: {per_row.tolist()}"
+                expected *= weight.shape[0]
+            assert int((weight == 0).sum()) == expected, f"block {b} {lr.name}"
+            assert lr.sparsity == pytest.approx(expected / weight.numel())
             assert 0 < lr.relative_error < 1
             zeros += int((weight == 0).sum())
         total = sum(layer.weight.numel() for layer in layers.values())
@@ -141,7 +146,9 @@ def test_later_blocks_see_inputs_of_the_pruned_earlier_blocks(tiny_llama_path):
 
 @needs_shared(STORIES)
 @needs_shared(WIKITEXT)
-def test_stories260k_error_ordering():
+def test_stories260k_sparsegpt_has_the_lowest_error():
+    """Per block, SparseGPT's mean layer error is below Wanda's and magnitude's. Those two do
+    not rank the same way in every block (whole-matrix magnitude wins some)."""
     from svnup.data import calibration_samples
 
     engine, tokenizer = load_model(STORIES)
@@ -157,5 +164,47 @@ def test_stories260k_error_ordering():
             sum(layer.relative_error for layer in r.layers) / len(r.layers) for r in reports
         ]
     for block in range(engine.n_blocks):
-        ordered = [errors[m][block] for m in ("sparsegpt", "wanda", "magnitude")]
-        assert ordered == sorted(ordered) and len(set(ordered)) == 3, (block, errors)
+        others = min(errors["wanda"][block], errors["magnitude"][block])
+        assert errors["sparsegpt"][block] < others, (block, errors)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_reconstruction_error_is_measured_on_the_first_sequences(paths, family):
+    """Block 0 sees the embeddings in the dense and the pruned model alike, so its layers' error
+    can be recomputed from the inputs each layer gets in the pruned model:
+    ||x W^T - x W'^T||^2 / ||x W^T||^2 over the first 8 sequences."""
+    calibration = _calibration(12)
+    engine, _ = load_model(paths[family], batch_size=5, with_tokenizer=False)
+    dense = _weights(engine)[0]
+    (report, *_) = prune_model(engine, calibration, [0.6] * engine.n_blocks, "wanda")
+    inputs: dict[str, torch.Tensor] = {}
+    layers = linear_layers(engine.blocks[0])
+
+    def capture(name):
+        def hook(module, args, output):
+            inputs[name] = args[0].detach()
+
+        return hook
+
+    hooks = [layer.register_forward_hook(capture(name)) for name, layer in layers.items()]
+    engine.model(calibration[:ERROR_SEQUENCES])
+    for hook in hooks:
+        hook.remove()
+    for layer_report in report.layers:
+        x = inputs[layer_report.name].reshape(-1, dense[layer_report.name].shape[1])
+        ref = x @ dense[layer_report.name].T
+        diff = ref - x @ layers[layer_report.name].weight.detach().T
+        expected = float(diff.pow(2).sum() / ref.pow(2).sum())
+        assert layer_report.relative_error == pytest.approx(expected, rel=1e-4)
+
+
+def test_prune_and_score_is_the_pruned_models_own_loss(tiny_llama_path):
+    import torch.nn.functional as F
+
+    calibration = _calibration(6)
+    engine, _ = load_model(tiny_llama_path, batch_size=4, with_tokenizer=False)
+    nll = prune_and_score(engine, calibration, [0.5, 0.7, 0.3, 0.6], "sparsegpt")
+    with torch.no_grad():
+        logits = engine.model(calibration).logits
+    expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), calibration[:, 1:].flatten())
+    assert nll == pytest.approx(float(expected), rel=1e-5)

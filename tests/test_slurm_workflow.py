@@ -1,17 +1,20 @@
 """End to end on SLURM: the shipped profile runs the real workflow as SLURM jobs, and the
 results equal those of a local run.
 
-Why: the profile (executor, sizing, GPU mapping, the HDF5 variable) is only worth shipping if
-a cluster runs the workflow with it unchanged except for what differs between clusters. The
-test cluster differs in partition, account (it has none) and status command (no accounting,
-so squeue); the copy of the profile changes those, plus test-only knobs that change how often
-the plugin polls, what it logs and which logs it keeps, never what a job runs.
+Why: the profile (executor, sizing, GPU mapping, the HDF5 variable, grouped coalition jobs) is
+only worth shipping if a cluster runs the workflow with it unchanged except for what differs
+between clusters. The test cluster differs in partition, account (it has none) and status
+command (no accounting, so squeue); the copy of the profile changes those, plus test-only knobs
+that change how often the plugin polls, what it logs and which logs it keeps, never what a job
+runs. It also groups fewer windows per submission than the shipped 8, so that the tiny model's
+three windows become two submissions (two windows, then one).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -30,10 +33,13 @@ pytestmark = [
 
 PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
 TARGET = "results/tiny/s0.5/ppl.json"
-# The model stages of TARGET; the rest are localrules and must not become SLURM jobs.
-MODEL_STAGES = {"calibrate", "probe", "coalitions", "prune", "evaluate"}
+# The model stages of TARGET; the rest are localrules and must not become SLURM jobs. The
+# coalition jobs are submitted as group jobs (the plugin's log folder: group_coalitions_...).
+MODEL_STAGES = {"calibrate", "probe", "prune", "evaluate"}
 # set-resources asks per GPU; a model on the CPU asks for no GPU, its one thread, 8000 MB per CPU.
+# A group of windows asks for the same: its windows run one after another.
 JOB_TRES = ("cpu=1,", "mem=8000M")
+WINDOWS_PER_SUBMISSION = 2
 
 
 def cluster_profile(folder: Path, partition: str) -> Path:
@@ -52,15 +58,16 @@ def cluster_profile(folder: Path, partition: str) -> Path:
     profile["slurm-init-seconds-before-status-checks"] = 1
     profile["slurm-keep-successful-logs"] = True
     profile["verbose"] = True
+    profile["group-components"] = [f"coalitions={WINDOWS_PER_SUBMISSION}"]
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
     return folder
 
 
 def slurm_logs(root: Path) -> dict[str, dict[str, Path]]:
-    """Rule -> {SLURM job id: log} from the plugin's log folder."""
+    """Rule (or ``group_<name>``) -> {SLURM job id: log} from the plugin's log folder."""
     logs: dict[str, dict[str, Path]] = {}
-    for log in (root / ".snakemake" / "slurm_logs").glob("rule_*/**/*.log"):
+    for log in (root / ".snakemake" / "slurm_logs").glob("*/**/*.log"):
         rule = log.relative_to(root / ".snakemake" / "slurm_logs").parts[0].removeprefix("rule_")
         logs.setdefault(rule, {})[log.stem] = log
     return logs
@@ -85,7 +92,7 @@ def test_slurm_profile_runs_the_workflow_like_a_local_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pytest.importorskip("snakemake_executor_plugin_slurm", reason="pip install -e .[slurm]")
-    local = build_project(tmp_path / "local", n_layers=4)  # window 3: two coalition jobs
+    local = build_project(tmp_path / "local", n_layers=5)  # window 3: three coalition jobs
     remote = shutil.copytree(local, tmp_path / "remote")
     # Only the profile may give jobs the HDF5 setting.
     monkeypatch.delenv("HDF5_USE_FILE_LOCKING", raising=False)
@@ -98,9 +105,20 @@ def test_slurm_profile_runs_the_workflow_like_a_local_run(
         reference.result()
 
     logs = slurm_logs(remote)
-    assert logs.keys() == MODEL_STAGES
+    (group,) = [name for name in logs if name.startswith("group_coalitions")]
+    assert logs.keys() - {group} == MODEL_STAGES
     windows = list((remote / "results" / "tiny" / "coalitions").glob("*/swsv/*/*.h5"))
-    assert len(logs["coalitions"]) == len(windows) == 2, "one SLURM job per window"
+    assert len(windows) == 3
+    groups = logs[group]
+    assert len(groups) == math.ceil(len(windows) / WINDOWS_PER_SUBMISSION), "windows per job"
+    window_minutes = yaml.safe_load(PROFILE.read_text())["set-resources"]["coalitions"]["runtime"]
+    windows_run = []
+    for job_id, log in groups.items():
+        # The in-job Snakemake runs each window of the group as its own step, one after another.
+        ran = len(re.findall(r"^localrule coalitions:", log.read_text(), re.MULTILINE))
+        windows_run.append(ran)
+        assert int(completed[job_id]["TimeLimit"]) == ran * window_minutes, "runtime adds up"
+    assert sorted(windows_run) == [1, 2]
     run_id = re.search(r"SLURM run ID: (\S+)", run.stdout + run.stderr).group(1)
     for rule, jobs in logs.items():
         for job_id, log in jobs.items():

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from workflow_fixture import (
     REPO,
     SNAKEFILE,
@@ -30,6 +31,7 @@ from workflow_fixture import (
     write_config,
 )
 
+from svnup import zeroshot
 from svnup.registry import ALLOCATIONS
 from svnup.store import read_records
 
@@ -85,7 +87,8 @@ def test_default_console_is_quiet(project):
 def test_every_registered_allocation_method_runs(project):
     """The registry, the schema, the wildcards and the rules agree: every method runs, and a
     method that searches with the run's pruner gets one search and one budget per pruner."""
-    write_config(project, tiny_config(**{"allocation.atp": {"step": 0.05}}))
+    overrides = {"allocation.atp": {"step": 0.05}, "allocation.svnup-fit": {"levels": [0.3, 0.5]}}
+    write_config(project, tiny_config(**overrides))
     targets = {method: f"results/tiny/s0.5/{method}/wanda/ppl.json" for method in ALLOCATIONS}
     targets["atp-magnitude"] = "results/tiny/s0.5/atp/magnitude/ppl.json"
     try:
@@ -239,6 +242,54 @@ def _one_line_error(root: Path, *args: str) -> str:
 def _truncate(path: Path) -> None:
     with path.open("r+b") as f:
         f.truncate(path.stat().st_size // 2)
+
+
+def _write_local_tasks(root: Path) -> None:
+    """Two small multiple-choice tasks built from the held-out data (no downloads in tests)."""
+    texts = [json.loads(line)["text"] for line in (root / "data/heldout.jsonl").open()]
+    for seed, name in enumerate(("toy_a", "toy_b")):
+        docs = zeroshot.continuation_docs(texts, n_docs=8, seed=seed, context_sentences=1)
+        zeroshot.write_choice_task(root / "tasks", name, docs)
+
+
+def test_zero_shot_adds_only_zero_shot_jobs_and_reaches_summary_and_report(project):
+    pytest.importorskip("lm_eval", reason=zeroshot.INSTALL_HINT)
+    _write_local_tasks(project)
+    asked = {"tasks": ["toy_a"], "include_path": "tasks", "batch_size": 4}
+    write_config(project, tiny_config(**{"evaluation.zero_shot": asked}))
+    plan = planned_jobs(project)
+    assert plan["zeroshot"] == 2 and plan["zeroshot_dense"] == 1
+    assert not {"prune", "evaluate", "evaluate_dense"} & plan.keys(), plan
+    snakemake(project, "--cores", "2")
+    run = _ppl(project, "results/tiny/s0.5/ppl.json")
+    scored = run["zero_shot"]["tasks"]["toy_a"]
+    assert scored["samples"] == 8 and 0 <= scored["acc"] <= 1
+    assert run["zero_shot"]["mean_acc"] == scored["acc"]
+    assert "toy_a" in _ppl(project, "results/tiny/dense/ppl.json")["zero_shot"]["tasks"]
+    with (project / "results/tiny/summary.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    grid = {"dense", *tiny_config()["targets"]["allocations"]}  # earlier tests ran others
+    assert {row["allocation"] for row in rows if row["zero_shot_acc"] != ""} == grid
+    assert "Zero-shot accuracy" in (project / "results/tiny/report/report.html").read_text()
+
+    # A new task list re-runs only the zero-shot jobs (and the bookkeeping that gathers them).
+    asked["tasks"] = ["toy_a", "toy_b"]
+    write_config(project, tiny_config(**{"evaluation.zero_shot": asked}))
+    plan = planned_jobs(project)
+    assert plan["zeroshot"] == 2 and plan["zeroshot_dense"] == 1
+    assert not MODEL_STAGES & plan.keys(), plan
+    assert not {"prune", "evaluate", "evaluate_dense", "budget"} & plan.keys(), plan
+    write_config(project, tiny_config())
+
+
+def test_recipe_target_needs_no_pruning(project):
+    target = "results/tiny/s0.5/svnup/sparsegpt/recipe.yaml"
+    snakemake(project, "--cores", "1", target)
+    recipe = yaml.safe_load((project / target).read_text())
+    arguments = recipe["sparsity_stage"]["sparsity_modifiers"]["SparseGPTModifier"]
+    budget = _ppl(project, "results/tiny/s0.5/ppl.json")["budget"]
+    assert arguments["sparsity"] == pytest.approx(budget["sparsities"], abs=1e-6)
+    assert not list((project / "results/tiny/runs/svnup/s0.5").glob("sparsegpt")), "pruned"
 
 
 def _coalition_summaries(root: Path, estimator: str = "swsv") -> dict[str, dict]:

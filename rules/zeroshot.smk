@@ -1,0 +1,66 @@
+# Like `evaluate`, it reads the checkpoint that `collect` keeps on disk (see evaluation.smk).
+rule zeroshot:
+    input:
+        report=ancient(
+            "results/{model}/runs/{allocation}/s{sparsity}/{pruner}/{key}/prune.json"
+        ),
+        tasks_dir=zeroshot_task_inputs,
+    output:
+        "results/{model}/runs/{allocation}/s{sparsity}/{pruner}/{key}/zeroshot/{tasks}.json",
+    log:
+        "results/{model}/logs/zeroshot/{allocation}/s{sparsity}/{pruner}/{key}/{tasks}.log",
+    benchmark:
+        "results/{model}/benchmarks/zeroshot/{allocation}/s{sparsity}/{pruner}/{key}/{tasks}.tsv"
+    conda:
+        "../envs/svnup.yaml"
+    resources:
+        **zeroshot_resources(),
+    params:
+        spec=zeroshot_spec_json,
+        model=lambda wc: as_json(cfg.model_spec(settings(wc))),
+        model_dir=lambda wildcards, output: Path(output[0]).parent.parent / "model",
+    shell:
+        "python -m svnup zeroshot --spec {params.spec:q} --model {params.model:q} "
+        "--device {resources.device} --batch-size {resources.batch_size} "
+        "--offload {resources.offload} --threads {threads} "
+        "--model-dir {params.model_dir} --out {output} > {log} 2>&1"
+
+
+rule zeroshot_dense:
+    input:
+        model=lambda wc: local_inputs(settings(wc)["path"]),
+        tasks_dir=zeroshot_task_inputs,
+    output:
+        "results/{model}/runs/dense/{key}/zeroshot/{tasks}.json",
+    log:
+        "results/{model}/logs/zeroshot/dense/{key}/{tasks}.log",
+    benchmark:
+        "results/{model}/benchmarks/zeroshot/dense/{key}/{tasks}.tsv"
+    conda:
+        "../envs/svnup.yaml"
+    resources:
+        **zeroshot_resources(),
+    params:
+        spec=zeroshot_spec_json,
+        model=lambda wc: checked(wc, cfg.model_spec(settings(wc))),
+        path=lambda wc: settings(wc)["path"],
+    shell:
+        "python -m svnup zeroshot --spec {params.spec:q} --model {params.model:q} "
+        "--device {resources.device} --batch-size {resources.batch_size} "
+        "--offload {resources.offload} --threads {threads} "
+        "--model-dir {params.path:q} --out {output} > {log} 2>&1"
+
+
+rule demo_zeroshot_task:
+    input:
+        DEMO_TASK["source"],
+    output:
+        directory(DEMO_TASKS),
+    log:
+        "results/demo/logs/demo_zeroshot_task.log",
+    conda:
+        "../envs/svnup.yaml"
+    params:
+        spec=as_json(DEMO_TASK),
+    shell:
+        "python -m svnup zeroshot_task --spec {params.spec:q} --out-dir {output} > {log} 2>&1"
