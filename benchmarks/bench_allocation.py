@@ -54,6 +54,7 @@ NAMES = {
     "atp": "ATP",
     "loo": "LOO",
     "svnup": "SV-NUP (SWSV)",
+    "svnup-fit": "SV-NUP-fit",
     "svnup-permutation": "SV-NUP (permutation)",
 }
 
@@ -68,6 +69,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="WikiText-2 test windows evaluated (0: all; default: the config's)",
     )
     p.add_argument("--cores", type=int, default=2, help="snakemake --cores (1 thread per job)")
+    p.add_argument("--pruners", nargs="+", help="a subset of the config's targets.pruners")
+    p.add_argument("--sparsities", nargs="+", type=float, help="instead of targets.sparsities")
+    p.add_argument("--allocations", nargs="+", help="a subset of targets.allocations")
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--workdir", type=Path, default=HERE / ".cache" / "allocation")
     p.add_argument("--out", type=Path, default=None, help="default: results/allocation-<model>.md")
@@ -200,7 +204,7 @@ def report(args: argparse.Namespace, config: dict, numbers: dict, wall: dict) ->
     table: pd.DataFrame = numbers["rows"]
     s = cfg.model_settings(config, args.model)
     grid = config["targets"]
-    game = {"uniform", "owl", "dlp", "alphapruning", "atp"}
+    no_game = {"uniform", "owl", "dlp", "alphapruning", "atp"}
     command = shlex.join(["python", "benchmarks/bench_allocation.py", *sys.argv[1:]])
     windows = int(table["windows"].iloc[0])
     lines = [
@@ -225,7 +229,7 @@ def report(args: argparse.Namespace, config: dict, numbers: dict, wall: dict) ->
         "## Perplexity",
         "",
         "Best per column in bold; the last row of each pruner is the recommended method against "
-        "the best method that plays no coalition game (" + ", ".join(sorted(game)) + ").",
+        "the best method that plays no coalition game (" + ", ".join(sorted(no_game)) + ").",
         "",
     ]
     methods = list(dict.fromkeys(table["method"]))
@@ -247,7 +251,7 @@ def report(args: argparse.Namespace, config: dict, numbers: dict, wall: dict) ->
         for target in grid["sparsities"]:
             at = sub[sub["target"] == target]
             ours = float(at[at["method"] == recommended]["ppl"].iloc[0])
-            rival = at[at["method"].isin(game)].sort_values("ppl").iloc[0]
+            rival = at[at["method"].isin(no_game)].sort_values("ppl").iloc[0]
             changes.append(f"{ours / rival['ppl'] - 1:+.1%} vs {NAMES[rival['method']]}")
         lines.append(_row(f"{NAMES.get(recommended, recommended)} vs best no-game", *changes))
         lines.append("")
@@ -260,8 +264,7 @@ def report(args: argparse.Namespace, config: dict, numbers: dict, wall: dict) ->
         "pruning pass at the first target (`prune.json`), both from this run, one thread each.",
         "",
     ]
-    sparsegpt = table[(table["pruner"] == "sparsegpt") & (table["method"] == "uniform")]
-    reference = float(sparsegpt.sort_values("target")["prune_seconds"].iloc[0])
+    reference = numbers["reference_seconds"]
     lines += _header("method", "coalitions", "seconds", "x SparseGPT pass", "computed")
     for method in methods:
         runs = table[table["method"] == method]
@@ -300,9 +303,18 @@ def main(argv: list[str] | None = None) -> int:
     config = yaml.safe_load((HERE / "configs" / f"allocation-{args.model}.yaml").read_text())
     if args.windows is not None:
         config["evaluation"]["windows"] = args.windows or None
+    grid = config["targets"]
+    for key in ("pruners", "sparsities", "allocations"):
+        chosen = getattr(args, key)
+        if chosen and key != "sparsities" and not set(chosen) <= set(grid[key]):
+            raise SystemExit(f"--{key} {chosen}: choose from the config's {grid[key]}")
+        grid[key] = chosen or grid[key]
     cfg.validate(config)
     folders, wall = {}, {}
-    targets = [f"results/{args.model}/summary.csv"]
+    # The cost reference: one uniform SparseGPT pass at the first target, run even when the
+    # study's pruners leave SparseGPT out.
+    reference = f"results/{args.model}/s{grid['sparsities'][0]}/uniform/sparsegpt/ppl.json"
+    targets = [f"results/{args.model}/summary.csv", reference]
     wall["main"] = run_snakemake(args.workdir, config, targets, args.cores)
     for method in config["targets"]["allocations"]:
         folders[method] = args.workdir
@@ -312,9 +324,12 @@ def main(argv: list[str] | None = None) -> int:
         prepare(folder, args.model)
         variant = _merge(config, override)
         variant["targets"] = {**config["targets"], "allocations": [method]}
-        wall[label] = run_snakemake(folder, variant, targets, args.cores)
+        wall[label] = run_snakemake(folder, variant, targets[:1], args.cores)
         folders[label] = folder
     numbers = collect(args, config, folders)
+    numbers["reference_seconds"] = json.loads((args.workdir / reference).read_text())["pruning"][
+        "seconds"
+    ]
     lines = report(args, config, numbers, wall)
     args.out.write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")

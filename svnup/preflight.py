@@ -192,7 +192,10 @@ def target_model(config: dict, target: str) -> str | None:
     settings = cfg.model_settings(config, model)
     if first in _KNOWN_FOLDERS:
         return model
-    form = "results/<model>/s<sparsity>/[<allocation>/[<pruner>/]]ppl.json"
+    form = (
+        "results/<model>/s<sparsity>/[<allocation>/[<pruner>/]]ppl.json or "
+        "results/<model>/s<sparsity>/<allocation>/<pruner>/recipe.yaml"
+    )
     if not first.startswith("s"):
         raise ConfigError(
             f"target path {target}: '{first}' is not a result of the workflow; ask for "
@@ -207,7 +210,9 @@ def target_model(config: dict, target: str) -> str | None:
     from svnup.registry import ALLOCATIONS, PRUNERS
 
     allocations, pruners = list(ALLOCATIONS), list(PRUNERS)
-    if rest and rest[-1] == "ppl.json" and len(rest) <= 3:
+    if (rest and rest[-1] == "ppl.json" and len(rest) <= 3) or (
+        len(rest) == 3 and rest[-1] == "recipe.yaml"
+    ):
         if len(rest) >= 2 and rest[0] not in allocations:
             raise ConfigError(
                 f"target path {target}: unknown allocation '{rest[0]}'; choose one of "

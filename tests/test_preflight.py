@@ -103,6 +103,8 @@ def test_estimator_parameters_are_checked_against_the_block_count(shapley, messa
         ("results/m/s0.5/bar/ppl.json", "unknown allocation 'bar'"),
         ("results/m/s0.5/a/b/c/ppl.json", "expected results/<model>/s<sparsity>/"),
         ("results/m/weights", "'weights' is not a result of the workflow"),
+        ("results/m/s0.5/uniform/foo/recipe.yaml", "unknown pruner 'foo'"),
+        ("results/m/s0.5/recipe.yaml", "expected results/<model>/s<sparsity>/"),
         ("results/x/s0.5/ppl.json", "model 'x' is not in config key 'models'"),
     ],
 )
@@ -120,6 +122,7 @@ def test_good_target_paths_name_their_model():
         "results/m/s0.5/ppl.json",
         "results/m/s0.70/owl/ppl.json",
         "results/m/s0.5/uniform/sparsegpt/ppl.json",
+        "results/m/s0.5/svnup/sparsegpt/recipe.yaml",
         "results/m/summary.csv",
         "results/m/calibration/0123456789ab/calibration.h5",
     ):
