@@ -202,7 +202,7 @@ def test_stage_result_reaches_ppl_json_and_summary(model_dir, task, tmp_path):
     ppl = tmp_path / "results" / "dense" / "ppl.json"
     stages.collect("tiny", None, None, None, [evaluation], ppl, zero_shot=out)
     assert read_json(ppl)["zero_shot"]["mean_acc"] == result["mean_acc"]
-    stages.summary(tmp_path / "results", tmp_path / "summary.csv")
+    stages.summary([ppl], tmp_path / "summary.csv")
     (row,) = list(csv.DictReader((tmp_path / "summary.csv").open()))
     assert float(row["zero_shot_acc"]) == pytest.approx(N_RIGHT / N_DOCS)
 
