@@ -45,7 +45,10 @@ C4 = SHARED / "data" / "c4" / "c4-validation-2k.jsonl"
 SMOLLM_GGUF = SHARED / "models" / "smollm2-135m" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 CALIBRATION_DOCS = 1600
 # Study variants: (label, allocation method, config overrides run in a directory of their own)
-VARIANTS = {"svnup-permutation": ("svnup", {"shapley": {"estimator": "permutation"}})}
+VARIANTS = {
+    "svnup-swsv": ("svnup", {"shapley": {"estimator": "swsv"}}),
+    "svnup-permutation": ("svnup", {"shapley": {"estimator": "permutation"}}),
+}
 NAMES = {
     "uniform": "uniform",
     "owl": "OWL",
@@ -53,7 +56,8 @@ NAMES = {
     "alphapruning": "AlphaPruning",
     "atp": "ATP",
     "loo": "LOO",
-    "svnup": "SV-NUP (SWSV)",
+    "svnup": "SV-NUP",
+    "svnup-swsv": "SV-NUP (SWSV)",
     "svnup-fit": "SV-NUP-fit",
     "svnup-permutation": "SV-NUP (permutation)",
 }
@@ -127,9 +131,9 @@ def _merge(base: dict, override: dict) -> dict:
     return merged
 
 
-def run_snakemake(workdir: Path, config: dict, targets: list[str], cores: int) -> float:
-    """Run the workflow on ``config`` in ``workdir``; returns its wall time."""
-    (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+def snakemake_command(workdir: Path, targets: list[str], cores: int) -> tuple[list[str], dict]:
+    """The command and environment that run the repository's workflow on ``workdir``'s
+    config.yaml, with the interpreter's snakemake and a token cache inside ``workdir``."""
     command = [
         sys.executable,
         "-m",
@@ -146,6 +150,13 @@ def run_snakemake(workdir: Path, config: dict, targets: list[str], cores: int) -
     ]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env["SVNUP_CACHE"] = str(workdir / ".cache" / "tokens")
+    return command, env
+
+
+def run_snakemake(workdir: Path, config: dict, targets: list[str], cores: int) -> float:
+    """Run the workflow on ``config`` in ``workdir``; returns its wall time."""
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    command, env = snakemake_command(workdir, targets, cores)
     log = workdir / "snakemake.log"
     print(f"snakemake in {workdir} (log: {log})", flush=True)
     start = time.perf_counter()

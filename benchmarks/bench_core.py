@@ -63,6 +63,16 @@ def _model_path(name: str) -> Path:
     return path if path.is_dir() else SHARED / "models" / name
 
 
+def check_fixtures(parser: argparse.ArgumentParser, models: list[str]) -> None:
+    """Stop with a usage error when a model directory or a shared dataset is missing."""
+    for name in models:
+        if not _model_path(name).is_dir():
+            parser.error(f"--models: no model directory {name!r} (nor {_model_path(name)})")
+    for path in (WIKITEXT, C4):
+        if not path.exists():
+            parser.error(f"fixture {path} is missing; ../shared must sit beside the checkout")
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["stories260K", "c4-llama-12L"])
@@ -90,12 +100,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--out", type=Path, default=Path(__file__).resolve().parent / "results" / "core.md"
     )
     args = parser.parse_args(argv)
-    for name in args.models:
-        if not _model_path(name).is_dir():
-            parser.error(f"--models: no model directory {name!r} (nor {_model_path(name)})")
-    for path in (WIKITEXT, C4):
-        if not path.exists():
-            parser.error(f"fixture {path} is missing; ../shared must sit beside the checkout")
+    check_fixtures(parser, args.models)
     if not all(0 < s < 1 for s in args.sparsities):
         parser.error(f"--sparsities must lie in (0, 1), got {args.sparsities}")
     if args.nsamples < 1 or args.seqlen < 2 or args.threads < 0 or args.c4_documents < 1:

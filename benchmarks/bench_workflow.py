@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
+from bench_allocation import snakemake_command
 
 from svnup.allocation import allocate
 from svnup.calibration import dense_statistics, probe_masks
@@ -106,23 +107,7 @@ def run_workflow(workdir: Path, cores: int, config_text: str, log: Log) -> dict:
     """Run snakemake from an empty results/ and token cache, so its time is the whole pipeline."""
     for folder in (workdir / "results", workdir / ".cache" / "tokens"):
         shutil.rmtree(folder, ignore_errors=True)
-    target = f"results/{MODEL}/summary.csv"
-    command = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "--cores",
-        str(cores),
-        target,
-        "--snakefile",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--configfile",
-        str(workdir / "config.yaml"),
-    ]
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    env["SVNUP_CACHE"] = str(workdir / ".cache" / "tokens")
+    command, env = snakemake_command(workdir, [f"results/{MODEL}/summary.csv"], cores)
     log_path = workdir / "snakemake.log"
     log(f"workflow: {shlex.join(command[1:])} (log: {log_path})")
     start = time.perf_counter()

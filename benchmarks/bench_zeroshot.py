@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-from bench_core import C4, WIKITEXT, _model_path, _row
+from bench_core import C4, WIKITEXT, _model_path, _row, check_fixtures
 
 from svnup.data import calibration_samples, load_texts
 from svnup.models import load_model
@@ -54,12 +54,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--out", type=Path, default=Path(__file__).resolve().parent / "results" / "zeroshot.md"
     )
     args = parser.parse_args(argv)
-    for name in args.models:
-        if not _model_path(name).is_dir():
-            parser.error(f"--models: no model directory {name!r} (nor {_model_path(name)})")
-    for path in (WIKITEXT, C4):
-        if not path.exists():
-            parser.error(f"fixture {path} is missing; ../shared must sit beside the checkout")
+    check_fixtures(parser, args.models)
     if harness_version() is None:
         parser.error("lm-evaluation-harness is missing: pip install -e '.[zeroshot]'")
     return args
