@@ -136,7 +136,7 @@ ALLOCATIONS: dict[str, Allocation] = {
         "svnup.allocation:damage_allocation",
         {
             "levels": Param(
-                [0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
+                [0.6, 0.7, 0.8],
                 {
                     "type": "array",
                     "minItems": 2,
