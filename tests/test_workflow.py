@@ -370,9 +370,14 @@ def test_damaged_calibration_is_named_before_any_job_deletes_anything(project, t
 def test_damaged_files_are_named_with_how_to_recover(project, tmp_path, pattern, message):
     # the run folder of the current config (those of earlier configs lie beside it); the runs
     # are complete and collected with save_model on since the previous test
-    checkpoint = _ppl(project, "results/tiny/s0.5/svnup/wanda/ppl.json")["checkpoint"]
-    run = Path(checkpoint).parent
-    path = next(project.glob(pattern.format(run=run)))
+    current = _ppl(project, "results/tiny/s0.5/svnup/wanda/ppl.json")
+    run = Path(current["checkpoint"]).parent
+    # the coalition store of the current game (earlier tests leave stores of other games)
+    (scores,) = project.glob(f"results/tiny/shapley/*/{current['budget']['spec']['scores']}")
+    store = json.loads((scores / "scores.json").read_text())["spec"]["store"]
+    path = next(
+        project.glob(pattern.format(run=run).replace("coalitions/*/", f"coalitions/{store}/"))
+    )
     shutil.copy2(path, tmp_path / path.name)
     _truncate(path)
     try:
