@@ -276,6 +276,7 @@ def report(args: argparse.Namespace, config: dict, numbers: dict, wall: dict) ->
         "",
     ]
     reference = numbers["reference_seconds"]
+    shown = grid["pruners"][0]  # the pruner whose per-block sparsities are listed
     lines += _header("method", "coalitions", "seconds", "x SparseGPT pass", "computed")
     for method in methods:
         runs = table[table["method"] == method]
@@ -296,14 +297,14 @@ def report(args: argparse.Namespace, config: dict, numbers: dict, wall: dict) ->
         "row is the mean search); the other scores are computed once and reused for every target "
         "and pruner.",
         "",
-        "## Per-block sparsity at the middle target (Wanda)",
+        f"## Per-block sparsity at the middle target ({shown})",
         "",
     ]
     middle = grid["sparsities"][len(grid["sparsities"]) // 2]
     lines += _header("block", *(NAMES.get(m, m) for m in methods))
-    n_blocks = len(numbers["allocations"][(methods[0], "wanda", middle)])
+    n_blocks = len(numbers["allocations"][(methods[0], shown, middle)])
     for block in range(n_blocks):
-        cells = [f"{numbers['allocations'][(m, 'wanda', middle)][block]:.3f}" for m in methods]
+        cells = [f"{numbers['allocations'][(m, shown, middle)][block]:.3f}" for m in methods]
         lines.append(_row(block, *cells))
     return lines
 
