@@ -48,6 +48,7 @@ CALIBRATION_DOCS = 1600
 VARIANTS = {
     "svnup-swsv": ("svnup", {"shapley": {"estimator": "swsv"}}),
     "svnup-permutation": ("svnup", {"shapley": {"estimator": "permutation"}}),
+    "svnup-fit-sparsegpt": ("svnup-fit", {"shapley": {"probe_pruner": "sparsegpt"}}),
 }
 NAMES = {
     "uniform": "uniform",
@@ -60,6 +61,7 @@ NAMES = {
     "svnup-swsv": "SV-NUP (SWSV)",
     "svnup-fit": "SV-NUP-fit",
     "svnup-permutation": "SV-NUP (permutation)",
+    "svnup-fit-sparsegpt": "SV-NUP-fit (SparseGPT probe)",
 }
 
 

@@ -1,26 +1,53 @@
-"""Dense calibration statistics and the probe masks that define the ``prune`` ablation.
+"""Dense calibration statistics and the probes that define the ``prune`` ablation.
 
 Both come from the *dense* model: every block sees the inputs the unpruned model gives it, so the
-statistics (and the masks and OWL outlier densities derived from them) do not depend on any
+statistics (and the probes and OWL outlier densities derived from them) do not depend on any
 allocation and are computed once per (model, calibration) pair.
+
+A block's probe is what each of its linear layers becomes when the block is ablated: a mask (True =
+pruned) for pruners that only zero weights (Wanda, magnitude), the updated weight for SparseGPT,
+which also reconstructs the weights it keeps.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from svnup.io import atomic_path, open_h5
-from svnup.kernels import LayerStats, magnitude_mask, wanda_mask
-from svnup.models import BlockModel, linear_layers
+from svnup.kernels import LayerStats, magnitude_mask, sparsegpt_prune, wanda_mask
+from svnup.models import BlockKwargs, BlockModel, linear_layers
 
-PROBE_PRUNERS = ("wanda", "magnitude")
+PROBE_PRUNERS = ("wanda", "magnitude", "sparsegpt")
 
 BlockStats = dict[str, torch.Tensor]
 BlockMasks = dict[str, torch.Tensor]
+BlockProbe = dict[str, torch.Tensor]  # per layer: a bool mask (True = pruned) or the new weight
+
+
+def _block_statistics(
+    model: BlockModel, index: int, hidden: torch.Tensor, kwargs: BlockKwargs, hessian: bool
+) -> tuple[dict[str, LayerStats], torch.Tensor]:
+    """Input statistics of block ``index``'s linear layers on ``hidden``, and the block's output."""
+    layers = linear_layers(model.blocks[index])
+    stats = {
+        name: LayerStats(layer.in_features, hessian=hessian, device=model.device)
+        for name, layer in layers.items()
+    }
+    hooks = [
+        layer.register_forward_hook(lambda module, args, out, s=stats[name]: s.add_batch(args[0]))
+        for name, layer in layers.items()
+    ]
+    try:
+        hidden = model.forward_block(index, hidden, kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return stats, hidden
 
 
 @torch.no_grad()
@@ -29,35 +56,26 @@ def dense_statistics(model: BlockModel, calibration: torch.Tensor) -> list[Block
     hidden, kwargs = model.embed(calibration)
     result = []
     for index in tqdm(range(model.n_blocks), desc="dense statistics"):
-        layers = linear_layers(model.blocks[index])
-        stats = {
-            name: LayerStats(layer.in_features, hessian=False, device=model.device)
-            for name, layer in layers.items()
-        }
-        hooks = [
-            layer.register_forward_hook(
-                lambda module, args, output, s=stats[name]: s.add_batch(args[0])
-            )
-            for name, layer in layers.items()
-        ]
-        hidden = model.forward_block(index, hidden, kwargs)
-        for hook in hooks:
-            hook.remove()
+        stats, hidden = _block_statistics(model, index, hidden, kwargs, hessian=False)
         result.append({name: s.col_norm_sq.cpu() for name, s in stats.items()})
     return result
+
+
+def _check_probe(sparsity: float, pruner: str) -> None:
+    if pruner not in PROBE_PRUNERS:
+        raise ValueError(f"probe pruner {pruner!r} is not one of {', '.join(PROBE_PRUNERS)}")
+    if not 0.0 < sparsity < 1.0:
+        raise ValueError(f"probe sparsity {sparsity} must be in (0, 1)")
 
 
 def probe_masks(
     model: BlockModel, stats: list[BlockStats], sparsity: float, pruner: str = "wanda"
 ) -> list[BlockMasks]:
-    """The mask each block gets when it is ablated: ``pruner`` at ``sparsity``, from dense stats."""
-    if pruner not in PROBE_PRUNERS:
-        raise ValueError(
-            f"probe pruner {pruner!r} is not one of {', '.join(PROBE_PRUNERS)} "
-            "(the probe needs a mask from dense statistics alone)"
-        )
-    if not 0.0 < sparsity < 1.0:
-        raise ValueError(f"probe sparsity {sparsity} must be in (0, 1)")
+    """The mask each block gets when it is ablated: ``pruner`` (Wanda or magnitude, which need no
+    more than the dense column norms) at ``sparsity``."""
+    _check_probe(sparsity, pruner)
+    if pruner == "sparsegpt":
+        raise ValueError("a SparseGPT probe needs the calibration tokens: use sparsegpt_probe")
     masks = []
     for index, block in enumerate(model.blocks):
         block_masks = {}
@@ -71,6 +89,31 @@ def probe_masks(
             block_masks[name] = mask.cpu()
         masks.append(block_masks)
     return masks
+
+
+@torch.no_grad()
+def sparsegpt_probe(
+    model: BlockModel, calibration: torch.Tensor, sparsity: float
+) -> Iterator[BlockProbe]:
+    """Each block's SparseGPT weights at ``sparsity``, from the Hessians of its *dense* inputs.
+
+    With every other block dense, a block ablated alone sees exactly these inputs, so this is what
+    SparseGPT would make of it in a leave-one-out coalition. Blocks are yielded one at a time so a
+    large model's probe can be written as it is computed.
+    """
+    _check_probe(sparsity, "sparsegpt")
+    hidden, kwargs = model.embed(calibration)
+    for index in tqdm(range(model.n_blocks), desc=f"sparsegpt probe {sparsity:g}"):
+        block = model.blocks[index]
+        with model.on_device(block):
+            stats, hidden = _block_statistics(model, index, hidden, kwargs, hessian=True)
+            probe = {
+                name: sparsegpt_prune(layer.weight.data, stats[name].pop_hessian(), sparsity)[0]
+                .float()
+                .cpu()
+                for name, layer in linear_layers(block).items()
+            }
+        yield probe
 
 
 def save_statistics(path, calibration: torch.Tensor, stats: list[BlockStats], attrs: dict) -> None:
@@ -95,21 +138,28 @@ def load_statistics(path) -> tuple[torch.Tensor, list[BlockStats], dict]:
         return ids, stats, json.loads(f.attrs["meta"])
 
 
-def save_masks(path, masks: list[BlockMasks], attrs: dict) -> None:
-    """HDF5 with bit-packed masks (one bit per weight, True = pruned)."""
+def save_probe(path, blocks: Iterable[BlockProbe], attrs: dict) -> None:
+    """HDF5: each layer's mask bit-packed (one bit per weight, True = pruned) under ``blocks/``,
+    and for a probe that rewrites weights the kept values (float32, row-major) under ``values/``."""
     with atomic_path(path) as tmp, open_h5(tmp, "w") as f:
-        for index, block in enumerate(masks):
-            for name, mask in block.items():
+        for index, block in enumerate(blocks):
+            for name, tensor in block.items():
+                mask = tensor if tensor.dtype == torch.bool else tensor == 0
                 data = np.packbits(mask.numpy().reshape(-1))
                 ds = f.create_dataset(f"blocks/{index}/{name}", data=data, compression="gzip")
                 ds.attrs["shape"] = tuple(mask.shape)
+                if tensor.dtype != torch.bool:
+                    kept = tensor.float()[~mask].numpy()
+                    f.create_dataset(f"values/{index}/{name}", data=kept)
         f.attrs["meta"] = json.dumps(attrs, sort_keys=True)
 
 
-def load_masks(path, blocks: set[int] | None = None) -> tuple[dict[int, BlockMasks], dict]:
-    """Masks of ``blocks`` (all by default) as bool tensors, and the file's metadata."""
+def load_probe(path, blocks: set[int] | None = None) -> tuple[dict[int, BlockProbe], dict]:
+    """The probes of ``blocks`` (all by default), and the file's metadata: bool masks, or float32
+    weights where the probe rewrote them."""
     with open_h5(path, "r") as f:
         result = {}
+        values = f.get("values")
         for key, group in f["blocks"].items():
             index = int(key)
             if blocks is not None and index not in blocks:
@@ -118,5 +168,11 @@ def load_masks(path, blocks: set[int] | None = None) -> tuple[dict[int, BlockMas
             for name, ds in group.items():
                 shape = tuple(ds.attrs["shape"])
                 bits = np.unpackbits(ds[()], count=int(np.prod(shape)))
-                result[index][name] = torch.from_numpy(bits.reshape(shape).astype(bool))
+                mask = torch.from_numpy(bits.reshape(shape).astype(bool))
+                if values is not None and key in values:
+                    weight = torch.zeros(shape, dtype=torch.float32)
+                    weight[~mask] = torch.from_numpy(values[key][name][()])
+                    result[index][name] = weight
+                else:
+                    result[index][name] = mask
         return result, json.loads(f.attrs["meta"])

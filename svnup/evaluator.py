@@ -38,11 +38,24 @@ class EvaluationStats:
         return self.naive_block_forwards / max(self.block_forwards, 1)
 
 
+def _ablated_weight(weight: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
+    """The weight a probe gives a layer: ``weight`` with the mask's entries zeroed, or the probe's
+    own weight."""
+    if probe.dtype == torch.bool:
+        return weight.masked_fill(probe.to(weight.device), 0)
+    if probe.shape != weight.shape:
+        raise ValueError(
+            f"probe weight has shape {tuple(probe.shape)}, the layer {tuple(weight.shape)}"
+        )
+    return probe.to(weight.device, weight.dtype)
+
+
 class CoalitionEvaluator:
     """Evaluates coalitions of ablated blocks on a fixed evaluation set.
 
-    ``probe_masks[b][layer]`` (bool, True = pruned) defines the ``prune`` ablation of block b; the
-    ``skip`` ablation replaces the block by the identity (the residual stream passes through).
+    ``probes[b][layer]`` defines the ``prune`` ablation of block b: a bool mask (True = pruned) or
+    the weight the layer takes (see ``svnup.calibration``); the ``skip`` ablation replaces the
+    block by the identity (the residual stream passes through).
     """
 
     def __init__(
@@ -50,16 +63,16 @@ class CoalitionEvaluator:
         model: BlockModel,
         input_ids: torch.Tensor,
         ablation: str = "prune",
-        probe_masks: dict[int, dict[str, torch.Tensor]] | None = None,
+        probes: dict[int, dict[str, torch.Tensor]] | None = None,
     ) -> None:
         if ablation not in ABLATIONS:
             raise ValueError(f"unknown ablation {ablation!r}; choose one of {', '.join(ABLATIONS)}")
-        if ablation == "prune" and probe_masks is None:
-            raise ValueError("ablation 'prune' needs probe masks for the ablated blocks")
+        if ablation == "prune" and probes is None:
+            raise ValueError("ablation 'prune' needs probes for the ablated blocks")
         self.model = model
         self.input_ids = input_ids
         self.ablation = ablation
-        self.probe_masks = probe_masks or {}
+        self.probes = probes or {}
         self._pruned: dict[int, dict[str, torch.Tensor]] = {}
         self.block_forwards = 0
 
@@ -70,14 +83,11 @@ class CoalitionEvaluator:
 
     def _pruned_weights(self, index: int) -> dict[str, torch.Tensor]:
         if index not in self._pruned:
-            if index not in self.probe_masks:
-                raise KeyError(f"no probe mask for block {index}")
-            layers = linear_layers(self.model.blocks[index])
+            if index not in self.probes:
+                raise KeyError(f"no probe for block {index}")
             self._pruned[index] = {
-                name: layer.weight.data.masked_fill(
-                    self.probe_masks[index][name].to(layer.weight.device), 0
-                )
-                for name, layer in layers.items()
+                name: _ablated_weight(layer.weight.data, self.probes[index][name])
+                for name, layer in linear_layers(self.model.blocks[index]).items()
             }
         return self._pruned[index]
 
@@ -119,11 +129,11 @@ class CoalitionEvaluator:
                 f"(it names blocks beyond the model's {n_blocks})"
             )
         union = functools.reduce(operator.or_, masks, 0)
-        unmasked = [b for b in range(n_blocks) if (union >> b) & 1 and b not in self.probe_masks]
-        if self.ablation == "prune" and unmasked:
+        unprobed = [b for b in range(n_blocks) if (union >> b) & 1 and b not in self.probes]
+        if self.ablation == "prune" and unprobed:
             raise ValueError(
-                f"no probe mask for block(s) {unmasked}, which the coalitions ablate; "
-                "pass probe_masks covering every ablated block"
+                f"no probe for block(s) {unprobed}, which the coalitions ablate; "
+                "pass probes covering every ablated block"
             )
         if not masks:
             return EvaluationStats(0, 0, 0, 0.0)

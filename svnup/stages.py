@@ -94,13 +94,20 @@ def calibrate(spec: dict, runtime: dict, out: Path) -> None:
 
 
 def probe(spec: dict, runtime: dict, model: dict, calibration: Path, out: Path) -> None:
-    """Masks that define the ``prune`` ablation of each block, from dense statistics."""
-    from svnup.calibration import load_statistics, probe_masks, save_masks
+    """What each block becomes when a coalition ablates it: masks from the dense statistics, or
+    for SparseGPT the weights it reconstructs from the dense inputs."""
+    from svnup.calibration import load_statistics, probe_masks, save_probe, sparsegpt_probe
 
     engine, _ = _load(model, runtime, with_tokenizer=False)
-    _, stats, _ = load_statistics(calibration)
-    masks = probe_masks(engine, stats, spec["sparsity"], spec["pruner"])
-    save_masks(out, masks, {"spec": spec, "versions": versions()})
+    ids, stats, _ = load_statistics(calibration)
+    start = time.perf_counter()
+    if spec["pruner"] == "sparsegpt":
+        blocks = sparsegpt_probe(engine, ids, spec["sparsity"])
+    else:
+        blocks = probe_masks(engine, stats, spec["sparsity"], spec["pruner"])
+    save_probe(out, blocks, {"spec": spec, "versions": versions()})
+    seconds = time.perf_counter() - start
+    log.info("probe %s at %g: %.1f s", spec["pruner"], spec["sparsity"], seconds)
 
 
 def coalitions(
@@ -196,16 +203,16 @@ def coalitions(
 def _coalition_evaluator(model, runtime, spec, ids, masks, n_blocks, wanted):
     """The model, loaded once a job has coalitions to evaluate, with the probe masks of every
     block its coalitions ablate (coalitions taken over later may ablate any of them)."""
-    from svnup.calibration import load_masks
+    from svnup.calibration import load_probe
     from svnup.evaluator import CoalitionEvaluator
 
     engine, _ = _load(model, runtime, with_tokenizer=False)
     if engine.n_blocks != n_blocks:
         raise ValueError(f"model has {engine.n_blocks} blocks, calibration recorded {n_blocks}")
     ablated = {b for m in wanted for b in range(n_blocks) if (m >> b) & 1}
-    probe = load_masks(masks, ablated)[0] if spec["ablation"] == "prune" else None
+    probes = load_probe(masks, ablated)[0] if spec["ablation"] == "prune" else None
     return CoalitionEvaluator(
-        engine, ids[: spec["eval_samples"]], ablation=spec["ablation"], probe_masks=probe
+        engine, ids[: spec["eval_samples"]], ablation=spec["ablation"], probes=probes
     )
 
 

@@ -9,9 +9,16 @@ from conftest import STORIES, WIKITEXT, build_tiny_llama, needs_shared
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from svnup.calibration import dense_statistics, probe_masks
+from svnup.calibration import (
+    dense_statistics,
+    load_probe,
+    probe_masks,
+    save_probe,
+    sparsegpt_probe,
+)
 from svnup.evaluator import CoalitionEvaluator
 from svnup.models import BlockModel, linear_layers, load_model
+from svnup.pruning import prune_model
 from svnup.store import CoalitionRecord, CoalitionStore
 
 N_BLOCKS = 6
@@ -178,16 +185,55 @@ def test_masks_beyond_the_model_raise_before_work(tiny6, mask):
         evaluator.evaluate([0, 3, mask], lambda *args: pytest.fail("evaluated a coalition"))
 
 
-def test_prune_needs_a_probe_mask_for_every_ablated_block(tiny6):
+def test_prune_needs_a_probe_for_every_ablated_block(tiny6):
     engine, probes = tiny6
     partial = {b: probes[b] for b in (0, 1)}
     evaluator = CoalitionEvaluator(engine, _ids(2, 8, seed=5), "prune", partial)
-    with pytest.raises(ValueError, match=r"no probe mask for block\(s\) \[2, 5\]"):
+    with pytest.raises(ValueError, match=r"no probe for block\(s\) \[2, 5\]"):
         evaluator.evaluate([0b11, 0b100, 0b100001], lambda *args: pytest.fail("evaluated"))
-    with pytest.raises(ValueError, match="ablation 'prune' needs probe masks"):
+    with pytest.raises(ValueError, match="ablation 'prune' needs probes"):
         CoalitionEvaluator(engine, _ids(2, 8, seed=5), "prune")
     with pytest.raises(ValueError, match="unknown ablation 'drop'; choose one of prune, skip"):
         CoalitionEvaluator(engine, _ids(2, 8, seed=5), "drop", probes)
+
+
+def test_sparsegpt_probe_is_sparsegpt_of_each_block_alone(tiny6_path):
+    """Block b's SparseGPT probe is what the sequential pruner makes of block b when it prunes
+    only that block (every earlier block dense, so its inputs are the dense ones), and a coalition
+    that ablates b with it scores that pruned model's loss."""
+    calibration, ids = _ids(8, 32, seed=6), _ids(3, 24, seed=7)
+    engine, _ = load_model(tiny6_path, with_tokenizer=False, batch_size=4)
+    probes = dict(enumerate(sparsegpt_probe(engine, calibration, 0.6)))
+    assert sorted(probes) == list(range(N_BLOCKS))
+    evaluator = CoalitionEvaluator(engine, ids, "prune", probes)
+    results, _ = _evaluate(evaluator, [1 << b for b in (0, 3, 5)])
+    for b in (0, 3, 5):
+        pruned, _ = load_model(tiny6_path, with_tokenizer=False, batch_size=4)
+        prune_model(
+            pruned, calibration, [0.6 if i == b else 0.0 for i in range(N_BLOCKS)], "sparsegpt"
+        )
+        expected = linear_layers(pruned.blocks[b])
+        for name, weight in probes[b].items():
+            assert weight.dtype == torch.float32
+            torch.testing.assert_close(weight, expected[name].weight.data, rtol=0, atol=1e-6)
+            dense = linear_layers(engine.blocks[b])[name].weight.data
+            assert not torch.equal(weight[weight != 0], dense[weight != 0])  # reconstructed
+        assert results[1 << b] == pytest.approx(
+            _naive_nll(pruned.model, ids, 0, "prune", {}), rel=1e-5
+        )
+
+
+def test_probe_file_round_trip(tmp_path, tiny6_path, tiny6):
+    """Masks come back as masks and rewritten weights as weights, for the blocks asked for."""
+    engine, masks = tiny6
+    weights = list(sparsegpt_probe(engine, _ids(4, 16, seed=8), 0.5))
+    mixed = [masks[0], weights[1], masks[2], weights[3]]
+    save_probe(tmp_path / "probe.h5", iter(mixed), {"spec": {"pruner": "test"}})
+    loaded, meta = load_probe(tmp_path / "probe.h5", {1, 2})
+    assert sorted(loaded) == [1, 2] and meta == {"spec": {"pruner": "test"}}
+    for b in (1, 2):
+        for name, tensor in mixed[b].items():
+            assert loaded[b][name].dtype == tensor.dtype and torch.equal(loaded[b][name], tensor)
 
 
 @needs_shared(STORIES)

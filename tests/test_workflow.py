@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import h5py
 import pytest
 import yaml
 from workflow_fixture import (
@@ -312,6 +313,24 @@ def test_window_change_evaluates_only_missing_coalitions(project):
     assert all(job["evaluated"] == 0 for job in new.values()), new
     write_config(project, tiny_config())
     assert "coalitions" not in planned_jobs(project)
+
+
+def test_sparsegpt_probe_plays_a_game_of_its_own(project):
+    """``probe_pruner: sparsegpt`` is a new probe, store and game; reverting re-runs nothing."""
+    wanda = _ppl(project, "results/tiny/s0.5/ppl.json")["budget"]
+    write_config(project, tiny_config(**{"shapley.probe_pruner": "sparsegpt"}))
+    plan = planned_jobs(project)
+    assert plan["probe"] == 1 and plan["coalitions"] >= 1 and "calibrate" not in plan
+    snakemake(project, "--cores", "2")
+    sparsegpt = _ppl(project, "results/tiny/s0.5/ppl.json")["budget"]
+    assert sparsegpt["spec"]["scores"] != wanda["spec"]["scores"]
+    assert sparsegpt["sparsities"] != wanda["sparsities"]
+    probes = [h5py.File(p, "r") for p in project.glob("results/tiny/probe/*/masks.h5")]
+    assert sorted("values" in f for f in probes) == [False, True]  # only SparseGPT rewrites
+    for f in probes:
+        f.close()
+    write_config(project, tiny_config())
+    assert not {"probe", "coalitions", "shapley"} & planned_jobs(project).keys()
 
 
 def _rows(path: Path) -> list[dict]:
