@@ -22,6 +22,7 @@ change a shared setting (the Shapley estimator) run in a sibling directory of th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -37,6 +38,7 @@ import pandas as pd
 import yaml
 
 from svnup import config as cfg
+from svnup.registry import ALLOCATIONS, method_params
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -50,6 +52,9 @@ VARIANTS = {
     "svnup-permutation": ("svnup", {"shapley": {"estimator": "permutation"}}),
     "svnup-fit-sparsegpt": ("svnup-fit", {"shapley": {"probe_pruner": "sparsegpt"}}),
 }
+# The recommended allocation of a pruner whose probe is not the config's (README: the game's probe
+# pruner is the pruner the model is pruned with).
+MATCHED_PROBE = {"sparsegpt": "svnup-fit-sparsegpt"}
 NAMES = {
     "uniform": "uniform",
     "owl": "OWL",
@@ -175,11 +180,33 @@ def _run(folder: Path, model: str, target: float, method: str, pruner: str) -> d
     )
 
 
-def collect(args: argparse.Namespace, config: dict, folders: dict[str, Path]) -> dict:
+def probe_seconds(folder: Path, settings: dict, model: str, method: str) -> float:
+    """Seconds of the probe jobs whose probes ``method``'s games ablate with (SparseGPT probes
+    cost a pruning kernel per layer and level; mask probes a few seconds)."""
+    source = ALLOCATIONS[method].source
+    if source is None or source.kind not in ("shapley", "levels"):
+        return 0.0
+    if settings["shapley"]["ablation"] != "prune":
+        return 0.0
+    if source.kind == "levels":
+        levels = method_params(settings["allocation"], method)["levels"]
+    else:
+        levels = [settings["shapley"]["probe_sparsity"]]
+    total = 0.0
+    with contextlib.chdir(folder):  # the spec fingerprints the model at its workflow path
+        for level in levels:
+            probe = cfg.key(cfg.probe_spec(cfg.at_probe(settings, level)))
+            tsv = Path(f"results/{model}/benchmarks/probe/{probe}.tsv")
+            total += float(pd.read_csv(tsv, sep="\t")["s"].iloc[0])
+    return total
+
+
+def collect(args: argparse.Namespace, config: dict, folders: dict[str, tuple[Path, dict]]) -> dict:
     grid, model = config["targets"], args.model
     rows, allocations = [], {}
-    for label, folder in folders.items():
+    for label, (folder, folder_config) in folders.items():
         method = VARIANTS[label][0] if label in VARIANTS else label
+        probes = probe_seconds(folder, cfg.model_settings(folder_config, model), model, method)
         for pruner in grid["pruners"]:
             for target in grid["sparsities"]:
                 run = _run(folder, model, target, method, pruner)
@@ -193,11 +220,11 @@ def collect(args: argparse.Namespace, config: dict, folders: dict[str, Path]) ->
                         "windows": run["evaluations"][dataset]["windows"],
                         "prune_seconds": run["pruning"]["seconds"],
                         "coalitions": run["budget"]["scores"]["n_coalitions"] or 0,
-                        "seconds": run["budget"]["scores"]["seconds"] or 0.0,
+                        "seconds": (run["budget"]["scores"]["seconds"] or 0.0) + probes,
                     }
                 )
                 allocations[(label, pruner, target)] = run["budget"]["sparsities"]
-    dense = json.loads((folders["uniform"] / f"results/{model}/dense/ppl.json").read_text())
+    dense = json.loads((folders["uniform"][0] / f"results/{model}/dense/ppl.json").read_text())
     return {
         "rows": pd.DataFrame(rows),
         "allocations": allocations,
@@ -241,8 +268,9 @@ def report(args: argparse.Namespace, config: dict, numbers: dict, wall: dict) ->
         "",
         "## Perplexity",
         "",
-        "Best per column in bold; the last row of each pruner is the recommended method against "
-        "the best method that plays no coalition game (" + ", ".join(sorted(no_game)) + ").",
+        "Best per column in bold; the last row of each pruner is the recommended method (its "
+        "games probed with the pruner itself where that variant ran) against the best method "
+        "that plays no coalition game (" + ", ".join(sorted(no_game)) + ").",
         "",
     ]
     methods = list(dict.fromkeys(table["method"]))
@@ -259,7 +287,9 @@ def report(args: argparse.Namespace, config: dict, numbers: dict, wall: dict) ->
                 text = f"{ppl:.2f}"
                 cells.append(f"**{text}**" if ppl == best[target] else text)
             lines.append(_row(NAMES.get(method, method), *cells))
-        recommended = s["allocation"]["method"]
+        recommended = MATCHED_PROBE.get(pruner)
+        if recommended not in methods:
+            recommended = s["allocation"]["method"]
         changes = []
         for target in grid["sparsities"]:
             at = sub[sub["target"] == target]
@@ -271,10 +301,12 @@ def report(args: argparse.Namespace, config: dict, numbers: dict, wall: dict) ->
     lines += [
         "## Cost of each method's scores",
         "",
-        "Seconds as recorded by the stage that computes the scores (coalition seconds for the "
-        "Shapley estimators, counting only the coalitions each estimator needs, so a coalition "
-        "shared with another estimator counts for both), against the seconds of one SparseGPT "
-        "pruning pass at the first target (`prune.json`), both from this run, one thread each.",
+        "Seconds as recorded by the stage that computes the scores (for the Shapley estimators "
+        "the coalition seconds, counting only the coalitions each estimator needs, so a coalition "
+        "shared with another estimator counts for both, plus the probe jobs its games use), "
+        "against the seconds of one SparseGPT pruning pass at the first target (`prune.json`), "
+        "one thread each. A stage taken from the cache keeps the seconds of the run that "
+        "computed it.",
         "",
     ]
     reference = numbers["reference_seconds"]
@@ -331,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     targets = [f"results/{args.model}/summary.csv", reference]
     wall["main"] = run_snakemake(args.workdir, config, targets, args.cores)
     for method in config["targets"]["allocations"]:
-        folders[method] = args.workdir
+        folders[method] = (args.workdir, config)
     for label in args.variants:
         method, override = VARIANTS[label]
         folder = args.workdir.with_name(f"{args.workdir.name}-{label}")
@@ -339,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         variant = _merge(config, override)
         variant["targets"] = {**config["targets"], "allocations": [method]}
         wall[label] = run_snakemake(folder, variant, targets[:1], args.cores)
-        folders[label] = folder
+        folders[label] = (folder, variant)
     numbers = collect(args, config, folders)
     numbers["reference_seconds"] = json.loads((args.workdir / reference).read_text())["pruning"][
         "seconds"
