@@ -29,7 +29,7 @@ BlockMasks = dict[str, torch.Tensor]
 BlockProbe = dict[str, torch.Tensor]  # per layer: a bool mask (True = pruned) or the new weight
 
 
-def _block_statistics(
+def block_statistics(
     model: BlockModel, index: int, hidden: torch.Tensor, kwargs: BlockKwargs, hessian: bool
 ) -> tuple[dict[str, LayerStats], torch.Tensor]:
     """Input statistics of block ``index``'s linear layers on ``hidden``, and the block's output."""
@@ -56,7 +56,7 @@ def dense_statistics(model: BlockModel, calibration: torch.Tensor) -> list[Block
     hidden, kwargs = model.embed(calibration)
     result = []
     for index in tqdm(range(model.n_blocks), desc="dense statistics"):
-        stats, hidden = _block_statistics(model, index, hidden, kwargs, hessian=False)
+        stats, hidden = block_statistics(model, index, hidden, kwargs, hessian=False)
         result.append({name: s.col_norm_sq.cpu() for name, s in stats.items()})
     return result
 
@@ -106,7 +106,7 @@ def sparsegpt_probe(
     for index in tqdm(range(model.n_blocks), desc=f"sparsegpt probe {sparsity:g}"):
         block = model.blocks[index]
         with model.on_device(block):
-            stats, hidden = _block_statistics(model, index, hidden, kwargs, hessian=True)
+            stats, hidden = block_statistics(model, index, hidden, kwargs, hessian=True)
             probe = {
                 name: sparsegpt_prune(layer.weight.data, stats[name].pop_hessian(), sparsity)[0]
                 .float()

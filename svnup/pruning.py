@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from svnup.calibration import block_statistics
 from svnup.kernels import LayerStats, magnitude_mask, parse_nm, sparsegpt_prune, wanda_mask
 from svnup.models import BlockModel, linear_layers
 from svnup.registry import PRUNERS, choices, resolve
@@ -49,13 +50,6 @@ def check_sparsities(sparsities: Sequence[float], n_blocks: int) -> list[float]:
     if bad:
         raise ValueError(f"block sparsity {bad[0]} is outside [0, 1); every block needs 0 <= s < 1")
     return values
-
-
-def _add_stat_hooks(layers: dict[str, nn.Linear], stats: dict[str, LayerStats]) -> list:
-    def hook(name):
-        return lambda module, args, output: stats[name].add_batch(args[0])
-
-    return [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
 
 
 ERROR_SEQUENCES = 8
@@ -154,18 +148,8 @@ def _prune(
             layers = linear_layers(block)
             stats = None
             if pruner.statistics is not None and targets[index] > 0:
-                stats = {
-                    name: LayerStats(
-                        layer.in_features,
-                        hessian=pruner.statistics == "hessian",
-                        device=model.device,
-                    )
-                    for name, layer in layers.items()
-                }
-                hooks = _add_stat_hooks(layers, stats)
-                model.forward_block(index, hidden, kwargs)
-                for hook in hooks:
-                    hook.remove()
+                hessian = pruner.statistics == "hessian"
+                stats, _ = block_statistics(model, index, hidden, kwargs, hessian=hessian)
             dense = {name: layer.weight.data.clone() for name, layer in layers.items()}
             if targets[index] > 0:
                 for name, layer in layers.items():
