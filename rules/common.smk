@@ -84,11 +84,10 @@ def checked(wildcards, spec, name="key"):
 
 
 def game_settings(wildcards, spec_of, name="key"):
-    """The model's settings at the probe sparsity whose ``spec_of`` key is the path's ``name``:
-    games are played at the Shapley probe and at every level a damage curve asks for."""
-    s = settings(wildcards)
-    for level in cfg.probe_levels(s):
-        variant = cfg.at_probe(s, level)
+    """The model's settings at the probe sparsity and probe pruner whose ``spec_of`` key is the
+    path's ``name``: games are played at the Shapley probe and at every level a damage curve asks
+    for, with each run's pruner when ``probe_pruner`` is ``match``."""
+    for variant in cfg.games(settings(wildcards)):
         if cfg.key(spec_of(variant)) == getattr(wildcards, name):
             return variant
     raise WorkflowError(
@@ -105,10 +104,25 @@ def shapley_settings(wildcards):
     return game_settings(wildcards, lambda s: cfg.shapley_spec(s, wildcards.estimator))
 
 
+def curve_settings(wildcards):
+    """The run settings whose damage-curve spec has the path's key (with ``probe_pruner: match``
+    each pruner has a curve of its own)."""
+    s = settings(wildcards)
+    for pruner in PRUNERS:
+        resolved = cfg.for_pruner(s, pruner)
+        spec = cfg.score_spec(resolved, wildcards.allocation, pruner)
+        if cfg.key(spec) == wildcards.key:
+            return resolved
+    fail(
+        f"curve key {wildcards.key} does not match the current config; "
+        "request the user-facing targets instead"
+    )
+
+
 def curve_inputs(wildcards):
     """The Shapley values at every level of a damage-curve method's levels."""
-    s = settings(wildcards)
-    spec = json.loads(curve_spec_json(wildcards))
+    s = curve_settings(wildcards)
+    spec = cfg.score_spec(s, wildcards.allocation, None)
     estimator = ALLOCATIONS[wildcards.allocation].source.name
     return [
         shapley_path(wildcards.model, cfg.at_probe(s, p), estimator)
@@ -117,9 +131,8 @@ def curve_inputs(wildcards):
 
 
 def curve_spec_json(wildcards):
-    s = settings(wildcards)
-    return _spec_with_key(
-        wildcards, [cfg.score_spec(s, wildcards.allocation, None)], "curve"
+    return as_json(
+        cfg.score_spec(curve_settings(wildcards), wildcards.allocation, None)
     )
 
 
@@ -168,7 +181,7 @@ def scores_path(model, s, allocation, sparsity, pruner):
     if source is None:
         return None
     if source.kind == "shapley":
-        return shapley_path(model, s, source.name)
+        return shapley_path(model, cfg.for_pruner(s, pruner), source.name)
     key = cfg.key(cfg.score_spec(s, allocation, pruner))
     if source.kind == "levels":
         return f"results/{model}/curves/{allocation}/{key}/scores.json"

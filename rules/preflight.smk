@@ -23,9 +23,11 @@ def intermediates(model, s, sparsities):
         for a in allocations
         if ALLOCATIONS[a].source and ALLOCATIONS[a].source.kind == "shapley"
     }
-    paths = [calibration_path(model, s), probe_path(model, s)]
-    for estimator in estimators - {None}:
-        paths += job_paths(model, s, estimator)
+    paths = [calibration_path(model, s)]
+    for game in cfg.games(s):
+        paths.append(probe_path(model, game))
+        for estimator in estimators - {None}:
+            paths += job_paths(model, game, estimator)
     dense = dense_dir(model, s)
     paths += [
         *eval_paths(dense, s),
@@ -80,7 +82,8 @@ def check_before_planning():
             preflight.check_model(s, model)
             if cfg.is_workflow_path(s["path"]):  # the demo model
                 check_intact(s["path"], refold(s["path"], "trains"))
-            check_store(f"{store_dir(model, s)}/store")
+            for game in cfg.games(s):
+                check_store(f"{store_dir(model, game)}/store")
             for path in intermediates(model, s, sorted(sparsities)):
                 check_intact(
                     path, refold(path) if Path(path).name == "model" else REBUILD

@@ -18,7 +18,9 @@ rule summary:
 rule plots:
     input:
         summary="results/{model}/summary.csv",
-        shapley=lambda wc: shapley_path(wc.model, settings(wc)),
+        shapley=lambda wc: shapley_path(
+            wc.model, cfg.for_pruner(settings(wc), settings(wc)["pruner"])
+        ),
         budgets=report_budgets,
     output:
         shapley=report(

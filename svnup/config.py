@@ -22,6 +22,8 @@ import yaml
 
 DEMO_MODEL = "results/demo/model"
 DEMO_CORPUS = "results/demo/corpus"
+# shapley.probe_pruner's value for "probe each run's games with the pruner of that run".
+MATCH = "match"
 DEMO_DEFAULTS = {"steps": 400, "n_layers": 8, "seed": 0}
 MODEL_DEFAULTS = {
     "dtype": "float32",
@@ -222,11 +224,35 @@ def calibration_spec(settings: dict) -> dict:
 
 def probe_spec(settings: dict) -> dict:
     shapley = settings["shapley"]
+    if shapley["probe_pruner"] == MATCH:
+        raise ValueError("probe_pruner 'match' names no pruner; resolve it with for_pruner()")
     return {
         "calibration": key(calibration_spec(settings)),
         "sparsity": shapley["probe_sparsity"],
         "pruner": shapley["probe_pruner"],
     }
+
+
+def for_pruner(settings: dict, pruner: str) -> dict:
+    """The settings of a run pruned with ``pruner``: ``probe_pruner: match`` probes its games
+    with that pruner, so each pruner of a config gets the game that predicts its own damage."""
+    if settings["shapley"]["probe_pruner"] != MATCH:
+        return settings
+    if pruner is None:
+        raise ValueError("probe_pruner 'match' needs the run's pruner")
+    return {**settings, "shapley": {**settings["shapley"], "probe_pruner": pruner}}
+
+
+def games(settings: dict) -> list[dict]:
+    """The settings of every game the config can play: each probe level, with each probe
+    pruner (every pruner when ``probe_pruner`` is ``match``)."""
+    from svnup.registry import PRUNERS
+
+    return [
+        for_pruner(at_probe(settings, level), pruner)
+        for level in probe_levels(settings)
+        for pruner in (PRUNERS if settings["shapley"]["probe_pruner"] == MATCH else [None])
+    ]
 
 
 def store_spec(settings: dict) -> dict:
@@ -310,6 +336,8 @@ def score_spec(settings: dict, method: str, pruner: str) -> dict | None:
     source = ALLOCATIONS[method].source
     if source is None:
         return None
+    if source.kind in ("shapley", "levels"):
+        settings = for_pruner(settings, pruner)
     if source.kind == "shapley":
         return shapley_spec(settings, source.name)
     values = method_params(settings["allocation"], method)

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import chdir
 from pathlib import Path
 
 import h5py
@@ -32,8 +33,9 @@ from workflow_fixture import (
     write_config,
 )
 
+from svnup import config as cfg
 from svnup import zeroshot
-from svnup.registry import ALLOCATIONS
+from svnup.registry import ALLOCATIONS, PRUNERS
 from svnup.store import read_records
 
 pytestmark = pytest.mark.workflow
@@ -333,6 +335,56 @@ def test_sparsegpt_probe_plays_a_game_of_its_own(project):
     assert rewrites == {"wanda": {False}, "sparsegpt": {True}}
     write_config(project, tiny_config())
     assert not {"probe", "coalitions", "shapley"} & planned_jobs(project).keys()
+
+
+def test_match_probe_is_each_pruners_own_game():
+    """``probe_pruner: match`` gives each pruner's runs exactly the game (probe, store, Shapley
+    values, curves) that naming that pruner as the probe gives, and a probe-free method one
+    budget for both."""
+    pruners = {"targets.pruners": ["wanda", "sparsegpt"]}
+    match = cfg.model_settings(tiny_config(**pruners, **{"shapley.probe_pruner": "match"}), "tiny")
+    with pytest.raises(ValueError, match="match"):
+        cfg.probe_spec(match)
+    probes = {cfg.key(cfg.probe_spec(game)) for game in cfg.games(match)}
+    assert len(probes) == len(cfg.probe_levels(match)) * len(PRUNERS)
+    for method in ("svnup", "loo", "svnup-fit", "owl", "uniform"):
+        budgets = {}
+        for pruner in ("wanda", "sparsegpt"):
+            named = tiny_config(**pruners, **{"shapley.probe_pruner": pruner})
+            expected = cfg.budget_spec(cfg.model_settings(named, "tiny"), method, pruner)
+            budgets[pruner] = cfg.budget_spec(match, method, pruner)
+            assert budgets[pruner] == expected, (method, pruner)
+        source = ALLOCATIONS[method].source
+        played = source is not None and source.kind in ("shapley", "levels")
+        assert (budgets["wanda"] != budgets["sparsegpt"]) == played, method
+
+
+def test_match_probe_runs_each_pruner_with_its_own_game(project):
+    """A config pruning with Wanda and SparseGPT under ``probe_pruner: match``: each run's
+    budget reads the game (or damage curves) its pruner probes, and naming the probe instead
+    re-runs nothing."""
+    methods = ("svnup", "svnup-fit")
+    pruners = {"targets.pruners": ["wanda", "sparsegpt"], "targets.allocations": list(methods)}
+    write_config(project, tiny_config(**pruners, **{"shapley.probe_pruner": "match"}))
+    snakemake(project, "--cores", "2")
+    with chdir(project):  # the model spec fingerprints the model at its workflow path
+        for method in methods:
+            runs = {}
+            for pruner in ("wanda", "sparsegpt"):
+                runs[pruner] = _ppl(project, f"results/tiny/s0.5/{method}/{pruner}/ppl.json")
+                named = cfg.model_settings(
+                    tiny_config(**pruners, **{"shapley.probe_pruner": pruner}), "tiny"
+                )
+                spec = json.loads(json.dumps(cfg.budget_spec(named, method, pruner)))
+                assert runs[pruner]["budget"]["spec"] == spec, (method, pruner)
+            sparsities = [run["budget"]["sparsities"] for run in runs.values()]
+            assert sparsities[0] != sparsities[1], method
+    named = {"targets.pruners": ["sparsegpt"], "shapley.probe_pruner": "sparsegpt"}
+    write_config(project, tiny_config(**{**pruners, **named}))
+    stages = {"probe", "coalitions", "shapley", "curve", "budget", "prune", "evaluate"}
+    targets = [f"results/tiny/s0.5/{method}/sparsegpt/ppl.json" for method in methods]
+    assert not stages & planned_jobs(project, *targets).keys()
+    write_config(project, tiny_config())
 
 
 def _rows(path: Path) -> list[dict]:
