@@ -180,14 +180,16 @@ def _run(folder: Path, model: str, target: float, method: str, pruner: str) -> d
     )
 
 
-def probe_seconds(folder: Path, settings: dict, model: str, method: str) -> float:
-    """Seconds of the probe jobs whose probes ``method``'s games ablate with (SparseGPT probes
-    cost a pruning kernel per layer and level; mask probes a few seconds)."""
+def probe_seconds(folder: Path, settings: dict, model: str, method: str, pruner: str) -> float:
+    """Seconds of the probe jobs whose probes ``method``'s games for ``pruner``'s runs ablate
+    with (SparseGPT probes cost a pruning kernel per layer and level; mask probes a few
+    seconds)."""
     source = ALLOCATIONS[method].source
     if source is None or source.kind not in ("shapley", "levels"):
         return 0.0
     if settings["shapley"]["ablation"] != "prune":
         return 0.0
+    settings = cfg.for_pruner(settings, pruner)
     if source.kind == "levels":
         levels = method_params(settings["allocation"], method)["levels"]
     else:
@@ -206,8 +208,9 @@ def collect(args: argparse.Namespace, config: dict, folders: dict[str, tuple[Pat
     rows, allocations = [], {}
     for label, (folder, folder_config) in folders.items():
         method = VARIANTS[label][0] if label in VARIANTS else label
-        probes = probe_seconds(folder, cfg.model_settings(folder_config, model), model, method)
+        settings = cfg.model_settings(folder_config, model)
         for pruner in grid["pruners"]:
+            probes = probe_seconds(folder, settings, model, method, pruner)
             for target in grid["sparsities"]:
                 run = _run(folder, model, target, method, pruner)
                 ((dataset, ppl),) = run["perplexity"].items()
