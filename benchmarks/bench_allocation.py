@@ -51,6 +51,7 @@ VARIANTS = {
     "svnup-swsv": ("svnup", {"shapley": {"estimator": "swsv"}}),
     "svnup-permutation": ("svnup", {"shapley": {"estimator": "permutation"}}),
     "svnup-fit-sparsegpt": ("svnup-fit", {"shapley": {"probe_pruner": "sparsegpt"}}),
+    "svnup-fit-swsv": ("svnup-fit", {"shapley": {"estimator": "swsv"}}),
 }
 # The recommended allocation of a pruner whose probe is not the config's (README: the game's probe
 # pruner is the pruner the model is pruned with).
@@ -67,6 +68,7 @@ NAMES = {
     "svnup-fit": "SV-NUP-fit",
     "svnup-permutation": "SV-NUP (permutation)",
     "svnup-fit-sparsegpt": "SV-NUP-fit (SparseGPT probe)",
+    "svnup-fit-swsv": "SV-NUP-fit (SWSV games)",
 }
 
 
