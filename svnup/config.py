@@ -233,7 +233,7 @@ def probe_spec(settings: dict) -> dict:
     }
 
 
-def for_pruner(settings: dict, pruner: str) -> dict:
+def for_pruner(settings: dict, pruner: str | None) -> dict:
     """The settings of a run pruned with ``pruner``: ``probe_pruner: match`` probes its games
     with that pruner, so each pruner of a config gets the game that predicts its own damage."""
     if settings["shapley"]["probe_pruner"] != MATCH:
