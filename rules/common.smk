@@ -107,15 +107,9 @@ def shapley_settings(wildcards):
 def curve_settings(wildcards):
     """The run settings whose damage-curve spec has the path's key (with ``probe_pruner: match``
     each pruner has a curve of its own)."""
-    s = settings(wildcards)
-    for pruner in PRUNERS:
-        resolved = cfg.for_pruner(s, pruner)
-        spec = cfg.score_spec(resolved, wildcards.allocation, pruner)
-        if cfg.key(spec) == wildcards.key:
-            return resolved
-    fail(
-        f"curve key {wildcards.key} does not match the current config; "
-        "request the user-facing targets instead"
+    spec_of = lambda s, pruner: cfg.score_spec(s, wildcards.allocation, pruner)
+    return cfg.for_pruner(
+        settings(wildcards), pruner_with_key(wildcards, spec_of, "curve")
     )
 
 
@@ -273,18 +267,23 @@ def run_budget(wildcards):
     )
 
 
-def budget_pruner(wildcards):
-    """A pruner whose budget spec has the key of this budget path. Only a method that searches
-    with the run's pruner has a different budget per pruner; for the others any pruner fits.
+def pruner_with_key(wildcards, spec_of, what):
+    """A pruner whose run settings give ``spec_of`` the path's key: a budget or curve differs by
+    pruner only where a search or a ``match`` probe uses the run's pruner; else any pruner fits.
     """
     s = settings(wildcards)
     for pruner in PRUNERS:
-        if cfg.key(cfg.budget_spec(s, wildcards.allocation, pruner)) == wildcards.key:
+        if cfg.key(spec_of(cfg.for_pruner(s, pruner), pruner)) == wildcards.key:
             return pruner
     fail(
-        f"budget key {wildcards.key} does not match the current config; "
+        f"{what} key {wildcards.key} does not match the current config; "
         "request the user-facing targets instead"
     )
+
+
+def budget_pruner(wildcards):
+    spec_of = lambda s, pruner: cfg.budget_spec(s, wildcards.allocation, pruner)
+    return pruner_with_key(wildcards, spec_of, "budget")
 
 
 def budget_spec_json(wildcards):
