@@ -46,15 +46,12 @@ SHARED = REPO.parent / "shared"
 C4 = SHARED / "data" / "c4" / "c4-validation-2k.jsonl"
 SMOLLM_GGUF = SHARED / "models" / "smollm2-135m" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 CALIBRATION_DOCS = 1600
-# Study variants: label -> (allocation method, config overrides run in a directory of their own).
-# A variant whose probe pruner is ``match`` runs each pruner in the directory whose games that
-# pruner probes (the main one or a variant's), so it shares their cached games.
+# Study variants: (label, allocation method, config overrides run in a directory of their own)
 VARIANTS = {
     "svnup-swsv": ("svnup", {"shapley": {"estimator": "swsv"}}),
     "svnup-permutation": ("svnup", {"shapley": {"estimator": "permutation"}}),
     "svnup-fit-sparsegpt": ("svnup-fit", {"shapley": {"probe_pruner": "sparsegpt"}}),
     "svnup-fit-swsv": ("svnup-fit", {"shapley": {"estimator": "swsv"}}),
-    "svnup-fit-tilt": ("svnup-fit-tilt", {"shapley": {"probe_pruner": cfg.MATCH}}),
 }
 # The recommended allocation of a pruner whose probe is not the config's (README: the game's probe
 # pruner is the pruner the model is pruned with).
@@ -72,7 +69,6 @@ NAMES = {
     "svnup-permutation": "SV-NUP (permutation)",
     "svnup-fit-sparsegpt": "SV-NUP-fit (SparseGPT probe)",
     "svnup-fit-swsv": "SV-NUP-fit (SWSV games)",
-    "svnup-fit-tilt": "SV-NUP-fit-tilt (matched probe)",
 }
 
 
@@ -191,8 +187,6 @@ def probe_seconds(folder: Path, settings: dict, model: str, method: str, pruner:
     with (SparseGPT probes cost a pruning kernel per layer and level; mask probes a few
     seconds)."""
     source = ALLOCATIONS[method].source
-    if source is not None and source.seed is not None:
-        return probe_seconds(folder, settings, model, source.seed, pruner)
     if source is None or source.kind not in ("shapley", "levels"):
         return 0.0
     if settings["shapley"]["ablation"] != "prune":
@@ -211,17 +205,13 @@ def probe_seconds(folder: Path, settings: dict, model: str, method: str, pruner:
     return total
 
 
-def collect(
-    args: argparse.Namespace, config: dict, folders: dict[str, dict[str, tuple[Path, dict]]]
-) -> dict:
-    """Each method's runs; ``folders[label][pruner]`` is the directory and config of a run."""
+def collect(args: argparse.Namespace, config: dict, folders: dict[str, tuple[Path, dict]]) -> dict:
     grid, model = config["targets"], args.model
     rows, allocations = [], {}
-    for label, by_pruner in folders.items():
+    for label, (folder, folder_config) in folders.items():
         method = VARIANTS[label][0] if label in VARIANTS else label
+        settings = cfg.model_settings(folder_config, model)
         for pruner in grid["pruners"]:
-            folder, folder_config = by_pruner[pruner]
-            settings = cfg.model_settings(folder_config, model)
             probes = probe_seconds(folder, settings, model, method, pruner)
             for target in grid["sparsities"]:
                 run = _run(folder, model, target, method, pruner)
@@ -239,17 +229,12 @@ def collect(
                     }
                 )
                 allocations[(label, pruner, target)] = run["budget"]["sparsities"]
-    dense = json.loads((args.workdir / f"results/{model}/dense/ppl.json").read_text())
+    dense = json.loads((folders["uniform"][0] / f"results/{model}/dense/ppl.json").read_text())
     return {
         "rows": pd.DataFrame(rows),
         "allocations": allocations,
         "dense": next(iter(dense["perplexity"].values())),
     }
-
-
-def _source_kind(label: str) -> str | None:
-    source = ALLOCATIONS[VARIANTS[label][0] if label in VARIANTS else label].source
-    return None if source is None else source.kind
 
 
 def _row(*cells: object) -> str:
@@ -334,9 +319,8 @@ def report(args: argparse.Namespace, config: dict, numbers: dict, wall: dict) ->
     lines += _header("method", "coalitions", "seconds", "x SparseGPT pass", "computed")
     for method in methods:
         runs = table[table["method"] == method]
-        searched = _source_kind(method) == "search"
-        per_run = "once per target and pruner" if searched else "once"
-        seconds = runs["seconds"].mean() if searched else runs["seconds"].max()
+        per_run = "once per target and pruner" if method == "atp" else "once"
+        seconds = runs["seconds"].mean() if method == "atp" else runs["seconds"].max()
         lines.append(
             _row(
                 NAMES.get(method, method),
@@ -348,10 +332,9 @@ def report(args: argparse.Namespace, config: dict, numbers: dict, wall: dict) ->
         )
     lines += [
         "",
-        f"One SparseGPT pass: {reference:.0f} s. ATP and SV-NUP-fit-tilt search for every "
-        "target and pruner (their rows are the mean search; SV-NUP-fit-tilt's adds the games of "
-        "its seed, which are played once); the other scores are computed once and reused for "
-        "every target and pruner.",
+        f"One SparseGPT pass: {reference:.0f} s. ATP searches for every target and pruner (its "
+        "row is the mean search); the other scores are computed once and reused for every target "
+        "and pruner.",
         "",
         f"## Per-block sparsity at the middle target ({shown})",
         "",
@@ -363,25 +346,6 @@ def report(args: argparse.Namespace, config: dict, numbers: dict, wall: dict) ->
         cells = [f"{numbers['allocations'][(m, shown, middle)][block]:.3f}" for m in methods]
         lines.append(_row(block, *cells))
     return lines
-
-
-def variant_runs(workdir: Path, config: dict, override: dict) -> dict:
-    """pruner (None: every pruner) -> (directory, config) of a variant's runs. A ``match``
-    probe runs each pruner where that pruner's games are played: the main directory for the
-    study's probe pruner, the directory of the variant that names the probe for another."""
-    if override.get("shapley", {}).get("probe_pruner") != cfg.MATCH:
-        label = next(name for name, (_, o) in VARIANTS.items() if o == override)
-        return {None: (workdir.with_name(f"{workdir.name}-{label}"), _merge(config, override))}
-    runs = {}
-    for pruner in config["targets"]["pruners"]:
-        named = _merge(override, {"shapley": {"probe_pruner": pruner}})
-        if pruner == config["shapley"]["probe_pruner"]:
-            folder = workdir
-        else:
-            label = next(name for name, (_, o) in VARIANTS.items() if o == named)
-            folder = workdir.with_name(f"{workdir.name}-{label}")
-        runs[pruner] = (folder, _merge(config, named))
-    return runs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -404,19 +368,15 @@ def main(argv: list[str] | None = None) -> int:
     targets = [f"results/{args.model}/summary.csv", reference]
     wall["main"] = run_snakemake(args.workdir, config, targets, args.cores)
     for method in config["targets"]["allocations"]:
-        folders[method] = {pruner: (args.workdir, config) for pruner in grid["pruners"]}
+        folders[method] = (args.workdir, config)
     for label in args.variants:
         method, override = VARIANTS[label]
-        folders[label] = {}
-        for pruner, (folder, variant) in variant_runs(args.workdir, config, override).items():
-            prepare(folder, args.model)
-            variant["targets"] = {**config["targets"], "allocations": [method]}
-            if pruner is not None:
-                variant["targets"]["pruners"] = [pruner]
-            step = label if pruner is None else f"{label} ({pruner})"
-            wall[step] = run_snakemake(folder, variant, targets[:1], args.cores)
-            for run_pruner in [pruner] if pruner else grid["pruners"]:
-                folders[label][run_pruner] = (folder, variant)
+        folder = args.workdir.with_name(f"{args.workdir.name}-{label}")
+        prepare(folder, args.model)
+        variant = _merge(config, override)
+        variant["targets"] = {**config["targets"], "allocations": [method]}
+        wall[label] = run_snakemake(folder, variant, targets[:1], args.cores)
+        folders[label] = (folder, variant)
     numbers = collect(args, config, folders)
     numbers["reference_seconds"] = json.loads((args.workdir / reference).read_text())["pruning"][
         "seconds"

@@ -39,8 +39,6 @@ rule search:
         "results/{model}/logs/search/{allocation}/{key}/s{sparsity}.log",
     benchmark:
         "results/{model}/benchmarks/search/{allocation}/{key}/s{sparsity}.tsv"
-    wildcard_constraints:
-        allocation="|".join(searches(seeded=False)),
     conda:
         "../envs/svnup.yaml"
     resources:
@@ -52,35 +50,6 @@ rule search:
     shell:
         "python -m svnup search --spec {params.spec:q} --model {params.model:q} "
         "--sparsity {params.target} "
-        "--device {resources.device} --batch-size {resources.batch_size} "
-        "--offload {resources.offload} --threads {threads} "
-        "--calibration {input.calibration} --out {output} > {log} 2>&1"
-
-
-rule seeded_search:
-    input:
-        calibration=lambda wc: calibration_path(wc.model, settings(wc)),
-        model=lambda wc: local_inputs(settings(wc)["path"]),
-        seed=search_seed,
-    output:
-        "results/{model}/search/{allocation}/{key}/s{sparsity}.json",
-    log:
-        "results/{model}/logs/search/{allocation}/{key}/s{sparsity}.log",
-    benchmark:
-        "results/{model}/benchmarks/search/{allocation}/{key}/s{sparsity}.tsv"
-    wildcard_constraints:
-        allocation="|".join(searches(seeded=True)),
-    conda:
-        "../envs/svnup.yaml"
-    resources:
-        **runtime_resources(),
-    params:
-        spec=search_spec_json,
-        target=target,
-        model=lambda wc: as_json(cfg.model_spec(settings(wc))),
-    shell:
-        "python -m svnup search --spec {params.spec:q} --model {params.model:q} "
-        "--sparsity {params.target} --seed {input.seed} "
         "--device {resources.device} --batch-size {resources.batch_size} "
         "--offload {resources.offload} --threads {threads} "
         "--calibration {input.calibration} --out {output} > {log} 2>&1"

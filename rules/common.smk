@@ -317,35 +317,12 @@ def metric_spec_json(wildcards):
     )
 
 
-def search_pruner(wildcards):
-    spec_of = lambda s, pruner: cfg.score_spec(s, wildcards.allocation, pruner)
-    return pruner_with_key(wildcards, spec_of, "search")
-
-
 def search_spec_json(wildcards):
     s = settings(wildcards)
-    return as_json(cfg.score_spec(s, wildcards.allocation, search_pruner(wildcards)))
-
-
-def searches(seeded):
-    """The allocation methods whose scores a search finds, with or without a seed method (two
-    rules: the unseeded rule's command predates seeds, so existing searches never re-run).
-    """
-    return [
-        method
-        for method, entry in ALLOCATIONS.items()
-        if entry.source is not None
-        and entry.source.kind == "search"
-        and (entry.source.seed is not None) == seeded
-    ]
-
-
-def search_seed(wildcards):
-    """The budget a seeded search starts from: the seed method's, same target and pruner."""
-    seed = ALLOCATIONS[wildcards.allocation].source.seed
-    pruner = search_pruner(wildcards)
-    return budget_path(
-        wildcards.model, settings(wildcards), seed, wildcards.sparsity, pruner
+    return _spec_with_key(
+        wildcards,
+        [cfg.score_spec(s, wildcards.allocation, p) for p in PRUNERS],
+        "search",
     )
 
 

@@ -37,8 +37,8 @@ STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
         ("spec", "model", "calibration?", "out"),
     ),
     "search": (
-        "search an allocation for one target (ATP, SV-NUP-fit-tilt)",
-        ("spec", "model", "sparsity", "calibration", "out", "seed?"),
+        "search an allocation for one target (ATP)",
+        ("spec", "model", "sparsity", "calibration", "out"),
     ),
     "budget": (
         "per-block sparsities for one target",
@@ -114,7 +114,6 @@ OPTION_HELP = {
     "summary": "summary CSV written by the summary stage",
     "shapley": "Shapley values (scores JSON) to plot",
     "budgets": "budgets (JSON) whose per-block sparsities to plot",
-    "seed": "the seed method's budget (JSON) a seeded search starts from",
 }
 JSON_OPTIONS = {"spec", "model", "estimator"}
 TEXT_OPTIONS = {"job", "name", "allocation", "pruner"}

@@ -301,11 +301,8 @@ def metric_spec(settings: dict, metric: str, params: dict) -> dict:
 
 def search_spec(settings: dict, method: str, params: dict, pruner: str) -> dict:
     """A search over allocations (the target is in the path): its candidates are allocations
-    within the bounds, pruned with ``pruner`` and scored on the calibration data. A seeded
-    search starts from the seed method's budget for the same target and pruner."""
-    from svnup.registry import ALLOCATIONS
-
-    spec = {
+    within the bounds, pruned with ``pruner`` and scored on the calibration data."""
+    return {
         "calibration": key(calibration_spec(settings)),
         "search": method,
         "pruner": pruner,
@@ -313,10 +310,6 @@ def search_spec(settings: dict, method: str, params: dict, pruner: str) -> dict:
         "max": settings["allocation"]["max"],
         **params,
     }
-    seed = ALLOCATIONS[method].source.seed
-    if seed is not None:
-        spec["seed"] = key(budget_spec(settings, seed, pruner))
-    return spec
 
 
 def at_probe(settings: dict, sparsity: float) -> dict:

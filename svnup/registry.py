@@ -52,15 +52,13 @@ class Source:
     ``kind`` is ``shapley`` (a Shapley stage; ``name`` is the estimator, None for the configured
     one), ``levels`` (the same at each of the probe sparsities in the method's ``levels``, as one
     [level, block] table), ``metric`` (a Metric of the dense model) or ``search`` (a search over
-    allocations for one target and pruner, starting from the allocation of method ``seed`` where
-    one is named). ``params`` names the method's parameters that the scores depend on; the others
-    only affect the mapping from scores to sparsities.
+    allocations for one target and pruner). ``params`` names the method's parameters that the
+    scores depend on; the others only affect the mapping from scores to sparsities.
     """
 
     kind: str
     name: str | None = None
     params: tuple[str, ...] = ()
-    seed: str | None = None
 
 
 @dataclass(frozen=True)
@@ -88,22 +86,6 @@ def _half_width(default: float, argument: str | None = "lam") -> Param:
         "half-width of the per-block density range around the target density",
         argument,
     )
-
-
-def _tilt_search_params() -> dict[str, Param]:
-    """The grid of a progression's common difference beta and how it is searched."""
-    return {
-        "step": Param(
-            0.002,
-            {"type": "number", "exclusiveMinimum": 0, "maximum": 0.1},
-            "grid step of the common difference beta",
-        ),
-        "strategy": Param(
-            "golden",
-            {"enum": ["golden", "grid"]},
-            "golden: golden-section search of the grid (a unimodal loss); grid: all of it",
-        ),
-    }
 
 
 PRUNERS: dict[str, Pruner] = {
@@ -206,14 +188,19 @@ ALLOCATIONS: dict[str, Allocation] = {
     "atp": Allocation(
         Source("search", "atp", params=("step", "strategy")),
         "svnup.allocation:offset_allocation",
-        _tilt_search_params(),
+        {
+            "step": Param(
+                0.002,
+                {"type": "number", "exclusiveMinimum": 0, "maximum": 0.1},
+                "grid step of the common difference beta",
+            ),
+            "strategy": Param(
+                "golden",
+                {"enum": ["golden", "grid"]},
+                "golden: golden-section search of the grid (a unimodal loss); grid: all of it",
+            ),
+        },
         "ATP (Huang et al., ICML 2025; wzhuang-xmu/ATP): arithmetic progression over depth",
-    ),
-    "svnup-fit-tilt": Allocation(
-        Source("search", "svnup-fit-tilt", params=("step", "strategy"), seed="svnup-fit"),
-        "svnup.allocation:offset_allocation",
-        _tilt_search_params(),
-        "svnup: the SV-NUP-fit allocation plus ATP's depth progression, its slope searched",
     ),
     "uniform": Allocation(None, "svnup.allocation:uniform_allocation", {}, "the same sparsity"),
 }

@@ -334,19 +334,11 @@ def metric(spec: dict, runtime: dict, model: dict, calibration: Path | None, out
 
 
 def search(
-    spec: dict,
-    runtime: dict,
-    model: dict,
-    sparsity: float,
-    calibration: Path,
-    out: Path,
-    seed: Path | None = None,
+    spec: dict, runtime: dict, model: dict, sparsity: float, calibration: Path, out: Path
 ) -> None:
-    """A search along ATP's progression: per-block sparsities base + beta * (b - (L-1)/2) with
-    the lowest calibration loss after pruning with the run's pruner. ``base`` is the target
-    (ATP) or, for a seeded method, the seed method's budget, whose beta = 0 is a candidate too.
-    The grid of beta is the reference's, step, 2 * step, ... up to the largest beta that keeps
-    the plain progression within [0, 1].
+    """ATP's search: the common difference beta of per-block sparsities S + beta * (b - (L-1)/2)
+    with the lowest calibration loss after pruning with the run's pruner, on the reference's grid
+    beta = step, 2 * step, ... up to the largest beta that keeps every block in [0, 1].
 
     The reference scans the grid and picks by WikiText-2 test perplexity. svnup picks by the NLL
     of the calibration sequences, so the test set never chooses a hyper-parameter, and by default
@@ -361,8 +353,7 @@ def search(
 
     ids, _, meta = load_statistics(calibration)
     n_blocks, params = meta["n_blocks"], np.asarray(meta["block_params"], dtype=np.float64)
-    base, seed_meta = _search_base(spec, seed, sparsity, n_blocks)
-    grid = ([0.0] if seed is not None else []) + atp_grid(n_blocks, sparsity, spec["step"])
+    grid = atp_grid(n_blocks, sparsity, spec["step"])
     depth = np.arange(n_blocks) - (n_blocks - 1) / 2
     journal = JsonLines(Path(out).with_suffix(".journal"))
     done = {row["beta"]: row for row in journal.rows()}
@@ -375,7 +366,7 @@ def search(
                 state["engine"], _ = _load(model, runtime, with_tokenizer=False)
                 state["dense"] = _linear_weights(state["engine"])
             sparsities = allocate(
-                spec["search"], base + beta * depth, params, sparsity, (spec["min"], spec["max"])
+                spec["search"], beta * depth, params, sparsity, (spec["min"], spec["max"])
             )
             start = time.perf_counter()
             nll = prune_and_score(state["engine"], ids, sparsities.tolist(), spec["pruner"])
@@ -390,47 +381,19 @@ def search(
     else:
         best = unimodal_argmin(loss, len(grid))
     candidates = [done[beta] for beta in grid if beta in done]
-    search_seconds = sum(c["seconds"] for c in candidates)
     write_scores(
         out,
-        base + grid[best] * depth,
+        grid[best] * depth,
         source=f"search:{spec['search']}",
         spec=spec,
         target=sparsity,
         beta=grid[best],
         grid=grid,
         candidates=candidates,
-        search_seconds=search_seconds,
-        n_coalitions=seed_meta.get("n_coalitions"),
-        seconds=search_seconds + (seed_meta.get("seconds") or 0.0),
+        seconds=sum(c["seconds"] for c in candidates),
         versions=versions(),
     )
     journal.remove()
-
-
-def _search_base(
-    spec: dict, seed: Path | None, sparsity: float, n_blocks: int
-) -> tuple[np.ndarray, dict]:
-    """The offsets a search starts from (zero, or the seed budget's minus the target) and the
-    seed's scores record (what they cost), after checking the seed is the one the spec names."""
-    if ("seed" in spec) != (seed is not None):
-        raise ValueError(
-            f"search {spec['search']!r} "
-            + ("needs --seed (the seed method's budget)" if seed is None else "takes no --seed")
-        )
-    if seed is None:
-        return np.zeros(n_blocks), {}
-    from svnup.config import key
-
-    budget = read_json(seed)
-    if key(budget["spec"]) != spec["seed"] or budget["target"] != sparsity:
-        raise ValueError(
-            f"{seed} is not the seed this search names (budget key {spec['seed']} at target "
-            f"{sparsity}); pass the seed method's budget for the same target and pruner"
-        )
-    if len(budget["sparsities"]) != n_blocks:
-        raise ValueError(f"{seed} has {len(budget['sparsities'])} blocks, the model {n_blocks}")
-    return np.asarray(budget["sparsities"], dtype=np.float64) - sparsity, budget["scores"]
 
 
 def _linear_weights(engine) -> list[dict]:

@@ -14,7 +14,7 @@ import inspect
 import pytest
 import torch
 import yaml
-from workflow_fixture import calibrated_project
+from workflow_fixture import build_project
 
 from svnup import config as cfg
 from svnup import export, stages
@@ -46,9 +46,17 @@ RUNTIME = {"device": "cpu", "batch_size": 4, "offload": "auto"}
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory) -> dict:
     """A tiny LLaMA pruned by the prune stage with a non-uniform SV-NUP budget."""
-    root = tmp_path_factory.mktemp("export")
-    calibration_spec, calibration = calibrated_project(root, N_LAYERS, RUNTIME)
-    model = calibration_spec["model"]
+    root = build_project(tmp_path_factory.mktemp("export"), n_layers=N_LAYERS)
+    model = {"path": str(root / "tiny"), "dtype": "float32"}
+    calibration_spec = {
+        "model": model,
+        "seqlen": 32,
+        "dataset": str(root / "data" / "train.jsonl"),
+        "nsamples": 4,
+        "seed": 0,
+    }
+    calibration = root / "calibration.h5"
+    stages.calibrate(calibration_spec, RUNTIME, calibration)
     scores = root / "scores.json"
     write_scores(scores, [0.1, 0.9, 0.4])
     budget_spec = {"method": "svnup", "min": 0.0, "max": 0.99, "lambda": 0.2, "scores": "k"}

@@ -78,24 +78,6 @@ def build_project(root: Path, n_layers: int = 6) -> Path:
     return root
 
 
-def calibrated_project(root: Path, n_layers: int, runtime: dict) -> tuple[dict, Path]:
-    """A project (``build_project``) and its calibration record: 4 windows of 32 tokens."""
-    from svnup import stages
-
-    build_project(root, n_layers=n_layers)
-    model = {"path": str(root / "tiny"), "dtype": "float32"}
-    calibration_spec = {
-        "model": model,
-        "seqlen": 32,
-        "dataset": str(root / "data" / "train.jsonl"),
-        "nsamples": 4,
-        "seed": 0,
-    }
-    calibration = root / "calibration.h5"
-    stages.calibrate(calibration_spec, runtime, calibration)
-    return calibration_spec, calibration
-
-
 def write_config(root: Path, config: dict) -> None:
     (root / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
