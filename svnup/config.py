@@ -51,6 +51,7 @@ def _schema() -> dict:
     defs["allocation_method"]["enum"] = list(ALLOCATIONS)
     defs["pruner"]["enum"] = list(PRUNERS)
     defs["shapley"]["properties"]["estimator"]["enum"] = list(ESTIMATORS)
+    defs["shapley"]["properties"]["probe_pruner"]["enum"] = [*PRUNERS, MATCH]
     sections = defs["allocation"]["properties"]
     for method, entry in ALLOCATIONS.items():
         if entry.params:

@@ -20,10 +20,18 @@ def test_schema_enums_come_from_the_registries():
     assert defs["allocation_method"]["enum"] == list(ALLOCATIONS)
     assert defs["pruner"]["enum"] == list(PRUNERS)
     assert defs["shapley"]["properties"]["estimator"]["enum"] == list(ESTIMATORS)
+    assert defs["shapley"]["properties"]["probe_pruner"]["enum"] == [*PRUNERS, cfg.MATCH]
     sections = defs["allocation"]["properties"]
     for method, entry in ALLOCATIONS.items():
         if entry.params:
             assert set(sections[method]["properties"]) == set(entry.params), method
+
+
+def test_every_pruner_can_probe_a_game():
+    """``shapley.probe_pruner`` accepts every registered pruner, so each needs a probe."""
+    from svnup.calibration import PROBE_PRUNERS
+
+    assert set(PROBE_PRUNERS) == set(PRUNERS)
 
 
 def test_every_implementation_resolves():
@@ -53,6 +61,7 @@ def test_config_defaults_and_overrides():
     [
         (("allocation", "method"), "random", "config key 'allocation.method'"),
         (("pruner",), "obs", "config key 'pruner'"),
+        (("shapley", "probe_pruner"), "obs", "config key 'shapley.probe_pruner'"),
         (("allocation", "dlp"), {"alpha": -1}, "config key 'allocation.dlp.alpha'"),
         (("allocation", "atp"), {"beta": 0.1}, "config key 'allocation.atp.beta': unknown key"),
         (("targets", "allocations"), ["owl", "random"], "config key 'targets.allocations.1'"),
