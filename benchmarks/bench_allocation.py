@@ -52,6 +52,13 @@ VARIANTS = {
     "svnup-permutation": ("svnup", {"shapley": {"estimator": "permutation"}}),
     "svnup-fit-sparsegpt": ("svnup-fit", {"shapley": {"probe_pruner": "sparsegpt"}}),
     "svnup-fit-swsv": ("svnup-fit", {"shapley": {"estimator": "swsv"}}),
+    "svnup-fit-loi-sparsegpt": (
+        "svnup-fit",
+        {
+            "shapley": {"estimator": "loi", "probe_pruner": "sparsegpt"},
+            "allocation": {"svnup-fit": {"levels": [0.4, 0.5, 0.6]}},
+        },
+    ),
 }
 # The recommended allocation of a pruner whose probe is not the config's (README: the game's probe
 # pruner is the pruner the model is pruned with).
@@ -69,6 +76,7 @@ NAMES = {
     "svnup-permutation": "SV-NUP (permutation)",
     "svnup-fit-sparsegpt": "SV-NUP-fit (SparseGPT probe)",
     "svnup-fit-swsv": "SV-NUP-fit (SWSV games)",
+    "svnup-fit-loi-sparsegpt": "SV-NUP-fit (leave-one-in, SparseGPT probe)",
 }
 
 
