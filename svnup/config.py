@@ -257,13 +257,18 @@ def games(settings: dict) -> list[dict]:
 
 
 def store_spec(settings: dict) -> dict:
-    """Identity of a coalition store: what a coalition's raw NLL depends on (not the estimator)."""
+    """Identity of a coalition store: what a coalition's raw NLL depends on (not the estimator).
+
+    ``targets`` enters only when it is not the text's tokens, so stores from before the option
+    keep their keys."""
     shapley = settings["shapley"]
     spec = {
         "calibration": key(calibration_spec(settings)),
         "ablation": shapley["ablation"],
         "eval_samples": shapley["eval_samples"],
     }
+    if shapley["targets"] != "text":
+        spec["targets"] = shapley["targets"]
     if shapley["ablation"] == "prune":
         spec["probe"] = key(probe_spec(settings))
     return spec

@@ -1,8 +1,9 @@
 """Coalition evaluation with shared prefixes.
 
 A coalition is the bitmask of ablated blocks. Its raw result is the summed next-token NLL of the
-Shapley evaluation set when those blocks are ablated and every other block is dense. Coalitions are
-walked as a trie over blocks 0..L-1: all coalitions that agree on blocks 0..b-1 share the hidden
+Shapley evaluation set when those blocks are ablated and every other block is dense, against the
+text's next tokens or (``targets="dense"``) the dense model's next-token distributions. Coalitions
+are walked as a trie over blocks 0..L-1: all coalitions that agree on blocks 0..b-1 share the hidden
 states entering block b, so a coalition that ablates blocks 9 and 11 starts from the dense states
 at block 9, and the sibling coalitions of a window share every forward up to where they differ.
 Ablation is applied in place by swapping weight tensors; the model is never copied.
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 from svnup.models import BlockKwargs, BlockModel, linear_layers
 
 ABLATIONS = ("prune", "skip")
+TARGETS = ("text", "dense")
 
 ResultCallback = Callable[[int, float, int, float], None]
 
@@ -55,7 +57,10 @@ class CoalitionEvaluator:
 
     ``probes[b][layer]`` defines the ``prune`` ablation of block b: a bool mask (True = pruned) or
     the weight the layer takes (see ``svnup.calibration``); the ``skip`` ablation replaces the
-    block by the identity (the residual stream passes through).
+    block by the identity (the residual stream passes through). With ``targets="dense"`` a
+    coalition's NLL is the cross-entropy to the dense model's next-token distributions: its KL
+    divergence from the dense model plus a constant (the dense entropy), which cancels in every
+    marginal contribution. It is measured on every vocabulary entry, not one sampled token.
     """
 
     def __init__(
@@ -64,15 +69,20 @@ class CoalitionEvaluator:
         input_ids: torch.Tensor,
         ablation: str = "prune",
         probes: dict[int, dict[str, torch.Tensor]] | None = None,
+        targets: str = "text",
     ) -> None:
         if ablation not in ABLATIONS:
             raise ValueError(f"unknown ablation {ablation!r}; choose one of {', '.join(ABLATIONS)}")
+        if targets not in TARGETS:
+            raise ValueError(f"unknown targets {targets!r}; choose one of {', '.join(TARGETS)}")
         if ablation == "prune" and probes is None:
             raise ValueError("ablation 'prune' needs probes for the ablated blocks")
         self.model = model
         self.input_ids = input_ids
         self.ablation = ablation
         self.probes = probes or {}
+        self.targets = targets
+        self._reference: torch.Tensor | None = None
         self._pruned: dict[int, dict[str, torch.Tensor]] = {}
         self.block_forwards = 0
 
@@ -143,7 +153,8 @@ class CoalitionEvaluator:
         clock = [time.perf_counter()]
 
         def finish(mask: int, hidden: torch.Tensor) -> None:
-            nll = float(self.model.sequence_nll(hidden, self.input_ids).sum())
+            nll = self.model.sequence_nll(hidden, self.input_ids, reference=self._reference)
+            nll = float(nll.sum())
             now = time.perf_counter()
             on_result(mask, nll, self.n_tokens, now - clock[0])
             clock[0] = now
@@ -163,6 +174,12 @@ class CoalitionEvaluator:
             finish(group[0], hidden)
 
         hidden, kwargs = self.model.embed(self.input_ids)
+        reference_forwards = 0
+        if self.targets == "dense" and self._reference is None:
+            self._reference = hidden
+            for index in range(n_blocks):
+                self._reference = self._forward(index, self._reference, kwargs, False)
+            reference_forwards = n_blocks
         box = [hidden]
         del hidden
         walk(0, box, masks)
@@ -170,6 +187,6 @@ class CoalitionEvaluator:
         return EvaluationStats(
             coalitions=len(masks),
             block_forwards=self.block_forwards,
-            naive_block_forwards=sum(self.naive_forwards(m) for m in masks),
+            naive_block_forwards=reference_forwards + sum(self.naive_forwards(m) for m in masks),
             seconds=time.perf_counter() - start,
         )

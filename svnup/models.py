@@ -290,15 +290,31 @@ class BlockModel:
             hidden = self.forward_block(index, hidden, kwargs)
         return hidden
 
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 next-token logits of the last block's output (soft cap applied as the model's
+        forward applies it: in the model's dtype)."""
+        for module in self._stage(self.family.outputs):
+            hidden = module(hidden)
+        logits = _get(self.model, self.family.head)(hidden)
+        if self.logit_softcap is not None:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits.float()
+
     @torch.no_grad()
     def sequence_nll(
-        self, hidden: torch.Tensor, input_ids: torch.Tensor, chunk_tokens: int = 4096
+        self,
+        hidden: torch.Tensor,
+        input_ids: torch.Tensor,
+        chunk_tokens: int = 4096,
+        reference: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Summed next-token NLL of each sequence (float64 [N]) from the last block's output.
 
+        With ``reference`` (another last-block output of the same sequences, such as the dense
+        model's), the targets are its next-token distributions instead of the text's tokens: the
+        cross-entropy H(p_ref, p), which is KL(p_ref || p) plus the reference's own entropy.
         Logits are produced ``chunk_tokens`` at a time so a large vocabulary at a long sequence
-        length never materialises the whole float32 logit tensor. A soft cap is applied as the
-        model's forward applies it: in the model's dtype, before the float32 cross-entropy.
+        length never materialises the whole float32 logit tensor.
         """
         head = _get(self.model, self.family.head)
         outputs = self._stage(self.family.outputs)
@@ -308,19 +324,16 @@ class BlockModel:
         sums = torch.zeros(n, dtype=torch.float64)
         with self.on_device(head, *outputs):
             for start in range(0, n, rows_per_chunk):
-                h = hidden[start : start + rows_per_chunk, :-1]
-                for module in outputs:
-                    h = module(h)
-                logits = head(h)
-                if self.logit_softcap is not None:
-                    logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
-                logits = logits.float()
-                nll = F.cross_entropy(
-                    logits.flatten(0, 1),
-                    targets[start : start + rows_per_chunk].flatten(),
-                    reduction="none",
-                ).view(logits.shape[:2])
-                sums[start : start + rows_per_chunk] = nll.double().sum(dim=1).cpu()
+                rows = slice(start, start + rows_per_chunk)
+                logits = self._logits(hidden[rows, :-1])
+                if reference is None:
+                    nll = F.cross_entropy(
+                        logits.flatten(0, 1), targets[rows].flatten(), reduction="none"
+                    ).view(logits.shape[:2])
+                else:
+                    expected = self._logits(reference[rows, :-1].to(logits.device)).softmax(-1)
+                    nll = -(expected * logits.log_softmax(-1)).sum(-1)
+                sums[rows] = nll.double().sum(dim=1).cpu()
         return sums
 
 

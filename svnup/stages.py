@@ -212,7 +212,11 @@ def _coalition_evaluator(model, runtime, spec, ids, masks, n_blocks, wanted):
     ablated = {b for m in wanted for b in range(n_blocks) if (m >> b) & 1}
     probes = load_probe(masks, ablated)[0] if spec["ablation"] == "prune" else None
     return CoalitionEvaluator(
-        engine, ids[: spec["eval_samples"]], ablation=spec["ablation"], probes=probes
+        engine,
+        ids[: spec["eval_samples"]],
+        ablation=spec["ablation"],
+        probes=probes,
+        targets=spec.get("targets", "text"),
     )
 
 

@@ -47,8 +47,8 @@ def tiny6(tiny6_path):
 
 
 @torch.no_grad()
-def _naive_nll(model: nn.Module, ids: torch.Tensor, mask: int, ablation: str, probes) -> float:
-    """Summed next-token NLL of a plain HF forward with the blocks of ``mask`` ablated."""
+def _naive_logits(model: nn.Module, ids: torch.Tensor, mask: int, ablation: str, probes):
+    """Logits of a plain HF forward with the blocks of ``mask`` ablated."""
     layers = model.model.layers
     dense = {}
     ablated = [b for b in range(len(layers)) if (mask >> b) & 1]
@@ -60,11 +60,16 @@ def _naive_nll(model: nn.Module, ids: torch.Tensor, mask: int, ablation: str, pr
                 dense[b, name] = layer.weight.data.clone()
                 layer.weight.data.masked_fill_(probes[b][name], 0)
     try:
-        logits = model(input_ids=ids, use_cache=False).logits
+        return model(input_ids=ids, use_cache=False).logits
     finally:
         model.model.layers = layers
         for (b, name), weight in dense.items():
             linear_layers(layers[b])[name].weight.data.copy_(weight)
+
+
+def _naive_nll(model: nn.Module, ids: torch.Tensor, mask: int, ablation: str, probes) -> float:
+    """Summed next-token NLL of a plain HF forward with the blocks of ``mask`` ablated."""
+    logits = _naive_logits(model, ids, mask, ablation, probes)
     nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
     return float(nll.double().sum())
 
@@ -121,6 +126,37 @@ def test_tiny_llama_matches_naive_forwards(tiny6_path, tiny6, ablation):
     assert stats.block_forwards < stats.naive_block_forwards
     naive = sum(N_BLOCKS - (bin(m).count("1") if skip else 0) for m in masks)
     assert stats.naive_block_forwards == naive
+
+
+@pytest.mark.parametrize("ablation", ["prune", "skip"])
+def test_dense_targets_measure_kl_to_the_dense_model(tiny6_path, tiny6, ablation):
+    """targets="dense": each coalition's loss exceeds the all-dense one by its summed KL
+    divergence from the dense model's next-token distributions (F.kl_div of naive forwards)."""
+    engine, probes = tiny6
+    reference = AutoModelForCausalLM.from_pretrained(tiny6_path).eval()
+    ids = _ids(5, 20, seed=4)
+    masks = [0, *SCATTERED]
+    evaluator = CoalitionEvaluator(engine, ids, ablation, probes, targets="dense")
+    results, stats = _evaluate(evaluator, masks)
+
+    dense = F.log_softmax(_naive_logits(reference, ids, 0, ablation, probes)[:, :-1].double(), -1)
+    entropy = float(-(dense.exp() * dense).sum())
+    assert results[0] == pytest.approx(entropy, rel=1e-5)
+    for mask in SCATTERED:
+        logits = _naive_logits(reference, ids, mask, ablation, probes)[:, :-1].double()
+        kl = F.kl_div(F.log_softmax(logits, -1), dense, log_target=True, reduction="sum")
+        # float32 logits: the difference of two sums of ~100 nats keeps about 1e-6 nats
+        assert results[mask] - results[0] == pytest.approx(float(kl), abs=2e-5), f"{mask:#08b}"
+        assert float(kl) > 0
+    # One dense pass for the targets, then the trie.
+    trie = trie_forwards(masks, N_BLOCKS, ablation == "skip")
+    assert stats.block_forwards == N_BLOCKS + trie
+
+
+def test_unknown_targets_raise(tiny6):
+    engine, probes = tiny6
+    with pytest.raises(ValueError, match="unknown targets 'tokens'; choose one of text, dense"):
+        CoalitionEvaluator(engine, _ids(2, 8, seed=3), "prune", probes, targets="tokens")
 
 
 @pytest.mark.parametrize(("ablation", "expected"), [("prune", 47), ("skip", 32)])

@@ -317,6 +317,27 @@ def test_window_change_evaluates_only_missing_coalitions(project):
     assert "coalitions" not in planned_jobs(project)
 
 
+def test_dense_targets_are_a_store_of_their_own(project):
+    """``targets: dense`` re-plays the games into a new store on the same calibration and probe;
+    the text-target store keeps its key, so reverting re-runs nothing."""
+    text = _ppl(project, "results/tiny/s0.5/ppl.json")["budget"]
+    write_config(project, tiny_config(**{"shapley.targets": "dense"}))
+    plan = planned_jobs(project)
+    assert plan["coalitions"] >= 1 and not {"calibrate", "probe"} & plan.keys(), plan
+    snakemake(project, "--cores", "2")
+    dense = _ppl(project, "results/tiny/s0.5/ppl.json")["budget"]
+    assert dense["spec"]["scores"] != text["spec"]["scores"]
+    assert dense["sparsities"] != text["sparsities"]
+    with chdir(project):
+        stores = {
+            cfg.key(cfg.store_spec(cfg.model_settings(tiny_config(**o), "tiny")))
+            for o in ({}, {"shapley.targets": "dense"})
+        }
+    assert {p.name for p in (project / "results/tiny/coalitions").iterdir()} >= stores
+    write_config(project, tiny_config())
+    assert not {"coalitions", "shapley", "budget"} & planned_jobs(project).keys()
+
+
 def test_sparsegpt_probe_plays_a_game_of_its_own(project):
     """``probe_pruner: sparsegpt`` is a new probe, store and game; reverting re-runs nothing."""
     wanda = _ppl(project, "results/tiny/s0.5/ppl.json")["budget"]

@@ -30,6 +30,7 @@ def tiny_config(**overrides) -> dict:
             "probe_sparsity": 0.5,
             "probe_pruner": "wanda",
             "value": "neg_nll",
+            "targets": "text",
         },
         "allocation": {
             "method": "svnup",
