@@ -52,6 +52,11 @@ VARIANTS = {
     "svnup-permutation": ("svnup", {"shapley": {"estimator": "permutation"}}),
     "svnup-fit-sparsegpt": ("svnup-fit", {"shapley": {"probe_pruner": "sparsegpt"}}),
     "svnup-fit-swsv": ("svnup-fit", {"shapley": {"estimator": "swsv"}}),
+    "svnup-fit-kl": ("svnup-fit", {"shapley": {"targets": "dense"}}),
+    "svnup-fit-kl-sparsegpt": (
+        "svnup-fit",
+        {"shapley": {"targets": "dense", "probe_pruner": "sparsegpt"}},
+    ),
     "svnup-fit-loi-sparsegpt": (
         "svnup-fit",
         {
@@ -76,6 +81,8 @@ NAMES = {
     "svnup-permutation": "SV-NUP (permutation)",
     "svnup-fit-sparsegpt": "SV-NUP-fit (SparseGPT probe)",
     "svnup-fit-swsv": "SV-NUP-fit (SWSV games)",
+    "svnup-fit-kl": "SV-NUP-fit (KL games)",
+    "svnup-fit-kl-sparsegpt": "SV-NUP-fit (KL games, SparseGPT probe)",
     "svnup-fit-loi-sparsegpt": "SV-NUP-fit (leave-one-in, SparseGPT probe)",
 }
 
