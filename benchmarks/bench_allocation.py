@@ -57,13 +57,6 @@ VARIANTS = {
         "svnup-fit",
         {"shapley": {"targets": "dense", "probe_pruner": "sparsegpt"}},
     ),
-    "svnup-fit-loi-sparsegpt": (
-        "svnup-fit",
-        {
-            "shapley": {"estimator": "loi", "probe_pruner": "sparsegpt"},
-            "allocation": {"svnup-fit": {"levels": [0.4, 0.5, 0.6]}},
-        },
-    ),
 }
 # The recommended allocation of a pruner whose probe is not the config's (README: the game's probe
 # pruner is the pruner the model is pruned with).
@@ -83,7 +76,6 @@ NAMES = {
     "svnup-fit-swsv": "SV-NUP-fit (SWSV games)",
     "svnup-fit-kl": "SV-NUP-fit (KL games)",
     "svnup-fit-kl-sparsegpt": "SV-NUP-fit (KL games, SparseGPT probe)",
-    "svnup-fit-loi-sparsegpt": "SV-NUP-fit (leave-one-in, SparseGPT probe)",
 }
 
 

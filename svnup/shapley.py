@@ -249,39 +249,11 @@ class LeaveOneOut:
         return ShapleyResult(values, None, len(cache))
 
 
-class LeaveOneIn:
-    """v({i}) - v({}): the gain from restoring one block when every other block is ablated.
-
-    The mirror of leave-one-out: each block's marginal contribution at the far end of the game,
-    where the rest of the model is pruned, as it is when the whole model is pruned to a target.
-    It is the first term of every permutation that starts with the block.
-    """
-
-    name = "loi"
-
-    def __init__(self, n_blocks: int) -> None:
-        self.n_blocks = _check_count(n_blocks, "n_blocks")
-
-    def _all_ablated(self) -> int:
-        return (1 << self.n_blocks) - 1
-
-    def coalitions(self) -> list[int]:
-        full = self._all_ablated()
-        return sorted([full] + [full ^ (1 << i) for i in range(self.n_blocks)])
-
-    def estimate(self, value: Value) -> ShapleyResult:
-        cache = _evaluate(value, self.coalitions())
-        full = self._all_ablated()
-        values = np.array([cache[full ^ (1 << i)] - cache[full] for i in range(self.n_blocks)])
-        return ShapleyResult(values, None, len(cache))
-
-
 ESTIMATORS: dict[str, type] = {
     "exact": Exact,
     "swsv": SlidingWindow,
     "permutation": Permutation,
     "loo": LeaveOneOut,
-    "loi": LeaveOneIn,
 }
 
 

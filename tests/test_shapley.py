@@ -12,7 +12,6 @@ import pytest
 
 from svnup.shapley import (
     Exact,
-    LeaveOneIn,
     LeaveOneOut,
     Permutation,
     SlidingWindow,
@@ -60,7 +59,6 @@ A6 = np.array([0.5, -0.2, 1.5, 0.0, 0.7, 2.0])
         SlidingWindow(6, width=4, stride=3),
         SlidingWindow(6, width=6),
         LeaveOneOut(6),
-        LeaveOneIn(6),
         Permutation(6, n_permutations=8),
         Permutation(6, n_permutations=3, antithetic=False),
     ],
@@ -81,7 +79,6 @@ def test_symmetric_game_gives_equal_values():
         swsv = SlidingWindow(n, width=width).estimate(value).values
         np.testing.assert_allclose(swsv, np.full(n, (f[n] - f[n - width]) / width), atol=1e-12)
     np.testing.assert_allclose(LeaveOneOut(n).estimate(value).values, np.full(n, f[n] - f[n - 1]))
-    np.testing.assert_allclose(LeaveOneIn(n).estimate(value).values, np.full(n, f[1] - f[0]))
 
 
 def test_pairwise_interaction_split_by_hand():
@@ -187,11 +184,10 @@ def test_masks_beyond_64_blocks():
     game = additive_game(a)
     swsv = SlidingWindow(n, width=3)
     assert max(swsv.coalitions()) == 0b111 << 67
-    loo, loi, perm = LeaveOneOut(n), LeaveOneIn(n), Permutation(n, n_permutations=4)
+    loo, perm = LeaveOneOut(n), Permutation(n, n_permutations=4)
     assert 1 << 69 in loo.coalitions()
-    assert ((1 << 70) - 1) ^ (1 << 69) in loi.coalitions()
     assert (1 << 70) - 1 in perm.coalitions()
-    for est in (swsv, loo, loi, perm):
+    for est in (swsv, loo, perm):
         np.testing.assert_allclose(est.estimate(game).values, a, atol=1e-9)
     with pytest.raises(ValueError, match="n_blocks <= 20"):
         Exact(n)
@@ -246,13 +242,7 @@ def test_swsv_coalition_count_matches_brute_force():
 
 @pytest.mark.parametrize(
     "estimator",
-    [
-        Exact(4),
-        SlidingWindow(7, width=3, stride=2),
-        Permutation(7, 10),
-        LeaveOneOut(7),
-        LeaveOneIn(7),
-    ],
+    [Exact(4), SlidingWindow(7, width=3, stride=2), Permutation(7, 10), LeaveOneOut(7)],
     ids=lambda e: e.name,
 )
 def test_estimate_evaluates_each_listed_coalition_once(estimator):
@@ -270,7 +260,6 @@ def test_estimate_evaluates_each_listed_coalition_once(estimator):
 def test_coalition_counts():
     assert len(Exact(5).coalitions()) == 32
     assert LeaveOneOut(5).coalitions() == [0, 1, 2, 4, 8, 16]
-    assert LeaveOneIn(3).coalitions() == [0b011, 0b101, 0b110, 0b111]
 
 
 def test_make_estimator():
@@ -279,7 +268,6 @@ def test_make_estimator():
     assert swsv.windows == [(0, 2), (2, 4), (4, 6), (6, 8)]
     assert make_estimator("permutation", 5, n_permutations=4, seed=1).permutations.shape == (4, 5)
     assert isinstance(make_estimator("loo", 3), LeaveOneOut)
-    assert isinstance(make_estimator("loi", 3), LeaveOneIn)
     with pytest.raises(ValueError, match="exact.*loo.*permutation.*swsv"):
         make_estimator("banzhaf", 4)
     with pytest.raises(ValueError, match="unknown parameters.*'window'"):
@@ -291,14 +279,3 @@ def test_make_estimator():
 def test_no_torch_import():
     code = "import sys, svnup.shapley; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
-
-
-def test_leave_one_in_is_the_marginal_with_every_other_block_ablated():
-    # A pairwise game: restoring block i alone gains its own term only; its interaction with j
-    # needs j restored too, so it counts in leave-one-out (all others dense) and not here.
-    a = np.array([0.1, 0.2, 0.3, 0.4])
-    game = pairwise_game(a, {(1, 2): 1.0})
-    np.testing.assert_allclose(LeaveOneIn(4).estimate(game).values, a, atol=1e-12)
-    np.testing.assert_allclose(
-        LeaveOneOut(4).estimate(game).values, a + [0.0, 1.0, 1.0, 0.0], atol=1e-12
-    )
