@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -138,6 +139,18 @@ def prepare(workdir: Path, model: str) -> None:
         with C4.open() as source:
             lines = [next(source) for _ in range(CALIBRATION_DOCS)]
         calib.write_text("".join(lines))
+
+
+def share_dense(source: Path, folder: Path, model: str) -> None:
+    """Copy the dense model's evaluations from the main folder into a variant's. They are keyed by
+    content (the model and the evaluation spec), so they are the same in every folder, and at full
+    WikiText-2 length each costs as much as a pruned run's evaluation."""
+    dense = source / "results" / model / "runs" / "dense"
+    for path in dense.rglob("*.json"):
+        target = folder / path.relative_to(source)
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
 
 
 def _merge(base: dict, override: dict) -> dict:
@@ -380,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         method, override = VARIANTS[label]
         folder = args.workdir.with_name(f"{args.workdir.name}-{label}")
         prepare(folder, args.model)
+        share_dense(args.workdir, folder, args.model)
         variant = _merge(config, override)
         variant["targets"] = {**config["targets"], "allocations": [method]}
         wall[label] = run_snakemake(folder, variant, targets[:1], args.cores)
