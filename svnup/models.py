@@ -197,6 +197,11 @@ class BlockModel:
     def n_blocks(self) -> int:
         return len(self.blocks)
 
+    @property
+    def vocab_size(self) -> int:
+        """Entries of the output head's next-token distribution."""
+        return _get(self.model, self.family.head).out_features
+
     def _decide_offload(self, offload: bool | str) -> bool:
         if offload != "auto":
             return bool(offload)
@@ -300,6 +305,24 @@ class BlockModel:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits.float()
 
+    def _row_chunks(self, input_ids: torch.Tensor, chunk_tokens: int) -> list[slice]:
+        n, seqlen = input_ids.shape
+        step = max(1, chunk_tokens // seqlen)
+        return [slice(start, start + step) for start in range(0, n, step)]
+
+    @torch.no_grad()
+    def next_token_probs(
+        self, hidden: torch.Tensor, input_ids: torch.Tensor, chunk_tokens: int = 4096
+    ) -> list[torch.Tensor]:
+        """Float32 next-token distributions of a last-block output, one tensor per row chunk of
+        ``sequence_nll`` (pass them as its ``reference_probs``)."""
+        head = _get(self.model, self.family.head)
+        with self.on_device(head, *self._stage(self.family.outputs)):
+            return [
+                self._logits(hidden[rows, :-1].to(self.device)).softmax(-1)
+                for rows in self._row_chunks(input_ids, chunk_tokens)
+            ]
+
     @torch.no_grad()
     def sequence_nll(
         self,
@@ -307,31 +330,35 @@ class BlockModel:
         input_ids: torch.Tensor,
         chunk_tokens: int = 4096,
         reference: torch.Tensor | None = None,
+        reference_probs: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Summed next-token NLL of each sequence (float64 [N]) from the last block's output.
 
         With ``reference`` (another last-block output of the same sequences, such as the dense
         model's), the targets are its next-token distributions instead of the text's tokens: the
         cross-entropy H(p_ref, p), which is KL(p_ref || p) plus the reference's own entropy.
+        ``reference_probs`` are those distributions computed once by ``next_token_probs`` (same
+        ``chunk_tokens``), for a caller that scores many outputs against one reference.
         Logits are produced ``chunk_tokens`` at a time so a large vocabulary at a long sequence
         length never materialises the whole float32 logit tensor.
         """
         head = _get(self.model, self.family.head)
         outputs = self._stage(self.family.outputs)
-        n, seqlen = input_ids.shape
-        rows_per_chunk = max(1, chunk_tokens // seqlen)
         targets = input_ids[:, 1:].to(self.device)
-        sums = torch.zeros(n, dtype=torch.float64)
+        sums = torch.zeros(input_ids.shape[0], dtype=torch.float64)
         with self.on_device(head, *outputs):
-            for start in range(0, n, rows_per_chunk):
-                rows = slice(start, start + rows_per_chunk)
+            for chunk, rows in enumerate(self._row_chunks(input_ids, chunk_tokens)):
                 logits = self._logits(hidden[rows, :-1])
-                if reference is None:
+                if reference is None and reference_probs is None:
                     nll = F.cross_entropy(
                         logits.flatten(0, 1), targets[rows].flatten(), reduction="none"
                     ).view(logits.shape[:2])
                 else:
-                    expected = self._logits(reference[rows, :-1].to(logits.device)).softmax(-1)
+                    expected = (
+                        reference_probs[chunk]
+                        if reference_probs is not None
+                        else self._logits(reference[rows, :-1].to(logits.device)).softmax(-1)
+                    )
                     nll = -(expected * logits.log_softmax(-1)).sum(-1)
                 sums[rows] = nll.double().sum(dim=1).cpu()
         return sums

@@ -153,6 +153,24 @@ def test_dense_targets_measure_kl_to_the_dense_model(tiny6_path, tiny6, ablation
     assert stats.block_forwards == N_BLOCKS + trie
 
 
+def test_cached_dense_targets_change_no_result(tiny6):
+    """The dense distributions kept for the job (budget permitting) give exactly the losses of
+    recomputing them for each coalition, and the cache is used only when it fits."""
+    engine, probes = tiny6
+    ids = _ids(5, 20, seed=4)
+    masks = [0, *SCATTERED]
+    per_coalition = CoalitionEvaluator(
+        engine, ids, "prune", probes, "dense", reference_cache_bytes=0
+    )
+    cached = CoalitionEvaluator(engine, ids, "prune", probes, "dense")
+    recomputed, _ = _evaluate(per_coalition, masks)
+    kept, _ = _evaluate(cached, masks)
+    assert kept == recomputed
+    assert per_coalition._reference_probs is None and per_coalition._reference is not None
+    assert cached._reference is None
+    assert sum(p.numel() for p in cached._reference_probs) == cached.n_tokens * engine.vocab_size
+
+
 def test_unknown_targets_raise(tiny6):
     engine, probes = tiny6
     with pytest.raises(ValueError, match="unknown targets 'tokens'; choose one of text, dense"):
