@@ -249,7 +249,7 @@ def collect(args: argparse.Namespace, config: dict, folders: dict[str, tuple[Pat
                     }
                 )
                 allocations[(label, pruner, target)] = run["budget"]["sparsities"]
-    dense = json.loads((folders["uniform"][0] / f"results/{model}/dense/ppl.json").read_text())
+    dense = json.loads((args.workdir / f"results/{model}/dense/ppl.json").read_text())
     return {
         "rows": pd.DataFrame(rows),
         "allocations": allocations,
