@@ -137,9 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     masks = [subset << start_block for subset in range(1 << args.window)]
     evaluator = CoalitionEvaluator(engine, ids, "prune", probes)
 
+    cuda = args.device.startswith("cuda")
     evaluator.evaluate(masks[:2], lambda *_: None)  # warm-up: kernels, pruned weights
     _sync(args.device)
-    if args.device.startswith("cuda"):
+    if cuda:
         torch.cuda.reset_peak_memory_stats(args.device)
     seconds: list[float] = []
     stats = evaluator.evaluate(masks, lambda mask, nll, n, s: seconds.append(s))
@@ -147,10 +148,10 @@ def main(argv: list[str] | None = None) -> int:
 
     tokens = args.sequences * args.seqlen
     block_seconds = time_dense_blocks(engine, ids, args.device)
-    flops = stats.block_forwards * block_flops(shape, tokens, args.seqlen) + len(masks) * (
-        2 * tokens * shape["hidden"] * shape["vocab"]
-    )
-    peak = matmul_peak(args.device, dtype) if args.device.startswith("cuda") else float("nan")
+    per_block = block_flops(shape, tokens, args.seqlen)
+    head = 2 * tokens * shape["hidden"] * shape["vocab"]
+    flops = stats.block_forwards * per_block + len(masks) * head
+    peak = matmul_peak(args.device, dtype) if cuda else float("nan")
     achieved = flops / stats.seconds
     row = {
         "coalitions": stats.coalitions,
@@ -163,16 +164,14 @@ def main(argv: list[str] | None = None) -> int:
         "matmul_peak_tflops": peak / 1e12,
         "fraction_of_peak": achieved / peak,
         "block_forward_seconds": block_seconds,
-        "block_forward_fraction_of_peak": block_flops(shape, tokens, args.seqlen)
-        / block_seconds
-        / peak,
+        "block_forward_fraction_of_peak": per_block / block_seconds / peak,
         "max_memory_gib": torch.cuda.max_memory_allocated(args.device) / 2**30
-        if args.device.startswith("cuda")
+        if cuda
         else float("nan"),
     }
     device_name = (
         torch.cuda.get_device_name(args.device)
-        if args.device.startswith("cuda")
+        if cuda
         else platform.processor() or platform.machine()
     )
     lines = [
