@@ -116,6 +116,11 @@ def collect_cells(cache: Path) -> list[dict]:
     return cells + found
 
 
+def _cell_file(work_dir: Path, cell: dict) -> Path:
+    """Where a worker writes a finished cell (its presence is what makes a run resume)."""
+    return work_dir / f"{cell['id'].replace('/', '__')}.json"
+
+
 def _worker(args: argparse.Namespace) -> None:
     """Prune and evaluate every ``of``-th cell, from the dense weights each time."""
     import torch
@@ -136,7 +141,7 @@ def _worker(args: argparse.Namespace) -> None:
     stream = eval_stream(tokenizer, args.dataset, split="test", seqlen=args.seqlen)
     dense = {name: tensor.detach().clone() for name, tensor in engine.model.state_dict().items()}
     for cell in cells:
-        done = args.work_dir / f"{cell['id'].replace('/', '__')}.json"
+        done = _cell_file(args.work_dir, cell)
         if done.exists():
             continue
         engine.model.load_state_dict(dense)
@@ -177,12 +182,8 @@ def _environment(device: str) -> dict:
 
 
 def _gather(work_dir: Path, cells: list[dict]) -> list[dict]:
-    found = []
-    for cell in cells:
-        path = work_dir / f"{cell['id'].replace('/', '__')}.json"
-        if path.exists():
-            found.append(json.loads(path.read_text()))
-    return found
+    files = [_cell_file(work_dir, cell) for cell in cells]
+    return [json.loads(path.read_text()) for path in files if path.exists()]
 
 
 def run(args: argparse.Namespace) -> int:
