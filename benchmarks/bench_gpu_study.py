@@ -101,19 +101,17 @@ def collect_cells(cache: Path) -> list[dict]:
                     continue
                 record = json.loads((path / "ppl.json").read_text())
                 (evaluation,) = record["evaluations"].values()
-                found.append(
-                    {
-                        "id": f"{folder}/{allocation}/s{sparsity}/{pruner}",
-                        "row": row,
-                        "pruner": pruner,
-                        "sparsity": sparsity,
-                        "sparsities": record["budget"]["sparsities"],
-                        "cpu": {"windows": evaluation["windows"], "ppl": evaluation["ppl"]},
-                        "order": (sparsity == SPARSITIES[0], order),
-                    }
-                )
-    found.sort(key=lambda cell: cell.pop("order"))
-    return cells + found
+                cell = {
+                    "id": f"{folder}/{allocation}/s{sparsity}/{pruner}",
+                    "row": row,
+                    "pruner": pruner,
+                    "sparsity": sparsity,
+                    "sparsities": record["budget"]["sparsities"],
+                    "cpu": {"windows": evaluation["windows"], "ppl": evaluation["ppl"]},
+                }
+                found.append(((sparsity == SPARSITIES[0], order), cell))
+    found.sort(key=lambda pair: pair[0])  # stable: pruners and targets keep their order
+    return cells + [cell for _, cell in found]
 
 
 def _cell_file(work_dir: Path, cell: dict) -> Path:

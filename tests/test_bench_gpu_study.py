@@ -111,3 +111,29 @@ def test_report_marks_the_best_cell_and_the_margin(study):
     gap = cells["u/wanda"]["ppl"]["2"] / 1.0 - 1
     assert f"| wanda | 50% | 1 | {abs(gap):.2%} | {gap:+.2%} (uniform) |" in text
     assert "| sparsegpt |" not in text.split("## The GPU against the CPU study")[1]
+
+
+def test_cells_come_from_the_study_cache_dense_first_then_50_and_60_percent(tmp_path):
+    bench = _script()
+
+    def study_cell(folder, allocation, sparsity, pruner, sparsities, windows, ppl):
+        path = tmp_path / folder / "results" / bench.MODEL / f"s{sparsity}" / allocation / pruner
+        path.mkdir(parents=True)
+        evaluation = {"windows": windows, "ppl": ppl}
+        record = {"budget": {"sparsities": sparsities}, "evaluations": {"test": evaluation}}
+        (path / "ppl.json").write_text(json.dumps(record))
+
+    study_cell("allocation", "uniform", 0.4, "wanda", [0.4, 0.4], 64, 43.0)
+    study_cell("allocation", "atp", 0.5, "sparsegpt", [0.45, 0.55], 595, 65.0)
+    study_cell("allocation-svnup-swsv", "svnup", 0.6, "wanda", [0.5, 0.7], 64, 118.0)
+    cells = bench.collect_cells(tmp_path)
+    assert [c["id"] for c in cells] == [
+        "dense",
+        "allocation/atp/s0.5/sparsegpt",
+        "allocation-svnup-swsv/svnup/s0.6/wanda",
+        "allocation/uniform/s0.4/wanda",
+    ]
+    assert [c["row"] for c in cells[1:]] == ["ATP", "SV-NUP (SWSV)", "uniform"]
+    assert cells[1]["sparsities"] == [0.45, 0.55]
+    assert cells[1]["cpu"] == {"windows": 595, "ppl": 65.0}
+    assert cells[0]["sparsities"] is None
