@@ -155,7 +155,7 @@ def store_dir(model, s):
 def job_paths(model, s, estimator):
     params = cfg.estimator_params(s, estimator)
     planned = make_estimator(
-        n_blocks=cfg.n_blocks(s),
+        n_blocks=cfg.n_players(s),
         name=estimator,
         **{k: v for k, v in params.items() if k != "estimator"},
     )

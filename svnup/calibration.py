@@ -154,6 +154,16 @@ def save_probe(path, blocks: Iterable[BlockProbe], attrs: dict) -> None:
         f.attrs["meta"] = json.dumps(attrs, sort_keys=True)
 
 
+def probe_shapes(path) -> list[dict[str, tuple[int, ...]]]:
+    """Each block's {layer: weight shape} in a probe file, read without loading its masks."""
+    with open_h5(path, "r") as f:
+        group = f["blocks"]
+        return [
+            {name: tuple(int(n) for n in ds.attrs["shape"]) for name, ds in group[key].items()}
+            for key in sorted(group, key=int)
+        ]
+
+
 def load_probe(path, blocks: set[int] | None = None) -> tuple[dict[int, BlockProbe], dict]:
     """The probes of ``blocks`` (all by default), and the file's metadata: bool masks, or float32
     weights where the probe rewrote them."""

@@ -101,6 +101,11 @@ def validate(config: dict) -> dict:
                 f"config key 'allocation.min': {bounds['min']} exceeds allocation.max "
                 f"{bounds['max']}; make min <= max"
             )
+        if players(settings) != "blocks" and settings["shapley"]["ablation"] != "prune":
+            raise ConfigError(
+                f"config key 'shapley.players' of model '{name}': {players(settings)} needs "
+                "shapley.ablation: prune (skip removes whole blocks); set ablation: prune"
+            )
         if settings["shapley"]["eval_samples"] > settings["calibration"]["nsamples"]:
             raise ConfigError(
                 f"config key 'shapley.eval_samples' of model '{name}': "
@@ -256,11 +261,23 @@ def games(settings: dict) -> list[dict]:
     ]
 
 
+def players(settings: dict) -> str:
+    """The players of the coalition game (``svnup.players``): blocks unless the config says."""
+    return settings["shapley"].get("players", "blocks")
+
+
+def n_players(settings: dict) -> int:
+    """Players of the coalition game, from the model's config (no weights are loaded)."""
+    from svnup.players import players_per_block
+
+    return n_blocks(settings) * players_per_block(players(settings))
+
+
 def store_spec(settings: dict) -> dict:
     """Identity of a coalition store: what a coalition's raw NLL depends on (not the estimator).
 
-    ``targets`` enters only when it is not the text's tokens, so stores from before the option
-    keep their keys."""
+    ``targets`` and ``players`` enter only when they are not the defaults (the text's tokens,
+    whole blocks), so stores from before these options keep their keys."""
     shapley = settings["shapley"]
     spec = {
         "calibration": key(calibration_spec(settings)),
@@ -269,6 +286,8 @@ def store_spec(settings: dict) -> dict:
     }
     if shapley["targets"] != "text":
         spec["targets"] = shapley["targets"]
+    if players(settings) != "blocks":
+        spec["players"] = players(settings)
     if shapley["ablation"] == "prune":
         spec["probe"] = key(probe_spec(settings))
     return spec

@@ -1,11 +1,13 @@
 """Coalition evaluation with shared prefixes.
 
-A coalition is the bitmask of ablated blocks. Its raw result is the summed next-token NLL of the
-Shapley evaluation set when those blocks are ablated and every other block is dense, against the
-text's next tokens or (``targets="dense"``) the dense model's next-token distributions. Coalitions
-are walked as a trie over blocks 0..L-1: all coalitions that agree on blocks 0..b-1 share the hidden
-states entering block b, so a coalition that ablates blocks 9 and 11 starts from the dense states
-at block 9, and the sibling coalitions of a window share every forward up to where they differ.
+A coalition is the bitmask of ablated players: whole blocks by default, or smaller groups of a
+block's linear layers (``svnup.players``: the attention and MLP halves). Its raw result is the
+summed next-token NLL of the Shapley evaluation set when those players are ablated and everything
+else is dense, against the text's next tokens or (``targets="dense"``) the dense model's
+next-token distributions. Coalitions are walked as a trie over blocks 0..L-1: all coalitions
+that ablate the same players of blocks 0..b-1 share the hidden states entering block b, so a
+coalition that ablates blocks 9 and 11 starts from the dense states at block 9, and the sibling
+coalitions of a window share every forward up to where they differ.
 Ablation is applied in place by swapping weight tensors; the model is never copied.
 """
 
@@ -14,13 +16,14 @@ from __future__ import annotations
 import functools
 import operator
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from svnup.models import BlockKwargs, BlockModel, linear_layers
+from svnup.players import Player, block_masks
 
 ABLATIONS = ("prune", "skip")
 TARGETS = ("text", "dense")
@@ -58,11 +61,13 @@ def _ablated_weight(weight: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
 
 
 class CoalitionEvaluator:
-    """Evaluates coalitions of ablated blocks on a fixed evaluation set.
+    """Evaluates coalitions of ablated players on a fixed evaluation set.
 
-    ``probes[b][layer]`` defines the ``prune`` ablation of block b: a bool mask (True = pruned) or
-    the weight the layer takes (see ``svnup.calibration``); the ``skip`` ablation replaces the
-    block by the identity (the residual stream passes through). With ``targets="dense"`` a
+    ``probes[b][layer]`` defines the ``prune`` ablation of block b's layers: a bool mask (True =
+    pruned) or the weight the layer takes (see ``svnup.calibration``); the ``skip`` ablation
+    replaces the block by the identity (the residual stream passes through), so it needs whole
+    blocks as players. ``players`` (default: one per block) says which layers each bit of a
+    coalition mask ablates. With ``targets="dense"`` a
     coalition's NLL is the cross-entropy to the dense model's next-token distributions: its KL
     divergence from the dense model plus a constant (the dense entropy), which cancels in every
     marginal contribution. It is measured on every vocabulary entry, not one sampled token; the
@@ -78,6 +83,7 @@ class CoalitionEvaluator:
         probes: dict[int, dict[str, torch.Tensor]] | None = None,
         targets: str = "text",
         reference_cache_bytes: int = REFERENCE_CACHE_BYTES,
+        players: Sequence[Player] | None = None,
     ) -> None:
         if ablation not in ABLATIONS:
             raise ValueError(f"unknown ablation {ablation!r}; choose one of {', '.join(ABLATIONS)}")
@@ -85,6 +91,16 @@ class CoalitionEvaluator:
             raise ValueError(f"unknown targets {targets!r}; choose one of {', '.join(TARGETS)}")
         if ablation == "prune" and probes is None:
             raise ValueError("ablation 'prune' needs probes for the ablated blocks")
+        n_blocks = model.n_blocks
+        if players is None:
+            self._block_bits = [1 << b for b in range(n_blocks)]
+            self._bit_layers: list[tuple[str, ...] | None] = [None] * n_blocks
+        else:
+            if ablation == "skip" and len(players) != n_blocks:
+                raise ValueError("ablation 'skip' removes whole blocks; it needs a player a block")
+            self._block_bits = block_masks(players, n_blocks)
+            self._bit_layers = [player.layers for player in players]
+        self.n_players = len(self._bit_layers)
         self.model = model
         self.input_ids = input_ids
         self.ablation = ablation
@@ -111,13 +127,29 @@ class CoalitionEvaluator:
             }
         return self._pruned[index]
 
-    def _forward(self, index: int, hidden: torch.Tensor, kwargs: BlockKwargs, ablated: bool):
-        if ablated and self.ablation == "skip":
+    def _ablated_layers(self, state: int) -> set[str] | None:
+        """The layers the players of ``state`` (a mask's bits of one block) ablate; None: all."""
+        names: set[str] = set()
+        for bit, layers in enumerate(self._bit_layers):
+            if (state >> bit) & 1:
+                if layers is None:
+                    return None
+                names.update(layers)
+        return names
+
+    def _forward(self, index: int, hidden: torch.Tensor, kwargs: BlockKwargs, state: int):
+        """Block ``index`` with the players of ``state`` ablated (0: dense)."""
+        if state and self.ablation == "skip":
             return hidden
         self.block_forwards += 1
-        if not ablated:
+        if not state:
             return self.model.forward_block(index, hidden, kwargs)
-        layers = linear_layers(self.model.blocks[index])
+        ablated = self._ablated_layers(state)
+        layers = {
+            name: layer
+            for name, layer in linear_layers(self.model.blocks[index]).items()
+            if ablated is None or name in ablated
+        }
         dense = {name: layer.weight.data for name, layer in layers.items()}
         pruned = self._pruned_weights(index)
         try:
@@ -141,15 +173,16 @@ class CoalitionEvaluator:
         job's time. Memory holds one set of hidden states per branching depth of the trie.
         """
         masks = sorted(set(coalitions))
-        n_blocks = self.model.n_blocks
-        if masks and not (masks[0] >= 0 and masks[-1] < 1 << n_blocks):
+        n_blocks, n_players = self.model.n_blocks, self.n_players
+        if masks and not (masks[0] >= 0 and masks[-1] < 1 << n_players):
             bad = masks[0] if masks[0] < 0 else masks[-1]
             raise ValueError(
-                f"coalition mask {bad:#x} is outside 0 .. 2**{n_blocks} - 1 "
-                f"(it names blocks beyond the model's {n_blocks})"
+                f"coalition mask {bad:#x} is outside 0 .. 2**{n_players} - 1 "
+                f"(it names players beyond the game's {n_players})"
             )
         union = functools.reduce(operator.or_, masks, 0)
-        unprobed = [b for b in range(n_blocks) if (union >> b) & 1 and b not in self.probes]
+        bits = self._block_bits
+        unprobed = [b for b in range(n_blocks) if union & bits[b] and b not in self.probes]
         if self.ablation == "prune" and unprobed:
             raise ValueError(
                 f"no probe for block(s) {unprobed}, which the coalitions ablate; "
@@ -177,14 +210,14 @@ class CoalitionEvaluator:
 
         def walk(index: int, box: list[torch.Tensor], group: list[int]) -> None:
             hidden = box.pop()
-            while index < self.model.n_blocks:
-                dense = [m for m in group if not (m >> index) & 1]
-                ablated = [m for m in group if (m >> index) & 1]
-                if dense and ablated:
-                    walk(index + 1, [self._forward(index, hidden, kwargs, False)], dense)
-                    group = ablated
-                is_ablated = bool((group[0] >> index) & 1)
-                hidden = self._forward(index, hidden, kwargs, is_ablated)
+            while index < n_blocks:
+                branches: dict[int, list[int]] = {}
+                for mask in group:
+                    branches.setdefault(mask & bits[index], []).append(mask)
+                *others, (state, group) = sorted(branches.items())
+                for other, members in others:  # the dense branch (state 0) first
+                    walk(index + 1, [self._forward(index, hidden, kwargs, other)], members)
+                hidden = self._forward(index, hidden, kwargs, state)
                 index += 1
             finish(group[0], hidden)
 
@@ -193,7 +226,7 @@ class CoalitionEvaluator:
         if self.targets == "dense" and self._reference is None and self._reference_probs is None:
             self._reference = hidden
             for index in range(n_blocks):
-                self._reference = self._forward(index, self._reference, kwargs, False)
+                self._reference = self._forward(index, self._reference, kwargs, 0)
             reference_forwards = n_blocks
             if self.n_tokens * self.model.vocab_size * 4 <= self.reference_cache_bytes:
                 self._reference_probs = self.model.next_token_probs(self._reference, self.input_ids)

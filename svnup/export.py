@@ -5,8 +5,10 @@ beside its weights says what produced it (per-block sparsities, allocation, prun
 versions). ``recipe.yaml`` hands the allocation to vllm-project/llm-compressor, whose
 ``SparseGPTModifier`` and ``WandaPruningModifier`` take one sparsity per target module: the
 targets are the decoder blocks by name (an exact name matches exactly one module there), in
-model order, so ``sparsity[i]`` is block i's sparsity. The recipe reproduces the allocation; the
-weights llm-compressor then computes depend on its own calibration data and kernels.
+model order, so ``sparsity[i]`` is block i's sparsity; an allocation that sets each linear
+layer (``shapley.players: halves``) names each linear layer instead. The recipe reproduces the
+allocation; the weights llm-compressor then computes depend on its own calibration data and
+kernels.
 
 Magnitude pruning has no recipe: llm-compressor's ``MagnitudePruningModifier`` is a gradual,
 training-time modifier (``init_sparsity`` -> ``final_sparsity`` on a schedule, one sparsity per
@@ -41,10 +43,24 @@ def block_names(blocks_path: str, n_blocks: int) -> list[str]:
     return [f"{blocks_path}.{index}" for index in range(n_blocks)]
 
 
+def recipe_targets(plan: dict, blocks: Sequence[str]) -> tuple[list[float], list[str]]:
+    """(sparsities, target modules) of a budget: one per block, or one per linear layer where
+    the budget sets layers."""
+    if "layer_sparsities" not in plan:
+        return list(plan["sparsities"]), list(blocks)
+    pairs = [
+        (sparsity, f"{block}.{layer}")
+        for block, layers in zip(blocks, plan["layer_sparsities"], strict=True)
+        for layer, sparsity in layers.items()
+    ]
+    return [s for s, _ in pairs], [t for _, t in pairs]
+
+
 def recipe(
     pruner: str, sparsities: Sequence[float], blocks: Sequence[str], nm: str | None = None
 ) -> dict:
-    """The llm-compressor recipe that prunes block ``blocks[i]`` to ``sparsities[i]``.
+    """The llm-compressor recipe that prunes module ``blocks[i]`` (a block, or a linear layer)
+    to ``sparsities[i]``.
 
     ``nm`` ("2:4") asks for semi-structured masks (``mask_structure``); "0:0" is unstructured.
     """
@@ -110,6 +126,7 @@ def describe_checkpoint(
         "pruner": pruner,
         "blocks": list(blocks),
         "block_sparsity": plan["sparsities"],
+        "layer_sparsity": plan.get("layer_sparsities"),
         "measured_block_sparsity": list(measured),
         "importance": plan.get("importance"),
         "specs": {"prune": prune_spec, "budget": plan["spec"], "calibration": calibration_spec},
@@ -119,7 +136,8 @@ def describe_checkpoint(
     if pruner in MODIFIERS:
         header = recipe_header(plan, pruner, model["path"], versions.get("svnup", "?"))
         nm = prune_spec.get("nm")
-        write_recipe(folder / RECIPE, recipe(pruner, plan["sparsities"], blocks, nm), header)
+        targets = recipe_targets(plan, blocks)
+        write_recipe(folder / RECIPE, recipe(pruner, *targets, nm), header)
         sidecar["llm_compressor_recipe"] = RECIPE
     else:
         sidecar["llm_compressor_note"] = NO_RECIPE.get(pruner, "no llm-compressor modifier")

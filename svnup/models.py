@@ -29,7 +29,8 @@ class Family:
     """Where a model family keeps its input stage, blocks and output stage.
 
     ``softcap``: the model's forward caps its logits, ``c * tanh(logits / c)`` with
-    ``c = config.final_logit_softcapping`` (when that is set).
+    ``c = config.final_logit_softcapping`` (when that is set). ``attention``: the attention
+    module inside a block; the block's other linear layers form its MLP (``svnup.players``).
     """
 
     blocks: str
@@ -37,6 +38,7 @@ class Family:
     outputs: tuple[str, ...]
     head: str = "lm_head"
     softcap: bool = False
+    attention: str = "self_attn"
 
 
 _LLAMA_LIKE = Family(

@@ -2,8 +2,8 @@
 
 The standard protocol of SparseGPT and Wanda: calibration inputs enter block 0; each block collects
 its layers' input statistics from inputs that already went through the pruned earlier blocks, is
-pruned, and then produces the inputs of the next block. The allocation (one sparsity per block) is
-decided elsewhere; this module is the unchanged pruner it feeds.
+pruned, and then produces the inputs of the next block. The allocation (one sparsity per block, or
+per linear layer) is decided elsewhere; this module is the unchanged pruner it feeds.
 """
 
 from __future__ import annotations
@@ -50,6 +50,27 @@ def check_sparsities(sparsities: Sequence[float], n_blocks: int) -> list[float]:
     if bad:
         raise ValueError(f"block sparsity {bad[0]} is outside [0, 1); every block needs 0 <= s < 1")
     return values
+
+
+def check_layer_sparsities(
+    layer_sparsities: Sequence[dict[str, float]], model: BlockModel
+) -> list[dict[str, float]]:
+    """Validate per-layer sparsities ({layer: sparsity} per block) before any expensive work."""
+    if len(layer_sparsities) != model.n_blocks:
+        raise ValueError(
+            f"got layer sparsities for {len(layer_sparsities)} blocks, the model has "
+            f"{model.n_blocks}"
+        )
+    checked = []
+    for index, (given, block) in enumerate(zip(layer_sparsities, model.blocks, strict=True)):
+        names = set(linear_layers(block))
+        if set(given) != names:
+            raise ValueError(
+                f"block {index}: layer sparsities name {sorted(given)}, its linear layers are "
+                f"{sorted(names)}"
+            )
+        checked.append(dict(zip(given, check_sparsities(given.values(), len(given)), strict=True)))
+    return checked
 
 
 ERROR_SEQUENCES = 8
@@ -104,13 +125,16 @@ def prune_model(
     sparsities: Sequence[float],
     method: str = "wanda",
     nm: str | None = None,
+    layer_sparsities: Sequence[dict[str, float]] | None = None,
 ) -> list[BlockReport]:
-    """Prune every linear layer of block b to ``sparsities[b]`` with ``method``, in place.
+    """Prune every linear layer of block b to ``sparsities[b]`` with ``method``, in place, or
+    each layer to its own sparsity ``layer_sparsities[b][layer]`` where those are given
+    (``sparsities`` is then each block's mean, reported as its target).
 
     ``calibration`` holds token ids [n, seqlen]. ``nm`` ("2:4", "4:8") asks for semi-structured
     masks, which only make sense with a uniform sparsity of n/m.
     """
-    return _prune(model, calibration, sparsities, method, nm)[0]
+    return _prune(model, calibration, sparsities, method, nm, layer_sparsities)[0]
 
 
 def prune_and_score(
@@ -130,14 +154,22 @@ def _prune(
     sparsities: Sequence[float],
     method: str,
     nm: str | None,
+    layer_sparsities: Sequence[dict[str, float]] | None = None,
 ) -> tuple[list[BlockReport], torch.Tensor]:
     if method not in PRUNERS:
         raise ValueError(f"unknown pruner {method!r}; choose one of {choices(PRUNERS)}")
     pruner = PRUNERS[method]
     prune_layer = resolve(pruner.kernel)
     targets = check_sparsities(sparsities, model.n_blocks)
+    if layer_sparsities is None:
+        per_layer = [
+            dict.fromkeys(linear_layers(b), s) for b, s in zip(model.blocks, targets, strict=True)
+        ]
+    else:
+        per_layer = check_layer_sparsities(layer_sparsities, model)
     pattern = parse_nm(nm)
-    if pattern and any(abs(s - pattern[0] / pattern[1]) > 1e-9 for s in targets):
+    every = [s for block in per_layer for s in block.values()]
+    if pattern and any(abs(s - pattern[0] / pattern[1]) > 1e-9 for s in every):
         raise ValueError(f"nm={nm} needs a uniform sparsity of {pattern[0] / pattern[1]}")
     hidden, kwargs = model.embed(calibration)
     reports = []
@@ -146,15 +178,16 @@ def _prune(
         block = model.blocks[index]
         with model.on_device(block):
             layers = linear_layers(block)
+            layer_targets = per_layer[index]
             stats = None
-            if pruner.statistics is not None and targets[index] > 0:
+            if pruner.statistics is not None and max(layer_targets.values()) > 0:
                 hessian = pruner.statistics == "hessian"
                 stats, _ = block_statistics(model, index, hidden, kwargs, hessian=hessian)
             dense = {name: layer.weight.data.clone() for name, layer in layers.items()}
-            if targets[index] > 0:
-                for name, layer in layers.items():
+            for name, layer in layers.items():
+                if layer_targets[name] > 0:
                     layer_stats = stats[name] if stats else None
-                    prune_layer(layer, layer_stats, targets[index], pattern)
+                    prune_layer(layer, layer_stats, layer_targets[name], pattern)
             del stats
             sums = {name: [0.0, 0.0, 0] for name in layers}
             max_tokens = ERROR_SEQUENCES * calibration.shape[1]

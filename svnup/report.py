@@ -23,16 +23,33 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_shapley(values: np.ndarray, stderr: np.ndarray, path: Path, title: str) -> None:
-    """Per-block Shapley values with one standard error where the estimator has one."""
+def plot_shapley(
+    values: np.ndarray,
+    stderr: np.ndarray,
+    path: Path,
+    title: str,
+    players: list[dict] | None = None,
+) -> None:
+    """Per-block Shapley values with one standard error where the estimator has one; with
+    ``players`` (a game of block halves) one bar per half, side by side at its block."""
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    blocks = np.arange(len(values))
     err = np.where(np.isfinite(stderr), stderr, 0.0)
-    ax.bar(blocks, values, yerr=err, capsize=3, color="tab:blue")
+    if players is None:
+        ax.bar(np.arange(len(values)), values, yerr=err, capsize=3, color="tab:blue")
+    else:
+        halves = [p["name"].split(".", 1)[1] for p in players]
+        for offset, (half, color) in zip((-0.2, 0.2), HALF_COLORS.items(), strict=True):
+            rows = [i for i, h in enumerate(halves) if h == half]
+            x = [players[i]["block"] + offset for i in rows]
+            ax.bar(x, values[rows], 0.4, yerr=err[rows], capsize=2, color=color, label=half)
+        ax.legend(fontsize=8)
     ax.set_xlabel("block")
     ax.set_ylabel("Shapley value (-mean NLL)")
     ax.set_title(title)
     _save(fig, path)
+
+
+HALF_COLORS = {"attention": "tab:blue", "mlp": "tab:orange"}
 
 
 def plot_sparsity(budgets: list[dict], path: Path) -> None:
@@ -103,10 +120,12 @@ def make_report(
     table = pd.read_csv(summary)
     figures = []
     if shapley is not None:
-        values, stderr, _ = read_scores(shapley)
+        values, stderr, meta = read_scores(shapley)
         values = np.asarray(values, dtype=float)
         stderr = np.array([np.nan if e is None else e for e in stderr])
-        plot_shapley(values, stderr, out_dir / "shapley.png", f"{results.name}: block importance")
+        players = meta.get("players")
+        title = f"{results.name}: {'block' if players is None else 'half-block'} importance"
+        plot_shapley(values, stderr, out_dir / "shapley.png", title, players)
         figures.append(out_dir / "shapley.png")
     if budgets:
         plot_sparsity([read_json(p) for p in budgets], out_dir / "sparsity.png")

@@ -133,10 +133,12 @@ def coalitions(
 
     ids, _, meta = load_statistics(calibration)
     n_blocks = meta["n_blocks"]
-    jobs = coalition_jobs(make_estimator(n_blocks=n_blocks, **_estimator_args(estimator)))
+    players = _game_players(spec, model, masks)
+    n_players = n_blocks if players is None else len(players)
+    jobs = coalition_jobs(make_estimator(n_blocks=n_players, **_estimator_args(estimator)))
     if job not in jobs:
         raise ValueError(f"job {job!r} is not one of this estimator's jobs: {', '.join(jobs)}")
-    records_store = CoalitionStore(store, n_blocks, spec)
+    records_store = CoalitionStore(store, n_players, spec)
     wanted = jobs[job]
     evaluator, stats, evaluated = None, [], 0
     with records_store.writer(job, claim=wanted) as writer:
@@ -157,7 +159,7 @@ def coalitions(
             if todo:
                 if evaluator is None:
                     evaluator = _coalition_evaluator(
-                        model, runtime, spec, ids, masks, n_blocks, wanted
+                        model, runtime, spec, ids, masks, n_blocks, wanted, players
                     )
                 stats.append(evaluator.evaluate(todo, record))
                 evaluated += len(todo)
@@ -186,21 +188,42 @@ def coalitions(
         "naive_block_forwards": naive,
         "seconds": seconds,
     }
-    write_records(
-        out,
-        {m: records[m] for m in wanted},
-        n_blocks,
-        {
-            "spec": _json(spec),
-            "estimator": _json(estimator),
-            "job": job,
-            "evaluation": _json(summary),
-        },
-    )
+    attrs = {
+        "spec": _json(spec),
+        "estimator": _json(estimator),
+        "job": job,
+        "evaluation": _json(summary),
+    }
+    if players is not None:
+        attrs["players"] = _json([player.to_dict() for player in players])
+    write_records(out, {m: records[m] for m in wanted}, n_players, attrs)
     return summary
 
 
-def _coalition_evaluator(model, runtime, spec, ids, masks, n_blocks, wanted):
+def _game_players(spec: dict, model: dict, masks: Path | None):
+    """The players of a game that does not play whole blocks (None when it does): their layers
+    and weight counts from the probe file, their halves from the model family."""
+    from svnup.calibration import probe_shapes
+    from svnup.players import make_players
+
+    kind = spec.get("players", "blocks")
+    if kind == "blocks":
+        return None
+    if masks is None:
+        raise ValueError(f"players {kind!r} need the probe file (--masks; ablation: prune)")
+    return make_players(kind, probe_shapes(masks), _family(model).attention)
+
+
+def _family(model: dict):
+    """The model's family (``svnup.models.FAMILIES``), from its config alone."""
+    from transformers import AutoConfig
+
+    from svnup.models import family_of
+
+    return family_of(AutoConfig.from_pretrained(model["path"]).model_type)
+
+
+def _coalition_evaluator(model, runtime, spec, ids, masks, n_blocks, wanted, players):
     """The model, loaded once a job has coalitions to evaluate, with the probe masks of every
     block its coalitions ablate (coalitions taken over later may ablate any of them)."""
     from svnup.calibration import load_probe
@@ -209,7 +232,8 @@ def _coalition_evaluator(model, runtime, spec, ids, masks, n_blocks, wanted):
     engine, _ = _load(model, runtime, with_tokenizer=False)
     if engine.n_blocks != n_blocks:
         raise ValueError(f"model has {engine.n_blocks} blocks, calibration recorded {n_blocks}")
-    ablated = {b for m in wanted for b in range(n_blocks) if (m >> b) & 1}
+    owner = list(range(n_blocks)) if players is None else [p.block for p in players]
+    ablated = {block for m in wanted for bit, block in enumerate(owner) if (m >> bit) & 1}
     probes = load_probe(masks, ablated)[0] if spec["ablation"] == "prune" else None
     return CoalitionEvaluator(
         engine,
@@ -217,6 +241,7 @@ def _coalition_evaluator(model, runtime, spec, ids, masks, n_blocks, wanted):
         ablation=spec["ablation"],
         probes=probes,
         targets=spec.get("targets", "text"),
+        players=players,
     )
 
 
@@ -238,11 +263,13 @@ def shapley(spec: dict, jobs: list[Path], out: Path, csv: Path) -> None:
     from svnup.shapley import make_estimator
     from svnup.store import read_records
 
-    records, n_blocks = {}, None
+    records, n_blocks, players = {}, None, None
     for path in jobs:
         job_records, attrs = read_records(path)
         records.update(job_records)
-        n_blocks = int(attrs["n_blocks"])
+        n_blocks = int(attrs["n_blocks"])  # the game's players
+        if "players" in attrs:
+            players = json.loads(attrs["players"])
     transform = VALUE_TRANSFORMS[spec["value"]]
     estimator = make_estimator(n_blocks=n_blocks, **_estimator_args(_estimator_part(spec)))
 
@@ -264,8 +291,12 @@ def shapley(spec: dict, jobs: list[Path], out: Path, csv: Path) -> None:
         n_coalitions=result.n_coalitions,
         seconds=seconds,
         versions=versions(),
+        **({} if players is None else {"players": players}),
     )
-    table = pd.DataFrame({"block": range(n_blocks), "shapley": result.values, "stderr": stderr})
+    columns = {"block": range(n_blocks)}
+    if players is not None:
+        columns = {"player": [p["name"] for p in players], "block": [p["block"] for p in players]}
+    table = pd.DataFrame({**columns, "shapley": result.values, "stderr": stderr})
     with atomic_path(csv) as tmp:
         table.to_csv(tmp, index=False)
 
@@ -283,6 +314,9 @@ def curve(spec: dict, scores: list[Path], out: Path) -> None:
     if len(scores) != len(spec["levels"]):
         raise ValueError(f"got {len(scores)} score files for levels {spec['levels']}")
     rows = [read_scores(path) for path in scores]
+    players = {json.dumps(meta.get("players")) for _, _, meta in rows}
+    if len(players) != 1:
+        raise ValueError("the score files were measured with different players")
     write_scores(
         out,
         [values for values, _, _ in rows],
@@ -293,6 +327,7 @@ def curve(spec: dict, scores: list[Path], out: Path) -> None:
         n_coalitions=sum(meta.get("n_coalitions") or 0 for _, _, meta in rows),
         seconds=sum(meta.get("seconds") or 0.0 for _, _, meta in rows),
         versions=versions(),
+        **({} if rows[0][2].get("players") is None else {"players": rows[0][2]["players"]}),
     )
 
 
@@ -422,16 +457,27 @@ def budget(spec: dict, sparsity: float, calibration: Path, scores: Path | None, 
     """Per-block sparsities for one target: the allocation, with the weighted mean exactly on it.
 
     The parameter counts that weight the mean come from the calibration record, so this stage
-    never loads the model.
+    never loads the model. Scores measured per player smaller than a block (``svnup.players``)
+    are allocated per player: the budget then also holds each player's sparsity and each
+    block's per-layer sparsities, which the prune stage applies; ``sparsities`` stays one per
+    block (the weighted mean of its players) for everything that reads blocks.
     """
     from svnup.allocation import allocate
+    from svnup.players import block_sparsities, layer_sparsities, players_from_json
     from svnup.registry import ALLOCATIONS
 
     with open_h5(calibration, "r") as f:
         meta = json.loads(f.attrs["meta"])
-    params = np.asarray(meta["block_params"], dtype=np.float64)
+    block_params = np.asarray(meta["block_params"], dtype=np.float64)
     method = spec["method"]
     values, stderr, meta = (None, None, {}) if scores is None else read_scores(scores)
+    players = players_from_json(meta["players"]) if meta.get("players") else None
+    params = block_params if players is None else np.array([p.params for p in players], float)
+    if players is not None and params.sum() != block_params.sum():
+        raise ValueError(
+            f"the players of {scores} hold {params.sum():.0f} weights, the calibration's blocks "
+            f"{block_params.sum():.0f}; the scores belong to another model"
+        )
     sparsities = allocate(
         method,
         None if values is None else np.asarray(values, dtype=np.float64),
@@ -442,19 +488,23 @@ def budget(spec: dict, sparsity: float, calibration: Path, scores: Path | None, 
         **{name: spec[name] for name in ALLOCATIONS[method].mapping_params},
     )
     achieved = float(np.dot(sparsities, params) / params.sum())
-    write_json(
-        out,
-        {
-            "spec": spec,
-            "target": sparsity,
-            "achieved": achieved,
-            "sparsities": sparsities.tolist(),
-            "block_params": params.astype(int).tolist(),
-            "importance": values,
-            "importance_stderr": stderr,
-            "scores": {k: meta.get(k) for k in ("source", "n_coalitions", "seconds")},
-        },
-    )
+    plan = {
+        "spec": spec,
+        "target": sparsity,
+        "achieved": achieved,
+        "sparsities": sparsities.tolist(),
+        "block_params": block_params.astype(int).tolist(),
+        "importance": values,
+        "importance_stderr": stderr,
+        "scores": {k: meta.get(k) for k in ("source", "n_coalitions", "seconds")},
+    }
+    if players is not None:
+        n_blocks = len(block_params)
+        plan["sparsities"] = block_sparsities(players, sparsities, n_blocks)
+        plan["players"] = [player.to_dict() for player in players]
+        plan["player_sparsities"] = sparsities.tolist()
+        plan["layer_sparsities"] = layer_sparsities(players, sparsities, n_blocks)
+    write_json(out, plan)
 
 
 def prune(
@@ -476,7 +526,13 @@ def prune(
     engine, tokenizer = _load(model, runtime)
     ids, _, calibration_meta = load_statistics(calibration)
     start = time.perf_counter()
-    reports = prune_model(engine, ids, plan["sparsities"], method=spec["pruner"])
+    reports = prune_model(
+        engine,
+        ids,
+        plan["sparsities"],
+        method=spec["pruner"],
+        layer_sparsities=plan.get("layer_sparsities"),
+    )
     seconds = time.perf_counter() - start
     with atomic_path(out_dir) as tmp:
         engine.model.save_pretrained(tmp)
@@ -504,17 +560,13 @@ def prune(
 
 def recipe(budget: Path, pruner: str, model: dict, out: Path) -> None:
     """The llm-compressor recipe of one allocation, from its budget alone (nothing is pruned)."""
-    from transformers import AutoConfig
-
     from svnup import export
-    from svnup.models import family_of
 
     plan = read_json(budget)
-    config = AutoConfig.from_pretrained(model["path"])
-    blocks = export.block_names(family_of(config.model_type).blocks, len(plan["sparsities"]))
+    blocks = export.block_names(_family(model).blocks, len(plan["sparsities"]))
     export.write_recipe(
         out,
-        export.recipe(pruner, plan["sparsities"], blocks),
+        export.recipe(pruner, *export.recipe_targets(plan, blocks)),
         export.recipe_header(plan, pruner, model["path"], __version__),
     )
 
@@ -633,6 +685,9 @@ def collect(
         plan = read_json(budget)
         keys = ("achieved", "sparsities", "importance", "scores", "spec")
         data["budget"] = {k: plan[k] for k in keys}
+        for k in ("players", "player_sparsities", "layer_sparsities"):
+            if k in plan:
+                data["budget"][k] = plan[k]
     if report is not None:
         pruning = read_json(report)
         data["pruning"] = {

@@ -358,6 +358,43 @@ def test_sparsegpt_probe_plays_a_game_of_its_own(project):
     assert not {"probe", "coalitions", "shapley"} & planned_jobs(project).keys()
 
 
+def test_halves_play_a_game_of_their_own_and_prune_each_layer(project):
+    """``players: halves`` re-plays the games over 2 players a block on the same probe; the
+    budget, the pruning and the recipe then set each half; reverting re-runs nothing."""
+    blocks = _ppl(project, "results/tiny/s0.5/ppl.json")["budget"]
+    halves_config = tiny_config(**{"shapley.players": "halves"})
+    write_config(project, halves_config)
+    plan = planned_jobs(project)
+    assert plan["coalitions"] >= 1 and not {"calibrate", "probe"} & plan.keys(), plan
+    recipe = "results/tiny/s0.5/svnup/wanda/recipe.yaml"
+    snakemake(project, "--cores", "2", "all", recipe)
+    run = _ppl(project, "results/tiny/s0.5/ppl.json")
+    budget = run["budget"]
+    assert budget["spec"]["scores"] != blocks["spec"]["scores"]
+    names = [p["name"] for p in budget["players"]]
+    assert names == [f"{b}.{half}" for b in range(6) for half in ("attention", "mlp")]
+    params = [p["params"] for p in budget["players"]]
+    mean = sum(s * n for s, n in zip(budget["player_sparsities"], params, strict=True))
+    assert mean / sum(params) == pytest.approx(0.5, abs=1e-9)
+    assert len(set(budget["player_sparsities"])) > 6  # the halves of a block differ
+    for block, layers in zip(run["pruning"]["blocks"], budget["layer_sparsities"], strict=True):
+        for layer in block["layers"]:
+            assert layer["sparsity"] == pytest.approx(layers[layer["name"]], abs=1 / 32)
+    text = (project / recipe).read_text()
+    assert "model.layers.0.self_attn.q_proj" in text and "model.layers.5.mlp.down_proj" in text
+    with chdir(project):
+        settings = cfg.model_settings(halves_config, "tiny")
+        store = cfg.key(cfg.store_spec(settings))
+    masks = set()
+    for job in project.glob(f"results/tiny/coalitions/{store}/swsv/*/*.h5"):
+        records, attrs = read_records(job)
+        assert attrs["n_blocks"] == 12 and len(json.loads(attrs["players"])) == 12
+        masks.update(records)
+    assert max(masks) < 1 << 12 and any(m.bit_count() == 1 and m & 0xAAA for m in masks)
+    write_config(project, tiny_config())
+    assert not {"coalitions", "shapley", "budget", "prune"} & planned_jobs(project).keys()
+
+
 def test_match_probe_is_each_pruners_own_game():
     """``probe_pruner: match`` gives each pruner's runs exactly the game (probe, store, Shapley
     values, curves) that naming that pruner as the probe gives, and a probe-free method one
@@ -597,6 +634,11 @@ def test_demo_training_shows_progress_in_the_terminal_and_its_log(project):
         ({"evaluation.split": "testing"}, "'evaluation.split' of model 'tiny': 'testing' is not"),
         ({"calibration.dataset": "data/gone.jsonl"}, "'calibration.dataset' of model 'tiny'"),
         ({"evaluation.datasets": ["data/gone.jsonl"]}, "'evaluation.datasets' of model 'tiny'"),
+        ({"shapley.players": "thirds"}, "config key 'shapley.players': 'thirds' is not one of"),
+        (
+            {"shapley.players": "halves", "shapley.ablation": "skip"},
+            "'shapley.players' of model 'tiny': halves needs shapley.ablation: prune",
+        ),
     ],
 )
 def test_bad_config_fails_before_any_job_with_one_line(project, override, message):

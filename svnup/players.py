@@ -1,0 +1,107 @@
+"""The players of the coalition game: whole blocks, or each block's attention and MLP halves.
+
+With ``shapley.players: halves`` a block's attention layers and its MLP layers are two players:
+a coalition prunes (at the probe sparsity) exactly the halves it names, each allocation method
+gives every half its own sparsity, and pruning sets each linear layer to its half's sparsity.
+Player ``2b`` is block b's attention and ``2b + 1`` its MLP, so a mask over halves reads like a
+mask over blocks with each bit doubled. The halves are told apart by the family's attention
+module (``Family.attention``): every linear layer under it is attention, every other one MLP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+KINDS = ("blocks", "halves")
+HALVES = ("attention", "mlp")
+
+
+@dataclass(frozen=True)
+class Player:
+    """One player: the linear layers of one block that a coalition ablates together."""
+
+    block: int
+    layers: tuple[str, ...]
+    params: int
+    name: str
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "layers": list(self.layers)}
+
+
+def players_per_block(kind: str) -> int:
+    if kind not in KINDS:
+        raise ValueError(f"unknown players {kind!r}; choose one of {', '.join(KINDS)}")
+    return 1 if kind == "blocks" else len(HALVES)
+
+
+def make_players(
+    kind: str, layer_shapes: Sequence[Mapping[str, Sequence[int]]], attention: str
+) -> list[Player]:
+    """The players of ``kind`` for blocks whose linear layers have ``layer_shapes[b]``
+    (name -> weight shape); ``attention`` is the attention module's name inside a block."""
+    per_block = players_per_block(kind)
+    players = []
+    for block, shapes in enumerate(layer_shapes):
+        params = {name: _numel(shape) for name, shape in shapes.items()}
+        if per_block == 1:
+            players.append(Player(block, tuple(shapes), sum(params.values()), str(block)))
+            continue
+        groups = {
+            half: tuple(n for n in shapes if n.startswith(f"{attention}.") == (half == "attention"))
+            for half in HALVES
+        }
+        for half, layers in groups.items():
+            if not layers:
+                raise ValueError(
+                    f"block {block} has no {half} linear layers (attention module "
+                    f"{attention!r}; layers: {', '.join(shapes)}); use shapley.players: blocks"
+                )
+            total = sum(params[name] for name in layers)
+            players.append(Player(block, layers, total, f"{block}.{half}"))
+    return players
+
+
+def _numel(shape: Sequence[int]) -> int:
+    total = 1
+    for size in shape:
+        total *= int(size)
+    return total
+
+
+def players_from_json(rows: Sequence[Mapping]) -> list[Player]:
+    return [
+        Player(int(r["block"]), tuple(r["layers"]), int(r["params"]), str(r["name"])) for r in rows
+    ]
+
+
+def block_masks(players: Sequence[Player], n_blocks: int) -> list[int]:
+    """For each block, the bits of a coalition mask that belong to its players."""
+    masks = [0] * n_blocks
+    for bit, player in enumerate(players):
+        masks[player.block] |= 1 << bit
+    return masks
+
+
+def layer_sparsities(
+    players: Sequence[Player], sparsities: Sequence[float], n_blocks: int
+) -> list[dict[str, float]]:
+    """Each block's {linear layer: sparsity} from one sparsity per player."""
+    if len(sparsities) != len(players):
+        raise ValueError(f"got {len(sparsities)} sparsities for {len(players)} players")
+    layers: list[dict[str, float]] = [{} for _ in range(n_blocks)]
+    for player, sparsity in zip(players, sparsities, strict=True):
+        layers[player.block].update(dict.fromkeys(player.layers, float(sparsity)))
+    return layers
+
+
+def block_sparsities(
+    players: Sequence[Player], sparsities: Sequence[float], n_blocks: int
+) -> list[float]:
+    """Each block's parameter-weighted mean sparsity over its players."""
+    zeros, params = [0.0] * n_blocks, [0] * n_blocks
+    for player, sparsity in zip(players, sparsities, strict=True):
+        zeros[player.block] += float(sparsity) * player.params
+        params[player.block] += player.params
+    return [z / p for z, p in zip(zeros, params, strict=True)]
