@@ -58,9 +58,12 @@ VARIANTS = {
         "svnup-fit",
         {"shapley": {"targets": "dense", "probe_pruner": "sparsegpt"}},
     ),
+    "svnup-fit-halves": ("svnup-fit", {"shapley": {"players": "halves", "probe_pruner": "match"}}),
 }
-# The recommended allocation of a pruner whose probe is not the config's (README: the game's probe
-# pruner is the pruner the model is pruned with).
+# The recommended allocation (README "Allocation on real models"): SV-NUP-fit on half-block players,
+# each pruner's games probed with that pruner. Where that variant did not run, the block games with
+# the matched probe: the config's method, or for a pruner whose probe is not the config's this.
+RECOMMENDED = "svnup-fit-halves"
 MATCHED_PROBE = {"sparsegpt": "svnup-fit-sparsegpt"}
 NAMES = {
     "uniform": "uniform",
@@ -77,6 +80,7 @@ NAMES = {
     "svnup-fit-swsv": "SV-NUP-fit (SWSV games)",
     "svnup-fit-kl": "SV-NUP-fit (KL games)",
     "svnup-fit-kl-sparsegpt": "SV-NUP-fit (KL games, SparseGPT probe)",
+    "svnup-fit-halves": "SV-NUP-fit (halves, matched probe)",
 }
 
 
@@ -94,6 +98,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sparsities", nargs="+", type=float, help="instead of targets.sparsities")
     p.add_argument("--allocations", nargs="+", help="a subset of targets.allocations")
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument(
+        "--only-run",
+        nargs="+",
+        metavar="LABEL",
+        help="run the workflow only in these folders ('main' and variant labels) and read the "
+        "others' runs as they stand (they must hold every cell, evaluated on the same windows); "
+        "default: all",
+    )
     p.add_argument("--workdir", type=Path, default=HERE / ".cache" / "allocation")
     p.add_argument("--out", type=Path, default=None, help="default: results/allocation-<model>.md")
     args = p.parse_args(argv)
@@ -249,12 +261,30 @@ def collect(args: argparse.Namespace, config: dict, folders: dict[str, tuple[Pat
                     }
                 )
                 allocations[(label, pruner, target)] = run["budget"]["sparsities"]
-    dense = json.loads((args.workdir / f"results/{model}/dense/ppl.json").read_text())
+    mixed = pd.DataFrame(rows).groupby("windows")["method"].unique()
+    if len(mixed) > 1:
+        raise SystemExit(
+            "the folders' runs were evaluated on different windows ("
+            + "; ".join(f"{n}: {', '.join(m)}" for n, m in mixed.items())
+            + "); run them again (leave out --only-run)"
+        )
     return {
         "rows": pd.DataFrame(rows),
         "allocations": allocations,
-        "dense": next(iter(dense["perplexity"].values())),
+        "dense": dense_perplexity(args.workdir, model, rows[0]["windows"]),
     }
+
+
+def dense_perplexity(workdir: Path, model: str, windows: int) -> float:
+    """The dense model's perplexity on the windows the runs were evaluated on (the main folder
+    keeps the dense evaluation of every window count it ran)."""
+    for path in sorted(workdir.glob(f"results/{model}/runs/dense/*/eval/*.json")):
+        evaluation = json.loads(path.read_text())
+        if evaluation["windows"] == windows:
+            return evaluation["ppl"]
+    raise SystemExit(
+        f"no dense evaluation on {windows} windows in {workdir}; run without --only-run"
+    )
 
 
 def _row(*cells: object) -> str:
@@ -289,13 +319,15 @@ def report(args: argparse.Namespace, config: dict, numbers: dict, wall: dict) ->
         + ", ".join(f"{k}: {v[1]}" for k, v in VARIANTS.items() if k in args.variants),
         f"- evaluation: WikiText-2 test, the first {windows} windows of {s['seqlen']} tokens; "
         f"dense perplexity {numbers['dense']:.2f}",
-        f"- wall time of this invocation: {sum(wall.values()):.0f} s",
+        f"- wall time of this invocation: {sum(wall.values()):.0f} s"
+        + ("" if args.only_run is None else f" (workflow run in: {', '.join(args.only_run)})"),
         "",
         "## Perplexity",
         "",
-        "Best per column in bold; the last row of each pruner is the recommended method (its "
-        "games probed with the pruner itself where that variant ran) against the best method "
-        "that plays no coalition game (" + ", ".join(sorted(no_game)) + ").",
+        "Best per column in bold; the last row of each pruner is the recommended method "
+        f"({NAMES[RECOMMENDED]} where that variant ran; otherwise the block games, probed with "
+        "the pruner itself where that variant ran) against the best method that plays no "
+        "coalition game (" + ", ".join(sorted(no_game)) + ").",
         "",
     ]
     methods = list(dict.fromkeys(table["method"]))
@@ -312,7 +344,7 @@ def report(args: argparse.Namespace, config: dict, numbers: dict, wall: dict) ->
                 text = f"{ppl:.2f}"
                 cells.append(f"**{text}**" if ppl == best[target] else text)
             lines.append(_row(NAMES.get(method, method), *cells))
-        recommended = MATCHED_PROBE.get(pruner)
+        recommended = RECOMMENDED if RECOMMENDED in methods else MATCHED_PROBE.get(pruner)
         if recommended not in methods:
             recommended = s["allocation"]["method"]
         changes = []
@@ -386,7 +418,12 @@ def main(argv: list[str] | None = None) -> int:
     # study's pruners leave SparseGPT out.
     reference = f"results/{args.model}/s{grid['sparsities'][0]}/uniform/sparsegpt/ppl.json"
     targets = [f"results/{args.model}/summary.csv", reference]
-    wall["main"] = run_snakemake(args.workdir, config, targets, args.cores)
+
+    def run(label: str, folder: Path, folder_config: dict, folder_targets: list[str]) -> None:
+        if args.only_run is None or label in args.only_run:
+            wall[label] = run_snakemake(folder, folder_config, folder_targets, args.cores)
+
+    run("main", args.workdir, config, targets)
     for method in config["targets"]["allocations"]:
         folders[method] = (args.workdir, config)
     for label in args.variants:
@@ -396,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         share_dense(args.workdir, folder, args.model)
         variant = _merge(config, override)
         variant["targets"] = {**config["targets"], "allocations": [method]}
-        wall[label] = run_snakemake(folder, variant, targets[:1], args.cores)
+        run(label, folder, variant, targets[:1])
         folders[label] = (folder, variant)
     numbers = collect(args, config, folders)
     numbers["reference_seconds"] = json.loads((args.workdir / reference).read_text())["pruning"][

@@ -220,7 +220,8 @@ def _family(model: dict):
 
     from svnup.models import family_of
 
-    return family_of(AutoConfig.from_pretrained(model["path"]).model_type)
+    config = AutoConfig.from_pretrained(model["path"], revision=model.get("revision"))
+    return family_of(config.model_type)
 
 
 def _coalition_evaluator(model, runtime, spec, ids, masks, n_blocks, wanted, players):
