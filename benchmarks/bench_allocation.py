@@ -59,6 +59,10 @@ VARIANTS = {
         {"shapley": {"targets": "dense", "probe_pruner": "sparsegpt"}},
     ),
     "svnup-fit-halves": ("svnup-fit", {"shapley": {"players": "halves", "probe_pruner": "match"}}),
+    "svnup-fit-halves-kl": (
+        "svnup-fit",
+        {"shapley": {"players": "halves", "probe_pruner": "match", "targets": "dense"}},
+    ),
 }
 # The recommended allocation (README "Allocation on real models"): SV-NUP-fit on half-block players,
 # each pruner's games probed with that pruner. Where that variant did not run, the block games with
@@ -81,6 +85,7 @@ NAMES = {
     "svnup-fit-kl": "SV-NUP-fit (KL games)",
     "svnup-fit-kl-sparsegpt": "SV-NUP-fit (KL games, SparseGPT probe)",
     "svnup-fit-halves": "SV-NUP-fit (halves, matched probe)",
+    "svnup-fit-halves-kl": "SV-NUP-fit (halves, KL games, matched probe)",
 }
 
 

@@ -42,6 +42,7 @@ class ConfigError(ValueError):
 
 def _schema() -> dict:
     """The config schema, with every name that can be plugged in taken from the registries."""
+    from svnup.players import KINDS
     from svnup.registry import ALLOCATIONS, PRUNERS
     from svnup.shapley import ESTIMATORS
 
@@ -52,6 +53,7 @@ def _schema() -> dict:
     defs["pruner"]["enum"] = list(PRUNERS)
     defs["shapley"]["properties"]["estimator"]["enum"] = list(ESTIMATORS)
     defs["shapley"]["properties"]["probe_pruner"]["enum"] = [*PRUNERS, MATCH]
+    defs["shapley"]["properties"]["players"]["enum"] = list(KINDS)
     sections = defs["allocation"]["properties"]
     for method, entry in ALLOCATIONS.items():
         if entry.params:

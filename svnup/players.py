@@ -10,6 +10,7 @@ module (``Family.attention``): every linear layer under it is attention, every o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
@@ -44,7 +45,7 @@ def make_players(
     per_block = players_per_block(kind)
     players = []
     for block, shapes in enumerate(layer_shapes):
-        params = {name: _numel(shape) for name, shape in shapes.items()}
+        params = {name: math.prod(shape) for name, shape in shapes.items()}
         if per_block == 1:
             players.append(Player(block, tuple(shapes), sum(params.values()), str(block)))
             continue
@@ -61,13 +62,6 @@ def make_players(
             total = sum(params[name] for name in layers)
             players.append(Player(block, layers, total, f"{block}.{half}"))
     return players
-
-
-def _numel(shape: Sequence[int]) -> int:
-    total = 1
-    for size in shape:
-        total *= int(size)
-    return total
 
 
 def players_from_json(rows: Sequence[Mapping]) -> list[Player]:
