@@ -315,8 +315,8 @@ def curve(spec: dict, scores: list[Path], out: Path) -> None:
     if len(scores) != len(spec["levels"]):
         raise ValueError(f"got {len(scores)} score files for levels {spec['levels']}")
     rows = [read_scores(path) for path in scores]
-    players = {json.dumps(meta.get("players")) for _, _, meta in rows}
-    if len(players) != 1:
+    players = rows[0][2].get("players")
+    if any(meta.get("players") != players for _, _, meta in rows):
         raise ValueError("the score files were measured with different players")
     write_scores(
         out,
@@ -328,7 +328,7 @@ def curve(spec: dict, scores: list[Path], out: Path) -> None:
         n_coalitions=sum(meta.get("n_coalitions") or 0 for _, _, meta in rows),
         seconds=sum(meta.get("seconds") or 0.0 for _, _, meta in rows),
         versions=versions(),
-        **({} if rows[0][2].get("players") is None else {"players": rows[0][2]["players"]}),
+        **({} if players is None else {"players": players}),
     )
 
 
