@@ -65,7 +65,8 @@ def _schema() -> dict:
     return schema
 
 
-def _key_of(error) -> str:
+def error_key(error) -> str:
+    """The dotted key a jsonschema error is about (the unknown or missing key itself)."""
     path = [str(p) for p in error.absolute_path]
     if error.validator == "additionalProperties":
         extra = re.findall(r"'([^']+)' was unexpected", error.message)
@@ -92,7 +93,7 @@ def validate(config: dict) -> dict:
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         error = errors[0]
-        raise ConfigError(f"config key '{_key_of(error)}': {_hint(error)}")
+        raise ConfigError(f"config key '{error_key(error)}': {_hint(error)}")
     for name in config["targets"]["models"]:
         model_settings(config, name)
     for name in config["models"]:

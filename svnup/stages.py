@@ -70,8 +70,10 @@ def calibrate(spec: dict, runtime: dict, out: Path) -> None:
     """Sample calibration sequences and record the dense model's per-layer input statistics."""
     from svnup.calibration import dense_statistics, save_statistics
     from svnup.data import calibration_samples, check_source
+    from svnup.specs import check_context
 
     check_source(spec["dataset"], "train")  # before the model loads, which can take minutes
+    check_context(spec["model"], spec["seqlen"])
     engine, tokenizer = _load(spec["model"], runtime)
     ids = calibration_samples(
         tokenizer,
@@ -597,9 +599,11 @@ def evaluate(spec: dict, runtime: dict, model: dict, model_dir: str, out: Path) 
     """Perplexity of a (pruned or dense) checkpoint on one dataset, with its protocol."""
     from svnup.data import check_source
     from svnup.perplexity import dataset_perplexity
+    from svnup.specs import check_context
 
     check_source(spec["dataset"], spec["split"])  # before the model loads
     _check_checkpoint(model_dir)
+    check_context(model, spec["seqlen"], path=str(model_dir))
     engine, tokenizer = _load(model, runtime, path=model_dir)
     result = dataset_perplexity(
         engine,
