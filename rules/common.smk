@@ -3,8 +3,11 @@ import json
 import sys
 from pathlib import Path
 
+from snakemake.logging import logger as snakemake_logger
+
 from svnup import config as cfg
 from svnup import preflight
+from svnup.joblog import report_failed_jobs
 from svnup.registry import ALLOCATIONS, METRICS, PRUNERS
 from svnup.shapley import ESTIMATORS, coalition_jobs, make_estimator
 
@@ -19,6 +22,10 @@ try:
     cfg.validate(config)
 except cfg.ConfigError as error:
     fail(error)
+
+# Each failed job's reason and log path on the console, also where the profile's quiet console
+# drops Snakemake's error block (svnup.joblog).
+report_failed_jobs(snakemake_logger)
 
 
 wildcard_constraints:
