@@ -734,9 +734,15 @@ def summary(runs: list[Path], out: Path) -> None:
 
 
 def report(
-    results: Path, out_dir: Path, summary: Path, shapley: Path | None, budgets: list[Path]
+    results: Path,
+    out_dir: Path,
+    summary: Path,
+    shapley: Path | None,
+    budgets: list[Path],
+    recommended: str | None = None,
+    note: str | None = None,
 ) -> None:
     """Figures and an HTML page of one model's results."""
     from svnup.report import make_report
 
-    make_report(results, out_dir, summary, shapley, budgets)
+    make_report(results, out_dir, summary, shapley, budgets, recommended, note)
