@@ -8,7 +8,10 @@ import re
 import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
+import yaml
+from workflow_fixture import REPO
 
+from svnup import config as cfg
 from svnup.cli import main
 from svnup.io import write_json, write_scores
 from svnup.report import make_report, plain_ticks, plot_perplexity, plot_sparsity, verdict, verdicts
@@ -235,3 +238,20 @@ def test_an_unknown_recommended_method_is_one_line(tmp_path):
     with pytest.raises(ValueError, match="recommended allocation 'best' is not a registered"):
         make_report(tmp_path, tmp_path / "report", summary, None, [], recommended="best")
     assert not (tmp_path / "report").exists()
+
+
+def test_a_models_note_is_a_string_and_never_part_of_a_cache_key():
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    plain = cfg.for_pruner(cfg.model_settings(config, "demo"), "wanda")
+    config["models"]["demo"]["note"] = "A demo: it shows the workflow, not the best allocation."
+    cfg.validate(config)
+    noted = cfg.for_pruner(cfg.model_settings(config, "demo"), "wanda")
+    assert noted["note"].startswith("A demo")
+    for spec in (cfg.calibration_spec, cfg.store_spec, cfg.shapley_spec, cfg.model_spec):
+        assert cfg.key(spec(noted)) == cfg.key(spec(plain))
+    assert cfg.key(cfg.prune_spec(noted, "svnup", 0.5, "wanda")) == cfg.key(
+        cfg.prune_spec(plain, "svnup", 0.5, "wanda")
+    )
+    config["models"]["demo"]["note"] = 5
+    with pytest.raises(cfg.ConfigError, match=r"config key 'models\.demo\.note'"):
+        cfg.validate(config)
