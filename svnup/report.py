@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import LogFormatter, ScalarFormatter  # noqa: E402
 
 from svnup.io import atomic_path, read_json  # noqa: E402
@@ -97,12 +98,14 @@ def _recommended_first(methods, recommended: str | None) -> list[str]:
     return sorted(methods, key=lambda m: (m != recommended, _order(m)))
 
 
-def _legend(fig: Figure, axes) -> None:
-    """One legend for all panels, right of them, each label once (panels share the methods)."""
+def _legend(fig: Figure, axes, extra: list[Line2D] = ()) -> None:
+    """One legend for all panels, right of them, each label once (panels and pruners share the
+    methods), then the ``extra`` entries."""
     entries = {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             entries.setdefault(label, handle)
+    entries.update({line.get_label(): line for line in extra})
     fig.legend(entries.values(), entries.keys(), loc="outside right upper", fontsize=8)
 
 
@@ -172,11 +175,13 @@ def plot_sparsity(budgets: list[dict], path: Path, recommended: str | None = Non
 
 def plot_perplexity(table: pd.DataFrame, path: Path, recommended: str | None = None) -> Figure:
     """Perplexity against target sparsity for each allocator (a colour each) and pruner (a line
-    style each), one panel per dataset; the recommended allocator is drawn thick and named so.
-    Returns the (closed) figure, whose lines stay readable."""
+    style each, in the legend after the allocators), one panel per dataset; the recommended
+    allocator is drawn thick and named so. Returns the (closed) figure, whose lines stay readable.
+    """
     datasets = sorted(table["dataset"].unique())
     pruned = table[table["allocation"] != "dense"]
     pruners = sorted(pruned["pruner"].unique())
+    linestyles = dict(zip(pruners, LINESTYLES * len(pruners), strict=False))
     fig, axes = plt.subplots(
         1,
         len(datasets),
@@ -187,15 +192,12 @@ def plot_perplexity(table: pd.DataFrame, path: Path, recommended: str | None = N
     for ax, dataset in zip(axes[0], datasets, strict=True):
         rows = pruned[pruned["dataset"] == dataset]
         for method in _recommended_first(rows["allocation"].unique(), recommended):
-            for pruner, linestyle in zip(pruners, LINESTYLES * len(pruners), strict=False):
+            for pruner, linestyle in linestyles.items():
                 run = rows[(rows["allocation"] == method) & (rows["pruner"] == pruner)]
-                if run.empty:
-                    continue
-                style = _style(method, recommended)
-                if len(pruners) > 1:
-                    style["label"] += f" / {pruner_label(pruner)}"
-                run = run.sort_values("sparsity")
-                ax.plot(run["sparsity"], run["ppl"], marker="o", ls=linestyle, **style)
+                if not run.empty:
+                    run = run.sort_values("sparsity")
+                    style = _style(method, recommended)
+                    ax.plot(run["sparsity"], run["ppl"], marker="o", ls=linestyle, **style)
         dense = table[(table["dataset"] == dataset) & (table["allocation"] == "dense")]["ppl"]
         if len(dense):
             ax.axhline(float(dense.iloc[0]), color="black", lw=0.8, ls=":", label="dense")
@@ -208,7 +210,11 @@ def plot_perplexity(table: pd.DataFrame, path: Path, recommended: str | None = N
             title += f", {pruner_label(pruners[0])}"
         ax.set_title(title)
         plain_ticks(ax)
-    _legend(fig, axes[0])
+    pruner_styles = [
+        Line2D([], [], color="black", lw=1.3, ls=linestyle, label=pruner_label(pruner))
+        for pruner, linestyle in linestyles.items()
+    ]
+    _legend(fig, axes[0], pruner_styles if len(pruners) > 1 else [])
     _save(fig, path)
     return fig
 

@@ -141,6 +141,19 @@ def test_figures_draw_the_recommended_method_thick_and_labelled(tmp_path):
     assert widths["svnup-fit (recommended)"] > 2 * max(widths["ATP"], widths["uniform"])
     assert _legend_texts(fig)[0] == "svnup-fit (recommended)"
 
+    two_pruners = pd.concat([table, table[table["pruner"] == "wanda"].assign(pruner="sparsegpt")])
+    fig = plot_perplexity(two_pruners, tmp_path / "ppl.png", recommended="svnup-fit")
+    assert _legend_texts(fig) == [
+        "svnup-fit (recommended)",
+        "ATP",
+        "uniform",
+        "dense",
+        "SparseGPT",
+        "Wanda",
+    ]
+    styles = {line.get_linestyle() for line in fig.axes[0].get_lines()[:-1]}
+    assert len(styles) == 2  # one per pruner, the allocation's colour on both
+
     budgets = [
         {"target": target, "spec": {"method": method}, "sparsities": [target] * 4}
         for target in (0.5, 0.6)
