@@ -98,7 +98,7 @@ def _recommended_first(methods, recommended: str | None) -> list[str]:
     return sorted(methods, key=lambda m: (m != recommended, _order(m)))
 
 
-def _legend(fig: Figure, axes, extra: list[Line2D] = ()) -> None:
+def _legend(fig: Figure, axes, extra: tuple[Line2D, ...] = ()) -> None:
     """One legend for all panels, right of them, each label once (panels and pruners share the
     methods), then the ``extra`` entries."""
     entries = {}
@@ -210,11 +210,11 @@ def plot_perplexity(table: pd.DataFrame, path: Path, recommended: str | None = N
             title += f", {pruner_label(pruners[0])}"
         ax.set_title(title)
         plain_ticks(ax)
-    pruner_styles = [
+    pruner_styles = tuple(
         Line2D([], [], color="black", lw=1.3, ls=linestyle, label=pruner_label(pruner))
         for pruner, linestyle in linestyles.items()
-    ]
-    _legend(fig, axes[0], pruner_styles if len(pruners) > 1 else [])
+    )
+    _legend(fig, axes[0], pruner_styles if len(pruners) > 1 else ())
     _save(fig, path)
     return fig
 
