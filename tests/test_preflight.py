@@ -76,7 +76,7 @@ def test_truncated_weights_and_missing_shards_are_named(tmp_path):
 def test_model_facts_come_from_config_json_without_loading(tmp_path):
     build_tiny_llama(tmp_path, layers=5)
     facts = preflight.model_facts(_settings(tmp_path))
-    assert facts == preflight.ModelFacts(n_blocks=5, context=256)
+    assert facts == preflight.ModelFacts(n_blocks=5, context=256, model_type="llama")
 
 
 @pytest.mark.parametrize(
