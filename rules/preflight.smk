@@ -57,7 +57,8 @@ def jobs_run_here():
     line chose (its profiles included) executes locally, as the default one does, while a cluster
     executor submits from a login node that may have no GPU. Snakemake reads the Snakefile before
     it hands the executor to the workflow, so the executor is read from the frame of its command
-    line's ``args_to_api``; None when Snakemake was not started from its command line."""
+    line's ``args_to_api``; None when Snakemake was not started from its command line.
+    """
     frame = sys._getframe()
     while frame is not None:
         if (

@@ -4,7 +4,8 @@ Every intermediate result lives under a path keyed by a hash of exactly the sett
 (its *spec*), so a config change re-runs only the stages whose spec changed, and reverting a change
 finds the earlier results again. A local model directory or dataset enters its spec with a
 fingerprint of its content (``svnup.content``), a hub model with its revision, and the demo model
-with the settings that train it, so editing an input in place is a change like any other.
+with the settings that train it, so editing an input in place is a change like any other. Local
+paths have one spelling (``local_path``), so writing one another way changes no key.
 Runtime settings (device, batch size, offload) are not part of any spec: moving a run from a
 workstation to a cluster recomputes nothing.
 """

@@ -1,9 +1,11 @@
 """Checks that run before the first job, each failing in one line that names the key and the fix.
 
 The schema (``svnup.config.validate``) checks what the config says on its own; this module checks
-it against the world: the model (its block count and context length, read from its config.json
-without loading weights and without the network when it is local, and its weight files), the
-datasets and splits, and the target paths asked for on the command line.
+it against the world: the model (its block count, context length and family, read from its
+config.json without loading weights and without the network when it is local, and its weight
+files), the datasets (their splits and first rows; a hub dataset cached here or the hub
+answering), the device where jobs run on this machine, and the target paths asked for on the
+command line. Each check reads headers and first rows only: Snakemake runs them whenever it plans.
 """
 
 from __future__ import annotations
