@@ -215,10 +215,10 @@ def _game_players(spec: dict, model: dict, masks: Path | None):
 
 
 def _family(model: dict):
-    """The model's family (``svnup.models.FAMILIES``), from its config alone."""
+    """The model's family (``svnup.families.FAMILIES``), from its config alone."""
     from transformers import AutoConfig
 
-    from svnup.models import family_of
+    from svnup.families import family_of
 
     config = AutoConfig.from_pretrained(model["path"], revision=model.get("revision"))
     return family_of(config.model_type)

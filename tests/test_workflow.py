@@ -257,6 +257,21 @@ def test_edited_local_inputs_are_new_cache_keys(project, tmp_path):
     assert not {*MODEL_STAGES, "prune", "evaluate", "evaluate_dense"} & planned_jobs(project).keys()
 
 
+def test_local_paths_written_another_way_plan_nothing(project):
+    """A trailing slash, ./ or an absolute path names the same model and datasets: a finished
+    run plans no job (each spelling used to re-plan every job, coalitions included)."""
+    spelled = {
+        "models.tiny.path": f"{project}/tiny/",
+        "calibration.dataset": "./data/train.jsonl",
+        "evaluation.datasets": [str(project / "data" / "heldout.jsonl")],
+    }
+    write_config(project, tiny_config(**spelled))
+    try:
+        assert planned_jobs(project) == {}
+    finally:
+        write_config(project, tiny_config())
+
+
 def _one_line_error(root: Path, *args: str) -> str:
     """Run snakemake expecting a failure reported in one line; return that line."""
     result = snakemake(root, *args, check=False)
