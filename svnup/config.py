@@ -90,6 +90,11 @@ def _hint(error) -> str:
         return "unknown key; remove it or check its spelling against config.yaml"
     if error.validator == "required":
         return "required key is missing"
+    return value_hint(error)
+
+
+def value_hint(error) -> str:
+    """What is wrong with the value a jsonschema error is about, with the fix where it is plain."""
     value = error.instance
     if isinstance(value, float) and value.is_integer() and _admits_integer(error.schema):
         return f"{value} is not an integer; write {int(value)}"
@@ -102,13 +107,18 @@ def _strict_integers(checker, instance) -> bool:
     return isinstance(instance, int) and not isinstance(instance, bool)
 
 
-def validate(config: dict) -> dict:
-    """Check ``config`` against the schema and the cross-field rules; return it unchanged."""
+def schema_validator(schema: dict):
+    """A JSON Schema (2020-12) validator of ``schema`` whose integers are Python's."""
     import jsonschema
 
     base = jsonschema.Draft202012Validator
     checker = base.TYPE_CHECKER.redefine("integer", _strict_integers)
-    validator = jsonschema.validators.extend(base, type_checker=checker)(_schema())
+    return jsonschema.validators.extend(base, type_checker=checker)(schema)
+
+
+def validate(config: dict) -> dict:
+    """Check ``config`` against the schema and the cross-field rules; return it unchanged."""
+    validator = schema_validator(_schema())
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         error = errors[0]

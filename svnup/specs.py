@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from svnup.config import error_key
+from svnup.config import error_key, schema_validator, value_hint
 
 
 class SpecError(ValueError):
@@ -75,13 +75,11 @@ def _schemas() -> dict:
 
 def check(stage: str, option: str, value: Any) -> None:
     """Raise a one-line SpecError unless ``value`` of ``--option`` fits the stage's schema."""
-    import jsonschema
-
     schemas = _schemas()
     schema = schemas["stages"].get(stage, {}).get(option)
     if schema is None:
         return
-    validator = jsonschema.Draft202012Validator({"$defs": schemas["$defs"], **schema})
+    validator = schema_validator({"$defs": schemas["$defs"], **schema})
     errors = sorted(validator.iter_errors(value), key=lambda e: list(e.absolute_path))
     if errors:
         error = errors[0]
@@ -97,7 +95,7 @@ def _hint(error) -> str:
         return "unknown key; remove it or check its spelling"
     if error.validator == "required":
         return "required key is missing; add it"
-    return error.message
+    return value_hint(error)
 
 
 def check_context(model: dict, seqlen: int, path: str | None = None) -> None:

@@ -160,6 +160,7 @@ EVAL = {"dataset": "data.jsonl", "split": "test", "seqlen": 16}
     ("stage", "option", "value", "message"),
     [
         ("evaluate", "spec", {**EVAL, "windows": -3}, "key 'windows': -3 is less than the minimum"),
+        ("evaluate", "spec", {**EVAL, "seqlen": 16.0}, "key 'seqlen': 16.0 is not an integer; "),
         ("evaluate", "spec", {**EVAL, "windws": 3}, "key 'windws': unknown key; remove it or"),
         ("evaluate", "spec", {"dataset": "d", "split": "test"}, "key 'seqlen': required key is"),
         ("evaluate", "spec", [], "[] is not of type 'object'"),
