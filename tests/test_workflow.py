@@ -642,18 +642,6 @@ def test_killed_run_of_two_estimators_evaluates_each_coalition_once(project):
     write_config(project, tiny_config())
 
 
-def test_demo_training_shows_progress_in_the_terminal_and_its_log(project):
-    config = {**tiny_config(), "demo": {"steps": 3, "n_layers": 2}}
-    write_config(project, config)
-    try:
-        result = snakemake(project, "--cores", "1", "results/demo/model")
-    finally:
-        write_config(project, tiny_config())
-    assert "train demo model: 100%" in result.stderr
-    log = (project / "results/demo/logs/demo_model.log").read_text()
-    assert "train demo model: 100%" in log and '"steps": 3' in log
-
-
 @pytest.mark.parametrize(
     ("override", "message"),
     [
