@@ -139,7 +139,7 @@ def curve_spec_json(wildcards):
 
 
 def local_inputs(*paths):
-    """Inputs produced by this workflow (the demo model and corpus); hub ids are not files."""
+    """Inputs produced by this workflow (paths under results/); hub ids are not files."""
     return [p for p in paths if cfg.is_workflow_path(p)]
 
 
@@ -404,3 +404,6 @@ def print_outputs():
             print(f"svnup: summary of {model}: {summary.resolve()}")
         if html.exists():
             print(f"svnup: report of {model}: {html.resolve()}")
+        note = model_settings(model).get("note")
+        if note and summary.exists():
+            print(f"svnup: note on {model}: {note}")

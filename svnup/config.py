@@ -3,11 +3,10 @@
 Every intermediate result lives under a path keyed by a hash of exactly the settings it depends on
 (its *spec*), so a config change re-runs only the stages whose spec changed, and reverting a change
 finds the earlier results again. A local model directory or dataset enters its spec with a
-fingerprint of its content (``svnup.content``), a hub model with its revision, and the demo model
-with the settings that train it, so editing an input in place is a change like any other. Local
-paths have one spelling (``local_path``), so writing one another way changes no key.
-Runtime settings (device, batch size, offload) are not part of any spec: moving a run from a
-workstation to a cluster recomputes nothing.
+fingerprint of its content (``svnup.content``) and a hub model with its revision, so editing an
+input in place is a change like any other. Local paths have one spelling (``local_path``), so
+writing one another way changes no key. Runtime settings (device, batch size, offload) are not
+part of any spec: moving a run from a workstation to a cluster recomputes nothing.
 """
 
 from __future__ import annotations
@@ -22,11 +21,8 @@ from pathlib import Path
 
 import yaml
 
-DEMO_MODEL = "results/demo/model"
-DEMO_CORPUS = "results/demo/corpus"
 # shapley.probe_pruner's value for "probe each run's games with the pruner of that run".
 MATCH = "match"
-DEMO_DEFAULTS = {"steps": 400, "n_layers": 8, "seed": 0}
 MODEL_DEFAULTS = {
     "dtype": "float32",
     "seqlen": 2048,
@@ -198,7 +194,6 @@ def model_settings(config: dict, name: str) -> dict:
             base = _merge(base, entry[section]) if isinstance(base, dict) else entry[section]
         settings[section] = copy.deepcopy(base)
     settings["save_model"] = bool(config.get("save_model", False))
-    settings["demo"] = demo_settings(config)
     _spell_paths_once(settings)
     return settings
 
@@ -257,11 +252,6 @@ def dataset_path(dataset: str) -> str:
     return f"./{spelled}" if spelled in HUB_DATASETS else spelled
 
 
-def demo_settings(config: dict) -> dict:
-    """How the demo model is trained: the ``demo`` section over the defaults."""
-    return {**DEMO_DEFAULTS, **config.get("demo", {})}
-
-
 def key(spec: dict) -> str:
     """A short stable hash of a spec (canonical JSON)."""
     text = json.dumps(spec, sort_keys=True, separators=(",", ":"))
@@ -278,11 +268,9 @@ def model_spec(settings: dict) -> dict:
 
 
 def model_source(settings: dict) -> dict:
-    """What identifies the model's weights beyond its path: the demo's training settings, a local
-    directory's content fingerprint, or a hub id's revision."""
+    """What identifies the model's weights beyond its path: a local directory's content
+    fingerprint, or a hub id's revision."""
     path = settings["path"]
-    if path == DEMO_MODEL:
-        return {"demo": settings["demo"]}
     if is_workflow_path(path):
         return {}
     if Path(path).expanduser().exists():

@@ -724,18 +724,6 @@ def test_concurrent_runs_sharing_coalition_jobs_evaluate_each_coalition_once(pro
     assert sum(map(_evaluated, consoles)) == len(recorded), "a coalition was evaluated twice"
 
 
-def test_demo_training_shows_progress_in_the_terminal_and_its_log(project):
-    config = {**tiny_config(), "demo": {"steps": 3, "n_layers": 2}}
-    write_config(project, config)
-    try:
-        result = snakemake(project, "--cores", "1", "results/demo/model")
-    finally:
-        write_config(project, tiny_config())
-    assert "train demo model: 100%" in result.stderr
-    log = (project / "results/demo/logs/demo_model.log").read_text()
-    assert "train demo model: 100%" in log and '"steps": 3' in log
-
-
 @pytest.mark.parametrize(
     ("override", "message"),
     [
