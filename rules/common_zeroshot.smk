@@ -1,6 +1,7 @@
 # Helpers of the zero-shot rules (rules/zeroshot.smk) and of collect; kept beside common.smk.
 from svnup import zeroshot as zs
 
+
 wildcard_constraints:
     tasks=r"[0-9a-f]{12}",
 

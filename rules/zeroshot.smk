@@ -47,4 +47,3 @@ rule zeroshot_dense:
         "--device {resources.device} --batch-size {resources.batch_size} "
         "--offload {resources.offload} --threads {threads} "
         "--model-dir {params.path:q} --out {output} > {log} 2>&1"
-

@@ -102,7 +102,6 @@ def check_context(model: dict, seqlen: int, path: str | None = None) -> None:
     """``seqlen`` must fit the positions of the model at ``path`` (the spec's model by default),
     read from its config.json before any weights load. A path that is not there is left to the
     loader, which names it."""
-    from svnup.config import DEMO_DEFAULTS
     from svnup.preflight import model_facts
 
     path = path or model["path"]
@@ -113,7 +112,6 @@ def check_context(model: dict, seqlen: int, path: str | None = None) -> None:
     settings = {
         "path": path,
         "revision": (model.get("revision") if own else None) or "main",
-        "demo": model.get("demo", DEMO_DEFAULTS),
     }
     context = model_facts(settings).context
     if context is not None and seqlen > context:
