@@ -429,6 +429,7 @@ def _stats(x: torch.Tensor) -> LayerStats:
     return stats
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 @needs_shared(C4_LLAMA)
 @needs_shared(C4)
@@ -446,6 +447,7 @@ def test_sparsegpt_agrees_with_the_reference_rule_on_c4_llama(c4_llama_activatio
         assert errors[0] == pytest.approx(errors[1], rel=0.01), (name, errors)
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 @needs_shared(C4_LLAMA)
 @needs_shared(C4)
@@ -467,6 +469,7 @@ def test_sparsegpt_nm_and_the_other_kernels_match_the_plain_methods_on_c4_llama(
             assert torch.equal(wanda, _plain_wanda(weight, stats.col_norm_sq, sparsity)), name
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 @needs_shared(C4_LLAMA)
 @needs_shared(C4)

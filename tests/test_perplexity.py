@@ -41,6 +41,7 @@ def test_too_short_stream_is_an_error(tiny_llama_path):
         stream_perplexity(engine, torch.zeros(1, 10, dtype=torch.long), 64)
 
 
+@pytest.mark.slow
 @needs_shared(STORIES)
 @needs_shared(WIKITEXT)
 def test_stories260k_wikitext2_dense_perplexity(tmp_path):

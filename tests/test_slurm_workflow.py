@@ -88,6 +88,7 @@ def shapley_values(root: Path) -> dict[str, list[float]]:
     }
 
 
+@pytest.mark.slow
 def test_slurm_profile_runs_the_workflow_like_a_local_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

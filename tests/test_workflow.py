@@ -88,6 +88,7 @@ def test_default_console_is_quiet(project):
     assert len(lines) <= 6 * jobs + 25, "\n".join(lines)  # 410 lines with shell commands
 
 
+@pytest.mark.slow
 def test_every_registered_allocation_method_runs(project):
     """The registry, the schema, the wildcards and the rules agree: every method runs, and a
     method that searches with the run's pruner gets one search and one budget per pruner."""
@@ -297,6 +298,7 @@ def _write_local_tasks(root: Path) -> None:
         zeroshot.write_choice_task(root / "tasks", name, docs)
 
 
+@pytest.mark.slow
 def test_zero_shot_adds_only_zero_shot_jobs_and_reaches_summary_and_report(project):
     pytest.importorskip("lm_eval", reason=zeroshot.INSTALL_HINT)
     _write_local_tasks(project)
@@ -345,6 +347,7 @@ def _coalition_summaries(root: Path, estimator: str = "swsv") -> dict[str, dict]
     return summaries
 
 
+@pytest.mark.slow
 def test_window_change_evaluates_only_missing_coalitions(project):
     before = set(_coalition_summaries(project))
     write_config(project, tiny_config(**{"shapley.window": 2}))
@@ -359,6 +362,7 @@ def test_window_change_evaluates_only_missing_coalitions(project):
     assert "coalitions" not in planned_jobs(project)
 
 
+@pytest.mark.slow
 def test_dense_targets_are_a_store_of_their_own(project):
     """``targets: dense`` re-plays the games into a new store on the same calibration and probe;
     the text-target store keeps its key, so reverting re-runs nothing."""
@@ -380,6 +384,7 @@ def test_dense_targets_are_a_store_of_their_own(project):
     assert not {"coalitions", "shapley", "budget"} & planned_jobs(project).keys()
 
 
+@pytest.mark.slow
 def test_sparsegpt_probe_plays_a_game_of_its_own(project):
     """``probe_pruner: sparsegpt`` is a new probe, store and game; reverting re-runs nothing."""
     wanda = _ppl(project, "results/tiny/s0.5/ppl.json")["budget"]
@@ -459,6 +464,7 @@ def test_match_probe_is_each_pruners_own_game():
         assert (budgets["wanda"] != budgets["sparsegpt"]) == played, method
 
 
+@pytest.mark.slow
 def test_match_probe_runs_each_pruner_with_its_own_game(project):
     """A config pruning with Wanda and SparseGPT under ``probe_pruner: match``: each run's
     budget reads the game (or damage curves) its pruner probes, and naming the probe instead
