@@ -80,7 +80,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--out",
         type=Path,
-        default=Path(__file__).resolve().parent / "results" / "sparsegpt-llm-compressor.md",
+        default=Path(__file__).resolve().parent / "results" / "sparsegpt-llm-compressor-run.md",
+        help="one run's table (results/sparsegpt-llm-compressor.md gathers several)",
     )
     args = parser.parse_args(argv)
     for name in args.models:
