@@ -45,6 +45,7 @@ from svnup.perplexity import stream_perplexity
 from svnup.pruning import prune_model
 
 ALLOCATIONS = ("uniform", "svnup")
+PRUNERS = ("llm-compressor", "svnup")
 COLUMNS = (
     "model",
     "allocation",
@@ -62,6 +63,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["stories260K"])
     parser.add_argument("--allocations", nargs="+", choices=ALLOCATIONS, default=list(ALLOCATIONS))
+    parser.add_argument(
+        "--pruned-by",
+        nargs="+",
+        choices=PRUNERS,
+        default=list(PRUNERS),
+        help="which tools prune (without llm-compressor the relative columns are left empty)",
+    )
     parser.add_argument("--target", type=float, default=0.5)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="calibration seeds")
     parser.add_argument("--nsamples", type=int, default=128, help="calibration windows from C4")
@@ -153,7 +161,7 @@ def bench_model(name: str, args: argparse.Namespace, emit, tmp: Path) -> None:
             calibration = calibration_samples(
                 tokenizer, str(C4), args.nsamples, args.seqlen, seed=seed, split="validation"
             )
-            runs = [("llm-compressor", None), ("svnup", None)]
+            runs = [(by, None) for by in PRUNERS if by in args.pruned_by]
             runs += [(f"svnup, kernel of {rev}", module) for rev, module in args.kernels.items()]
             reference, reference_ppl = None, None
             for by, kernel in runs:
@@ -166,13 +174,15 @@ def bench_model(name: str, args: argparse.Namespace, emit, tmp: Path) -> None:
                         prune_model(engine, calibration, sparsities, "sparsegpt")
                 seconds = time.perf_counter() - start
                 zeros = _block0_zeros(engine)
-                if reference is None:
-                    reference = zeros
-                agree = sum(int((zeros[k] == reference[k]).sum()) for k in zeros)
-                agreement = agree / sum(v.numel() for v in zeros.values())
                 measured = _block_sparsity(engine)
                 ppl = stream_perplexity(engine, stream, args.seqlen).ppl
-                reference_ppl = reference_ppl or ppl
+                if by == "llm-compressor":
+                    reference, reference_ppl = zeros, ppl
+                agreement, ratio = "-", "-"
+                if reference is not None:
+                    agree = sum(int((zeros[k] == reference[k]).sum()) for k in zeros)
+                    agreement = f"{agree / sum(v.numel() for v in zeros.values()):.4f}"
+                    ratio = f"{ppl / reference_ppl:.3f}"
                 emit(
                     _row(
                         Path(name).name,
@@ -180,9 +190,9 @@ def bench_model(name: str, args: argparse.Namespace, emit, tmp: Path) -> None:
                         by,
                         seed,
                         f"{float(np.dot(measured, params) / params.sum()):.4f}",
-                        f"{agreement:.4f}",
+                        agreement,
                         f"{ppl:.2f}",
-                        f"{ppl / reference_ppl:.3f}",
+                        ratio,
                         f"{seconds:.1f}",
                     )
                 )
