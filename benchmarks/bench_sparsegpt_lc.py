@@ -8,7 +8,9 @@ llm-compressor's (block 0 sees the same dense inputs in both, so this compares t
 the Hessians, not the error carried from earlier blocks), and the perplexity over several
 calibration seeds (how large a difference arises from the choice of windows alone).
 ``--kernel-revision REV`` adds svnup's pipeline with the SparseGPT kernel of git revision REV,
-e.g. the per-row mask kernel that produced the old recipe result.
+e.g. the per-row mask kernel that produced the old recipe result; ``--reference-kernel`` adds
+svnup's pipeline with the reference repository's SparseGPT algorithm (its threshold rule, its
+dead-input diagonal, float32), which separates the kernels' differences from the pipelines'.
 
 Needs llm-compressor in a separate environment (see bench_recipe.py):
 
@@ -30,6 +32,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -84,6 +87,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         metavar="REV",
         help="also prune with svnup's pipeline and the SparseGPT kernel of git revision REV",
     )
+    parser.add_argument(
+        "--reference-kernel",
+        action="store_true",
+        help="also prune with svnup's pipeline and the reference repository's SparseGPT algorithm",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument(
         "--out",
@@ -115,7 +123,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
             ).stdout
         except subprocess.CalledProcessError as err:
             parser.error(f"--kernel-revision: {err.stderr.strip()}")
-        args.kernels[rev] = _load_kernels(source, "kernels_" + rev.replace("^", "_parent"))
+        args.kernels[f"kernel of {rev}"] = _load_kernels(
+            source, "kernels_" + rev.replace("^", "_parent")
+        )
+    if args.reference_kernel:
+        args.kernels["reference kernel"] = SimpleNamespace(sparsegpt_prune=_reference_sparsegpt)
     return args
 
 
@@ -131,6 +143,48 @@ def _sparsities(engine: BlockModel, allocation: str, target: float) -> list[floa
 
 def _block0_zeros(engine: BlockModel) -> dict[str, torch.Tensor]:
     return {name: layer.weight == 0 for name, layer in linear_layers(engine.blocks[0]).items()}
+
+
+def _reference_sparsegpt(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: float,
+    nm: tuple[int, int] | None = None,
+    *,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT as the reference repository's ``fasterprune`` computes it (unstructured only):
+    dead inputs get 1 on the diagonal before the damping mean, and each block's mask is every
+    score at or below the sorted one at index floor(s * size), so one more weight plus ties.
+    Row-major float32, one column at a time, as the reference; svnup's kernel differs in these
+    two rules and in its memory layout."""
+    if nm is not None:
+        raise ValueError("--reference-kernel prunes unstructured sparsity only")
+    w = weight.detach().to(torch.float32, copy=True)
+    h = hessian.detach().to(torch.float32, copy=True)
+    cols = w.shape[1]
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h.diagonal().add_(percdamp * torch.diagonal(h).mean())
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    mask = torch.zeros_like(w, dtype=torch.bool)
+    for start in range(0, cols, blocksize):
+        end = min(start + blocksize, cols)
+        block, block_hinv = w[:, start:end].clone(), hinv[start:end, start:end]
+        scores = block.square() / torch.diagonal(block_hinv).square()
+        threshold = torch.sort(scores.flatten()).values[int(scores.numel() * sparsity)]
+        block_mask = scores <= threshold
+        errors = torch.zeros_like(block)
+        for j in range(end - start):
+            errors[:, j] = torch.where(block_mask[:, j], block[:, j], 0.0) / block_hinv[j, j]
+            block[:, j:] -= torch.outer(errors[:, j], block_hinv[j, j:])
+        block[block_mask] = 0.0
+        w[:, start:end] = block
+        w[:, end:] -= errors @ hinv[start:end, end:]
+        mask[:, start:end] = block_mask
+    return w.to(weight.dtype), mask
 
 
 @contextmanager
@@ -162,7 +216,7 @@ def bench_model(name: str, args: argparse.Namespace, emit, tmp: Path) -> None:
                 tokenizer, str(C4), args.nsamples, args.seqlen, seed=seed, split="validation"
             )
             runs = [(by, None) for by in PRUNERS if by in args.pruned_by]
-            runs += [(f"svnup, kernel of {rev}", module) for rev, module in args.kernels.items()]
+            runs += [(f"svnup, {label}", module) for label, module in args.kernels.items()]
             reference, reference_ppl = None, None
             for by, kernel in runs:
                 engine.model.load_state_dict(dense)
