@@ -10,7 +10,9 @@ calibration seeds (how large a difference arises from the choice of windows alon
 ``--kernel-revision REV`` adds svnup's pipeline with the SparseGPT kernel of git revision REV,
 e.g. the per-row mask kernel that produced the old recipe result; ``--reference-kernel`` adds
 svnup's pipeline with the reference repository's SparseGPT algorithm (its threshold rule, its
-dead-input diagonal, float32), which separates the kernels' differences from the pipelines'.
+dead-input diagonal, float32), which separates the kernels' differences from the pipelines';
+``--reference-kernel threshold exact`` adds it once more with svnup's exact per-block count in
+place of the threshold, which separates the count rule from the rest of the kernel.
 
 Needs llm-compressor in a separate environment (see bench_recipe.py):
 
@@ -21,6 +23,7 @@ Needs llm-compressor in a separate environment (see bench_recipe.py):
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import shlex
@@ -48,6 +51,7 @@ from svnup.perplexity import stream_perplexity
 from svnup.pruning import prune_model
 
 ALLOCATIONS = ("uniform", "svnup")
+COUNT_RULES = ("threshold", "exact")
 PRUNERS = ("llm-compressor", "svnup")
 COLUMNS = (
     "model",
@@ -89,8 +93,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--reference-kernel",
-        action="store_true",
-        help="also prune with svnup's pipeline and the reference repository's SparseGPT algorithm",
+        nargs="*",
+        choices=COUNT_RULES,
+        metavar="RULE",
+        help="also prune with svnup's pipeline and the reference repository's SparseGPT algorithm, "
+        "once per mask count RULE: threshold (the reference's, the default) or exact (svnup's)",
     )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument(
@@ -126,8 +133,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         args.kernels[f"kernel of {rev}"] = _load_kernels(
             source, "kernels_" + rev.replace("^", "_parent")
         )
-    if args.reference_kernel:
-        args.kernels["reference kernel"] = SimpleNamespace(sparsegpt_prune=_reference_sparsegpt)
+    if args.reference_kernel is not None:
+        for rule in args.reference_kernel or ["threshold"]:
+            label = "reference kernel" + ("" if rule == "threshold" else ", exact count")
+            args.kernels[label] = SimpleNamespace(
+                sparsegpt_prune=functools.partial(_reference_sparsegpt, rule=rule)
+            )
     return args
 
 
@@ -153,12 +164,14 @@ def _reference_sparsegpt(
     *,
     blocksize: int = 128,
     percdamp: float = 0.01,
+    rule: str = "threshold",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT as the reference repository's ``fasterprune`` computes it (unstructured only):
     dead inputs get 1 on the diagonal before the damping mean, and each block's mask is every
     score at or below the sorted one at index floor(s * size), so one more weight plus ties.
     Row-major float32, one column at a time, as the reference; svnup's kernel differs in these
-    two rules and in its memory layout."""
+    two rules and in its memory layout. Rule "exact" takes svnup's count instead: the lowest
+    round(s * rows * end) - round(s * rows * start) scores of the block."""
     if nm is not None:
         raise ValueError("--reference-kernel prunes unstructured sparsity only")
     w = weight.detach().to(torch.float32, copy=True)
@@ -174,8 +187,14 @@ def _reference_sparsegpt(
         end = min(start + blocksize, cols)
         block, block_hinv = w[:, start:end].clone(), hinv[start:end, start:end]
         scores = block.square() / torch.diagonal(block_hinv).square()
-        threshold = torch.sort(scores.flatten()).values[int(scores.numel() * sparsity)]
-        block_mask = scores <= threshold
+        if rule == "exact":
+            count = round(sparsity * w.shape[0] * end) - round(sparsity * w.shape[0] * start)
+            block_mask = torch.zeros(scores.numel(), dtype=torch.bool, device=w.device)
+            block_mask[torch.argsort(scores.flatten(), stable=True)[:count]] = True
+            block_mask = block_mask.reshape(scores.shape)
+        else:
+            threshold = torch.sort(scores.flatten()).values[int(scores.numel() * sparsity)]
+            block_mask = scores <= threshold
         errors = torch.zeros_like(block)
         for j in range(end - start):
             errors[:, j] = torch.where(block_mask[:, j], block[:, j], 0.0) / block_hinv[j, j]
