@@ -245,7 +245,7 @@ def test_the_specs_the_workflow_builds_fit_the_stage_schemas():
         {},
         {"shapley.players": "halves", "shapley.targets": "dense"},
         {"shapley.ablation": "skip", "shapley.probe_pruner": "match"},
-        {"evaluation.windows": 4, "models.tiny.path": cfg.DEMO_MODEL},
+        {"evaluation.windows": 4, "models.tiny.path": "demo/model"},
         {"evaluation.zero_shot": {"tasks": ["toy_a"], "include_path": "tasks", "limit": 0.5}},
     ]
     for overrides in variants:
