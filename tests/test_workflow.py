@@ -261,15 +261,17 @@ def test_edited_local_inputs_are_new_cache_keys(project, tmp_path):
 
 def test_local_paths_written_another_way_plan_nothing(project):
     """A trailing slash, ./ or an absolute path names the same model and datasets: a finished
-    run plans no job (each spelling used to re-plan every job, coalitions included)."""
+    run plans no computing job (each spelling used to re-plan every job, coalitions included).
+    The bookkeeping that records the datasets as written (collect, summary) may run again."""
     spelled = {
         "models.tiny.path": f"{project}/tiny/",
         "calibration.dataset": "./data/train.jsonl",
         "evaluation.datasets": [str(project / "data" / "heldout.jsonl")],
     }
     write_config(project, tiny_config(**spelled))
+    computing = {*MODEL_STAGES, "budget", "prune", "evaluate", "evaluate_dense"}
     try:
-        assert planned_jobs(project) == {}
+        assert not computing & planned_jobs(project).keys()
     finally:
         write_config(project, tiny_config())
 
