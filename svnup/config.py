@@ -81,11 +81,12 @@ def _admits_integer(schema: dict) -> bool:
     return "integer" in types or any(_admits_integer(s) for s in schema.get("anyOf", []))
 
 
-def _hint(error) -> str:
+def schema_hint(error, spelled_in: str) -> str:
+    """The fix for one schema error of a file whose keys are documented in ``spelled_in``."""
     if error.validator == "additionalProperties":
-        return "unknown key; remove it or check its spelling against config.yaml"
+        return f"unknown key; remove it or check its spelling against {spelled_in}"
     if error.validator == "required":
-        return "required key is missing"
+        return "required key is missing; add it"
     return value_hint(error)
 
 
@@ -118,7 +119,7 @@ def validate(config: dict) -> dict:
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         error = errors[0]
-        raise ConfigError(f"config key '{error_key(error)}': {_hint(error)}")
+        raise ConfigError(f"config key '{error_key(error)}': {schema_hint(error, 'config.yaml')}")
     for name in config["targets"]["models"]:
         model_settings(config, name)
     for name in config["models"]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from svnup.config import error_key, schema_validator, value_hint
+from svnup.config import error_key, schema_hint, schema_validator
 
 
 class SpecError(ValueError):
@@ -87,15 +87,8 @@ def check(stage: str, option: str, value: Any) -> None:
         where = error_key(error)
         if where == "<top level>":
             raise SpecError(f"{flag}: {error.message}")
-        raise SpecError(f"{flag}: key '{where}': {_hint(error)}")
-
-
-def _hint(error) -> str:
-    if error.validator == "additionalProperties":
-        return "unknown key; remove it or check its spelling"
-    if error.validator == "required":
-        return "required key is missing; add it"
-    return value_hint(error)
+        hint = schema_hint(error, f"the {stage} stage's keys in svnup/schemas/specs.schema.yaml")
+        raise SpecError(f"{flag}: key '{where}': {hint}")
 
 
 def check_context(model: dict, seqlen: int, path: str | None = None) -> None:
