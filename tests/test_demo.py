@@ -75,7 +75,18 @@ def test_corpus_is_deterministic_and_seeded(corpus, tmp_path):
 def test_corpus_split_is_disjoint_and_complete(corpus):
     train, heldout = _texts(corpus / "train.jsonl"), _texts(corpus / "heldout.jsonl")
     assert not set(train) & set(heldout)
-    assert len(set(train + heldout)) == len(train + heldout)
+    documents = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import json; from svnup import demo; "
+            "print(json.dumps(sorted(demo.corpus_documents())))",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert sorted(train + heldout) == json.loads(documents)  # in a fresh interpreter, as built
     assert len(heldout) == round(0.1 * (len(train) + len(heldout)))
     assert sum(map(len, train)) > 500_000  # enough text for a model that beats unigrams
 
