@@ -67,7 +67,7 @@ def error_key(error) -> str:
     """The dotted key a jsonschema error is about (the unknown or missing key itself)."""
     path = [str(p) for p in error.absolute_path]
     if error.validator == "additionalProperties":
-        extra = re.findall(r"'([^']+)' was unexpected", error.message)
+        extra = re.findall(r"\('([^']+)'", error.message)  # "('a', 'b' were unexpected)"
         return ".".join(path + extra[:1]) or "<top level>"
     if error.validator == "required":
         missing = re.findall(r"'([^']+)' is a required property", error.message)
