@@ -550,10 +550,10 @@ def _check_scores(path: Path, values, n_players: int) -> None:
         raise corrupt(path, f"{array.shape[-1]} values for the {n_players} players of the model")
 
 
-def read_budget(path: Path, sparsity: float | None = None) -> dict:
-    """A budget as the budget stage wrote it. One edited by hand (or damaged) so that its
-    sparsities no longer fit its blocks, lie outside [0, 1) or no longer average to the mean it
-    records would prune to another sparsity than the run says: it is named instead."""
+def _read_budget(path: Path, sparsity: float | None = None) -> dict:
+    """A budget as the budget stage wrote it, for target ``sparsity``. One edited by hand or
+    damaged so that its sparsities no longer fit its blocks, leave [0, 1) or no longer average
+    to the mean it records would prune to another sparsity than the run reports: it is named."""
     plan = read_json(path)
     try:
         sparsities = np.asarray(plan["sparsities"], dtype=np.float64)
@@ -589,7 +589,7 @@ def prune(
     from svnup.export import block_names, describe_checkpoint
     from svnup.pruning import prune_model
 
-    plan = read_budget(budget, spec["sparsity"])
+    plan = _read_budget(budget, spec["sparsity"])
     engine, tokenizer = _load(model, runtime)
     ids, _, calibration_meta = load_statistics(calibration)
     start = time.perf_counter()
@@ -629,7 +629,7 @@ def recipe(budget: Path, pruner: str, model: dict, out: Path) -> None:
     """The llm-compressor recipe of one allocation, from its budget alone (nothing is pruned)."""
     from svnup import export
 
-    plan = read_budget(budget)
+    plan = _read_budget(budget)
     blocks = export.block_names(_family(model).blocks, len(plan["sparsities"]))
     export.write_recipe(
         out,
@@ -751,7 +751,7 @@ def collect(
         "versions": versions(),
     }
     if budget is not None:
-        plan = read_budget(budget, sparsity)
+        plan = _read_budget(budget, sparsity)
         keys = ("achieved", "sparsities", "importance", "scores", "spec")
         data["budget"] = {k: plan[k] for k in keys}
         for k in ("players", "player_sparsities", "layer_sparsities"):
