@@ -5,9 +5,19 @@
 #   snakemake --workflow-profile profiles/slurm results/llama-7b/summary.csv
 
 
+import sys
+
 from snakemake.utils import min_version
 
+from svnup.config import ConfigError, check_config_file
+
 min_version("9.0")
+
+# Read first, so that a YAML error is named with its file and line.
+try:
+    check_config_file("config.yaml")
+except ConfigError as error:
+    sys.exit(f"svnup: {error}")
 
 
 configfile: "config.yaml"

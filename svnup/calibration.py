@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from svnup.io import atomic_path, open_h5
+from svnup.io import atomic_path, open_h5, read_meta
 from svnup.kernels import LayerStats, magnitude_mask, sparsegpt_prune, wanda_mask
 from svnup.models import BlockKwargs, BlockModel, linear_layers
 
@@ -129,13 +129,14 @@ def save_statistics(path, calibration: torch.Tensor, stats: list[BlockStats], at
 
 def load_statistics(path) -> tuple[torch.Tensor, list[BlockStats], dict]:
     with open_h5(path, "r") as f:
+        meta = read_meta(f, path, datasets=("input_ids", "blocks"))
         ids = torch.from_numpy(f["input_ids"][()])
         blocks = f["blocks"]
         stats = [
             {name: torch.from_numpy(blocks[str(i)][name][()]) for name in blocks[str(i)]}
             for i in range(len(blocks))
         ]
-        return ids, stats, json.loads(f.attrs["meta"])
+        return ids, stats, meta
 
 
 def save_probe(path, blocks: Iterable[BlockProbe], attrs: dict) -> None:

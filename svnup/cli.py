@@ -17,6 +17,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -129,6 +130,7 @@ OS_FIXES = {
     errno.ENOENT: "check the path",
     errno.ENOTDIR: "check the path (a part of it is a file)",
     errno.EISDIR: "give a file, not a folder",
+    errno.EEXIST: "a file stands where a folder of the path should be; check the path",
     errno.EACCES: "check its permissions",
     errno.EPERM: "check its permissions",
     errno.ENOSPC: "free some disk space and re-run",
@@ -175,16 +177,32 @@ def _uses_model(stage: str) -> bool:
     return "runtime" in inspect.signature(getattr(stages, stage)).parameters
 
 
+def _device(text: str) -> str:
+    if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not cpu, cuda or cuda:N (N a number)")
+    return text
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
 def _add_runtime(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
+    parser.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--batch-size", type=_positive, default=8, help="sequences per forward")
     parser.add_argument(
         "--offload",
         default="auto",
         choices=["auto", "true", "false"],
         help="keep weights on the CPU and move one block at a time to the device",
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -263,7 +281,9 @@ def describe(error: Exception) -> tuple[str, int]:
     raises about its input, a file that cannot be read), 1 for anything unexpected."""
     if isinstance(error, OSError) and error.filename is not None and error.strerror:
         fix = OS_FIXES.get(error.errno, "check the file and re-run")
-        return f"{error.filename}: {error.strerror}: {fix}", 2
+        # the temporary sibling an output is written to (svnup.io.atomic_path) names the output
+        name = re.sub(r"\.([^/]+)\.tmp-[0-9]+$", r"\1", str(error.filename))
+        return f"{name}: {error.strerror}: {fix}", 2
     if isinstance(error, ValueError | OSError) and _raised_in_svnup(error):
         return _one_line(error), 2
     return f"unexpected {type(error).__name__}: {_one_line(error)}; the traceback is in the log", 1

@@ -67,7 +67,7 @@ def error_key(error) -> str:
     """The dotted key a jsonschema error is about (the unknown or missing key itself)."""
     path = [str(p) for p in error.absolute_path]
     if error.validator == "additionalProperties":
-        extra = re.findall(r"'([^']+)' was unexpected", error.message)
+        extra = re.findall(r"\('([^']+)'", error.message)  # "('a', 'b' were unexpected)"
         return ".".join(path + extra[:1]) or "<top level>"
     if error.validator == "required":
         missing = re.findall(r"'([^']+)' is a required property", error.message)
@@ -95,7 +95,19 @@ def value_hint(error) -> str:
     value = error.instance
     if isinstance(value, float) and value.is_integer() and _admits_integer(error.schema):
         return f"{value} is not an integer; write {int(value)}"
+    if error.validator == "uniqueItems":
+        return f"{repeated(value)!r} is listed twice; list each once"
     return error.message
+
+
+def repeated(values: list):
+    """The first value of ``values`` that an earlier one equals."""
+    seen = []
+    for value in values:
+        if value in seen:
+            return value
+        seen.append(value)
+    return None
 
 
 def _strict_integers(checker, instance) -> bool:
@@ -111,6 +123,35 @@ def schema_validator(schema: dict):
     base = jsonschema.Draft202012Validator
     checker = base.TYPE_CHECKER.redefine("integer", _strict_integers)
     return jsonschema.validators.extend(base, type_checker=checker)(schema)
+
+
+def check_config_file(path: str | Path) -> None:
+    """Parse the workflow's config file before Snakemake does: a YAML error is named with its file
+    and line (Snakemake's own message names neither), and so are an empty file and one whose top
+    level is no mapping of keys. A missing file is left to Snakemake, which names it."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        reason = f"not UTF-8 text at byte {error.start}"
+        raise ConfigError(f"{path}: {reason}; save it as UTF-8") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = "" if mark is None else f" line {mark.line + 1} column {mark.column + 1}"
+        problem = getattr(error, "problem", None) or " ".join(str(error).split())
+        raise ConfigError(f"{path}{where}: not valid YAML ({problem}); fix it there") from None
+    if data is None:
+        raise ConfigError(
+            f"{path} is empty; write the workflow's settings into it (the repository's "
+            "config.yaml shows every key)"
+        )
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path} holds a YAML {type(data).__name__}, not the keys of a config (models:, "
+            "calibration:, ...); write one key a line at its top level"
+        )
 
 
 def validate(config: dict) -> dict:
@@ -143,6 +184,12 @@ def validate(config: dict) -> dict:
             )
         for target in config["targets"]["sparsities"]:
             check_target(settings, target, key="targets.sparsities")
+        datasets = settings["evaluation"]["datasets"]
+        if len(set(datasets)) < len(datasets):
+            raise ConfigError(
+                f"config key 'evaluation.datasets' of model '{name}': {repeated(datasets)} is "
+                "listed twice (written two ways); list each dataset once"
+            )
         _check_levels(settings, name)
     return config
 

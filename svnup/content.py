@@ -105,6 +105,14 @@ def check_safetensors(path: str | Path, fix: str = REBUILD) -> None:
         raise corrupt(path, f"{size} bytes where its header promises {expected}", fix)
 
 
+def check_torch_bin(path: str | Path, fix: str = REBUILD) -> None:
+    """A PyTorch weights file is a zip archive (torch.save since 1.6) or a pickle (before)."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise corrupt(path, "neither a zip archive nor a pickle, as torch.save writes", fix)
+
+
 def check_h5(path: str | Path, fix: str = REBUILD) -> None:
     """An HDF5 file must open and list its objects (this reads every object header)."""
     with open_h5(path, "r") as f:
@@ -126,6 +134,8 @@ def check_model_dir(path: str | Path, fix: str = REBUILD) -> None:
     for file in _files(path):
         if file.suffix == ".safetensors":
             check_safetensors(file, fix)
+        elif file.suffix == ".bin":
+            check_torch_bin(file, fix)
         elif file.suffix == ".json":
             data = read_json(file, fix)
             shards = set(data.get("weight_map", {}).values()) if isinstance(data, dict) else ()

@@ -86,6 +86,20 @@ def open_h5(path: str | Path, mode: str = "r"):
         raise corrupt(path, error) from None
 
 
+CALIBRATION = "a calibration record (calibration.h5, written by the calibrate stage)"
+
+
+def read_meta(f, path: str | Path, what: str = CALIBRATION, datasets: tuple[str, ...] = ()):
+    """The JSON metadata of the open HDF5 record ``f`` of ``path``, which must be ``what``: a
+    record of another stage (or another file) is named as such, not met as a missing key."""
+    if "meta" not in f.attrs or any(name not in f for name in datasets):
+        raise ValueError(
+            f"{path} is not {what}; give that file, or delete this one and re-run snakemake, "
+            "which rebuilds it"
+        )
+    return json.loads(f.attrs["meta"])
+
+
 def _finite(value):
     """Replace NaN/inf (not valid JSON) by null, keeping the rest of the structure."""
     if isinstance(value, float) and not math.isfinite(value):

@@ -38,6 +38,8 @@ _KNOWN_FOLDERS = {
     "summary.csv",
 }
 _SPARSITY = re.compile(r"[0-9]+(\.[0-9]+)?")
+# Files one of which a Hugging Face tokenizer is loaded from (fast, SentencePiece, BPE, WordPiece).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
 
 
 @dataclass(frozen=True)
@@ -49,13 +51,19 @@ class ModelFacts:
     model_type: str | None = None  # config.model_type, which picks the family (svnup.families)
 
 
-def _first(config: dict, keys: tuple[str, ...]) -> int | None:
-    """The first of ``keys`` that the config sets; multimodal models (Gemma 3) keep the language
-    model's sizes in a nested text config."""
+def _first(config: dict, keys: tuple[str, ...], where: str) -> int | None:
+    """The first of ``keys`` that the config sets, a positive integer; multimodal models (Gemma 3)
+    keep the language model's sizes in a nested text config."""
     for section in (config, config.get("text_config") or {}):
-        found = next((int(section[k]) for k in keys if section.get(k) is not None), None)
-        if found is not None:
-            return found
+        found = next((k for k in keys if section.get(k) is not None), None)
+        if found is None:
+            continue
+        value = section[found]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(
+                f"{where}: {found} is {value!r}, not a positive integer; restore the model folder"
+            )
+        return value
     return None
 
 
@@ -86,12 +94,18 @@ def model_facts(settings: dict, name: str = "") -> ModelFacts:
             raise ConfigError(
                 f"{key}: {config_file} is not valid JSON ({error}); restore the model folder"
             ) from None
-        blocks = _first(config, _BLOCK_KEYS)
+        if not isinstance(config, dict):
+            raise ConfigError(
+                f"{key}: {config_file} holds a JSON {type(config).__name__}, not the object of a "
+                "model's config; restore the model folder"
+            )
+        where = f"{key}: {config_file}"
+        blocks = _first(config, _BLOCK_KEYS, where)
         if blocks is None:
-            raise ConfigError(f"{key}: {config_file} names no block count ({_BLOCK_KEYS[0]})")
+            raise ConfigError(f"{where} names no block count ({_BLOCK_KEYS[0]})")
         if not config.get("model_type"):
-            raise ConfigError(f"{key}: {config_file} names no model_type; restore the model folder")
-        return ModelFacts(blocks, _first(config, _CONTEXT_KEYS), config["model_type"])
+            raise ConfigError(f"{where} names no model_type; restore the model folder")
+        return ModelFacts(blocks, _first(config, _CONTEXT_KEYS, where), config["model_type"])
     if folder.exists() or cfg.is_workflow_path(path) or path.startswith((".", "/", "~")):
         raise ConfigError(f"{key}: {path} is not a model folder; give a local folder or a hub id")
     try:
@@ -213,6 +227,12 @@ def check_model(settings: dict, name: str) -> ModelFacts:
         )
     check_estimator(settings, facts.n_blocks, name)
     check_datasets(settings, name)
+    local = not cfg.is_workflow_path(settings["path"]) and path.is_dir()
+    if local and not any((path / file).is_file() for file in _TOKENIZER_FILES):
+        raise ConfigError(
+            f"config key 'models.{name}.path': {settings['path']} has no tokenizer "
+            f"({', '.join(_TOKENIZER_FILES[:3])}); copy the model's tokenizer files into it"
+        )
     return facts
 
 

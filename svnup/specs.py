@@ -84,11 +84,31 @@ def check(stage: str, option: str, value: Any) -> None:
     if errors:
         error = errors[0]
         flag = "--" + option.replace("_", "-")
+        other = _stage_whose(option, value, schemas)
+        if other is not None:
+            raise SpecError(
+                f"{flag}: this is the {option} of the {other} stage, not of {stage}; "
+                f"pass the {option} that the {stage} stage takes (see the rule that runs it)"
+            )
         where = error_key(error)
         if where == "<top level>":
             raise SpecError(f"{flag}: {error.message}")
         hint = schema_hint(error, f"the {stage} stage's keys in svnup/schemas/specs.schema.yaml")
         raise SpecError(f"{flag}: key '{where}': {hint}")
+
+
+def _stage_whose(option: str, value: Any, schemas: dict) -> str | None:
+    """The stage whose ``option`` schema ``value`` fits, if one does (an object, so that ``{}``
+    or a list names no stage)."""
+    if not isinstance(value, dict) or not value:
+        return None
+    for stage, options in schemas["stages"].items():
+        schema = options.get(option)
+        if schema is not None:
+            validator = schema_validator({"$defs": schemas["$defs"], **schema})
+            if validator.is_valid(value):
+                return stage
+    return None
 
 
 def check_context(model: dict, seqlen: int, path: str | None = None) -> None:

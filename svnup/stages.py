@@ -21,8 +21,10 @@ from svnup import __version__
 from svnup.io import (
     JsonLines,
     atomic_path,
+    corrupt,
     open_h5,
     read_json,
+    read_meta,
     read_scores,
     write_json,
     write_scores,
@@ -266,6 +268,8 @@ def shapley(spec: dict, jobs: list[Path], out: Path, csv: Path) -> None:
     from svnup.shapley import make_estimator
     from svnup.store import read_records
 
+    if not jobs:
+        raise ValueError("no coalition job files given (--jobs); name the files to aggregate")
     records, n_blocks, players = {}, None, None
     for path in jobs:
         job_records, attrs = read_records(path)
@@ -491,12 +495,14 @@ def budget(spec: dict, sparsity: float, calibration: Path, scores: Path | None, 
     from svnup.registry import ALLOCATIONS
 
     with open_h5(calibration, "r") as f:
-        meta = json.loads(f.attrs["meta"])
+        meta = read_meta(f, calibration)
     block_params = np.asarray(meta["block_params"], dtype=np.float64)
     method = spec["method"]
     values, stderr, meta = (None, None, {}) if scores is None else read_scores(scores)
     players = players_from_json(meta["players"]) if meta.get("players") else None
     params = block_params if players is None else np.array([p.params for p in players], float)
+    if values is not None:
+        _check_scores(scores, values, len(params))
     if players is not None and params.sum() != block_params.sum():
         raise ValueError(
             f"the players of {scores} hold {params.sum():.0f} weights, the calibration's blocks "
@@ -531,6 +537,43 @@ def budget(spec: dict, sparsity: float, calibration: Path, scores: Path | None, 
     write_json(out, plan)
 
 
+def _check_scores(path: Path, values, n_players: int) -> None:
+    """Scores are finite numbers, one per player (per level and player for a damage curve): a
+    file edited by hand or damaged is named, not met as a failed conversion in the allocation."""
+    try:
+        array = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise corrupt(path, "its values are not a table of numbers") from None
+    if array.ndim not in (1, 2) or not np.isfinite(array).all():
+        raise corrupt(path, "its values are not all finite numbers")
+    if array.shape[-1] != n_players:
+        raise corrupt(path, f"{array.shape[-1]} values for the {n_players} players of the model")
+
+
+def _read_budget(path: Path, sparsity: float | None = None) -> dict:
+    """A budget as the budget stage wrote it, for target ``sparsity``. One edited by hand or
+    damaged so that its sparsities no longer fit its blocks, leave [0, 1) or no longer average
+    to the mean it records would prune to another sparsity than the run reports: it is named."""
+    plan = read_json(path)
+    try:
+        sparsities = np.asarray(plan["sparsities"], dtype=np.float64)
+        params = np.asarray(plan["block_params"], dtype=np.float64)
+        achieved, target = float(plan["achieved"]), float(plan["target"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise corrupt(path, f"not a budget: {error.__class__.__name__} {error}") from None
+    if sparsities.ndim != 1 or sparsities.shape != params.shape:
+        reason = f"{sparsities.size} sparsities for its {params.size} blocks"
+        raise corrupt(path, reason)
+    if not ((sparsities >= 0) & (sparsities < 1)).all():
+        raise corrupt(path, "a block sparsity outside [0, 1)")
+    mean = float(sparsities @ params / params.sum())
+    if abs(mean - achieved) > 1e-6:
+        raise corrupt(path, f"its sparsities average {mean:.4f}, it records {achieved:.4f}")
+    if sparsity is not None and abs(target - sparsity) > 1e-9:
+        raise corrupt(path, f"a budget for target sparsity {target}, not {sparsity}")
+    return plan
+
+
 def prune(
     spec: dict,
     runtime: dict,
@@ -546,7 +589,7 @@ def prune(
     from svnup.export import block_names, describe_checkpoint
     from svnup.pruning import prune_model
 
-    plan = read_json(budget)
+    plan = _read_budget(budget, spec["sparsity"])
     engine, tokenizer = _load(model, runtime)
     ids, _, calibration_meta = load_statistics(calibration)
     start = time.perf_counter()
@@ -586,7 +629,7 @@ def recipe(budget: Path, pruner: str, model: dict, out: Path) -> None:
     """The llm-compressor recipe of one allocation, from its budget alone (nothing is pruned)."""
     from svnup import export
 
-    plan = read_json(budget)
+    plan = _read_budget(budget)
     blocks = export.block_names(_family(model).blocks, len(plan["sparsities"]))
     export.write_recipe(
         out,
@@ -708,7 +751,7 @@ def collect(
         "versions": versions(),
     }
     if budget is not None:
-        plan = read_json(budget)
+        plan = _read_budget(budget, sparsity)
         keys = ("achieved", "sparsities", "importance", "scores", "spec")
         data["budget"] = {k: plan[k] for k in keys}
         for k in ("players", "player_sparsities", "layer_sparsities"):
@@ -726,14 +769,28 @@ def collect(
     write_json(out, data)
 
 
+def _check_run(path: Path, run) -> None:
+    """A ppl.json's perplexities are positive numbers (null where one overflowed): a value edited
+    by hand into text or a negative number would reach the summary as if it were measured."""
+    if not isinstance(run, dict):
+        raise corrupt(path, f"a JSON {type(run).__name__}, not a run's object")
+    for dataset, ppl in (run.get("perplexity") or {}).items():
+        number = isinstance(ppl, int | float) and not isinstance(ppl, bool)
+        if ppl is not None and not (number and ppl > 0):
+            raise corrupt(path, f"its perplexity on {dataset} is {ppl!r}, not a positive number")
+
+
 def summary(runs: list[Path], out: Path) -> None:
     """One CSV row per run and dataset, from exactly the given ppl.json files (a workflow passes
     the runs of its configured grid, never whatever else lies in the results folder)."""
     import pandas as pd
 
+    if not runs:
+        raise ValueError("no ppl.json files given (--runs); name the runs to tabulate")
     rows = []
     for path in runs:
         run = read_json(path)
+        _check_run(path, run)
         for dataset, ppl in run["perplexity"].items():
             rows.append(
                 {

@@ -199,7 +199,10 @@ def read_records(path: str | Path) -> tuple[dict[int, CoalitionRecord], dict[str
         try:
             masks, nll, tokens, secs = (f[name][()] for name in ("mask", *_FIELDS))
         except KeyError as err:
-            raise ValueError(f"{path} is not a coalition record file: {err}") from None
+            raise ValueError(
+                f"{path} is not a coalition record file (a coalitions job's output: {err}); give "
+                "one, or delete it and re-run snakemake, which rebuilds it"
+            ) from None
     records: dict[int, CoalitionRecord] = {}
     for row, a, b, c in zip(masks, nll, tokens, secs, strict=True):
         record = CoalitionRecord(float(a), int(b), float(c))
