@@ -50,7 +50,7 @@ STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
     "recipe": (
         "llm-compressor recipe of an allocation (SparseGPT, Wanda)",
-        ("budget", "pruner", "model", "out"),
+        ("budget", "pruner", "model", "out", "nm?"),
     ),
     "evaluate": (
         "perplexity of a checkpoint on one dataset",
@@ -77,6 +77,7 @@ STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
             "report?",
             "zero_shot?",
             "checkpoint?",
+            "model?",
         ),
     ),
     "summary": ("gather the given ppl.json files into a CSV", ("runs*", "out")),
@@ -89,6 +90,7 @@ STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
 OPTION_HELP = {
     "spec": "JSON: the settings this stage's result depends on (its cache-key material)",
     "model": 'JSON: the model, {"path": ..., "dtype": ...} (hub ids also "revision")',
+    "nm": 'N:M semi-structured masks, e.g. "2:4" (N of each M weights of a row pruned)',
     "estimator": 'JSON: the Shapley estimator and its parameters, {"estimator": "swsv", ...}',
     "job": "which of the estimator's coalition jobs to run (e.g. window-000-004)",
     "calibration": "calibration record (HDF5) written by the calibrate stage",
@@ -116,7 +118,7 @@ OPTION_HELP = {
     "budgets": "budgets (JSON) whose per-block sparsities to plot",
 }
 JSON_OPTIONS = {"spec", "model", "estimator"}
-TEXT_OPTIONS = {"job", "name", "allocation", "pruner"}
+TEXT_OPTIONS = {"job", "name", "allocation", "pruner", "nm"}
 
 
 def _json(text: str):
@@ -133,7 +135,8 @@ def _add_option(parser: argparse.ArgumentParser, option: str) -> None:
     if option.endswith("*"):
         parser.add_argument(flag, type=Path, nargs="*", default=[], help=text)
     elif name in JSON_OPTIONS:
-        parser.add_argument(flag, type=_json, required=True, help=text)
+        required = not option.endswith("?")
+        parser.add_argument(flag, type=_json, required=required, default=None, help=text)
     elif name in TEXT_OPTIONS:
         parser.add_argument(flag, default=None, required=name == "job", help=text)
     elif name == "sparsity":

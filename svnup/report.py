@@ -13,7 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from svnup.io import atomic_path, read_json  # noqa: E402
+from svnup.io import atomic_path  # noqa: E402
+from svnup.provenance import read_budget  # noqa: E402
 
 
 def _save(fig, path: Path) -> None:
@@ -128,7 +129,7 @@ def make_report(
         plot_shapley(values, stderr, out_dir / "shapley.png", title, players)
         figures.append(out_dir / "shapley.png")
     if budgets:
-        plot_sparsity([read_json(p) for p in budgets], out_dir / "sparsity.png")
+        plot_sparsity([read_budget(p) for p in budgets], out_dir / "sparsity.png")
         figures.append(out_dir / "sparsity.png")
     plot_perplexity(table, out_dir / "perplexity.png")
     figures.append(out_dir / "perplexity.png")
