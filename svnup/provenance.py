@@ -21,15 +21,16 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 
+from svnup.export import SIDECAR
 from svnup.io import REBUILD, CorruptFileError, read_json
 
 # How close the weighted mean of a budget's sparsities must be to its target.
 MEAN_TOLERANCE = 1e-6
 BUDGET_KEYS = ("spec", "target", "achieved", "sparsities", "block_params", "importance", "scores")
-SIDECAR = "svnup.json"
 
 
 def budget_error(path: str | Path, reason: str, fix: str = REBUILD) -> CorruptFileError:
+    """The one-line error of a budget file that is no allocation."""
     error = CorruptFileError(f"{path} is not a valid budget ({reason}); {fix}")
     error.path, error.reason = str(path), reason
     return error
@@ -37,6 +38,10 @@ def budget_error(path: str | Path, reason: str, fix: str = REBUILD) -> CorruptFi
 
 def _fraction(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def check_budget(
@@ -76,10 +81,6 @@ def check_budget(
             )
     _check_players(plan, path)
     return plan
-
-
-def _count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _check_players(plan: dict, path: str | Path) -> None:
