@@ -9,6 +9,7 @@ from snakemake.logging import logger as snakemake_logger
 from svnup import config as cfg
 from svnup import preflight
 from svnup.joblog import report_failed_jobs
+from svnup.provenance import measured_elsewhere
 from svnup.registry import ALLOCATIONS, METRICS, PRUNERS
 from svnup.shapley import ESTIMATORS, coalition_jobs, make_estimator
 
@@ -344,6 +345,44 @@ def scores_input(wildcards):
         budget_pruner(wildcards),
     )
     return [] if path is None else path
+
+
+def checkpoint_sources(wildcards):
+    """What a run's checkpoint is made from: every input of its prune job. The jobs that read the
+    checkpoint take them as inputs too, so a changed budget or calibration re-runs them.
+    """
+    return {
+        "budget": run_budget(wildcards),
+        "calibration": calibration_path(wildcards.model, settings(wildcards)),
+        "model": local_inputs(settings(wildcards)["path"]),
+    }
+
+
+def checkpoint_report(result):
+    """The prune report as an input of a job that reads the run's checkpoint and writes
+    ``result(wildcards)``: ancient, so pruning again (to bring back a temporary checkpoint)
+    leaves a finished result alone, unless that result was measured on another checkpoint than
+    the current budget and calibration make; then an ordinary input, so the job runs again after
+    pruning. Snakemake does not look at a job's own inputs once a job it depends on has to run,
+    so an edited budget alone would not re-run it.
+    """
+
+    def report(wildcards):
+        wc = wildcards
+        folder = f"results/{wc.model}/runs/{wc.allocation}/s{wc.sparsity}/{wc.pruner}/{wc.key}"
+        s = settings(wc)
+        spec = cfg.prune_spec(s, wc.allocation, target(wc), wc.pruner)
+        sources = checkpoint_sources(wc)
+        stale = cfg.key(spec) == wc.key and measured_elsewhere(
+            result(wc, folder),
+            spec,
+            cfg.model_spec(s),
+            sources["budget"],
+            sources["calibration"],
+        )
+        return f"{folder}/prune.json" if stale else ancient(f"{folder}/prune.json")
+
+    return report
 
 
 def pruned_model(path):

@@ -1,12 +1,16 @@
 # An evaluation runs after pruning but does not take the checkpoint as an input: `collect` does,
 # which keeps a temporary checkpoint (save_model off) on disk until every evaluation of the run
 # is done, and brings it back when an evaluation is added later. Pruning again then leaves the
-# finished evaluations alone (the report is an ancient input): the run folder is keyed by
-# everything the checkpoint depends on, so it cannot have changed.
+# finished evaluations alone: the prune report is an ancient input, for the order, while the
+# evaluation on disk was measured on the checkpoint the current files make (its identity,
+# svnup.provenance). What the checkpoint is made from (every input of the prune job: budget,
+# calibration, local model files) are ordinary inputs, so a job that rebuilds one re-runs the
+# evaluation; `collect` checks that every number it gathers belongs to one checkpoint.
 rule evaluate:
     input:
-        report=ancient(
-            "results/{model}/runs/{allocation}/s{sparsity}/{pruner}/{key}/prune.json"
+        unpack(checkpoint_sources),
+        report=checkpoint_report(
+            lambda wildcards, folder: f"{folder}/eval/{wildcards.dataset}.json"
         ),
         data=lambda wc: local_inputs(*settings(wc)["evaluation"]["datasets"]),
     output:
@@ -102,9 +106,10 @@ rule collect_dense:
         "../envs/svnup.yaml"
     params:
         zero_shot=collect_zero_shot,
+        model=lambda wc: as_json(cfg.model_spec(settings(wc))),
     shell:
         "python -m svnup collect --name {wildcards.model} {params.zero_shot} "
-        "--evaluations {input.evaluations} --out {output} > {log} 2>&1"
+        "--model {params.model:q} --evaluations {input.evaluations} --out {output} > {log} 2>&1"
 
 
 rule configured_pruner:

@@ -18,6 +18,7 @@ rule recipe:
         "../envs/svnup.yaml"
     params:
         model=lambda wc: as_json(cfg.model_spec(settings(wc))),
+        nm=lambda wc: f"--nm {settings(wc)['nm']}" if settings(wc)["nm"] else "",
     shell:
         "python -m svnup recipe --budget {input.budget} --pruner {wildcards.pruner} "
-        "--model {params.model:q} --out {output} > {log} 2>&1"
+        "--model {params.model:q} {params.nm} --out {output} > {log} 2>&1"

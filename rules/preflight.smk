@@ -52,6 +52,19 @@ def intermediates(model, s, sparsities):
     return sorted({p for p in paths if p})
 
 
+def run_budgets(model, s, sparsities):
+    """(budget, its target, the prune report made from it) of every run of the current config."""
+    grid = config["targets"]
+    for sparsity, allocation, pruner in itertools.product(
+        sparsities,
+        {*grid["allocations"], s["allocation"]["method"]},
+        {*grid["pruners"], s["pruner"]},
+    ):
+        budget = budget_path(model, s, allocation, sparsity, pruner)
+        pruning = f"{run_dir(model, s, allocation, sparsity, pruner)}/prune.json"
+        yield budget, float(sparsity), pruning
+
+
 def jobs_run_here():
     """Whether this invocation's jobs run on this machine: the executor that Snakemake's command
     line chose (its profiles included) executes locally, as the default one does, while a cluster
@@ -75,10 +88,12 @@ def check_before_planning():
     paths asked for, every target model (its folder, weights and family, player count against
     the estimator, context length against seqlen, datasets, splits and their first rows, its
     device when jobs run here, its zero-shot tasks), and the intermediate files its jobs would
-    read. A damaged file is named before a job that reads it deletes its own previous output.
+    read. A damaged file is named before a job that reads it deletes its own previous output; a
+    budget must also be an allocation for its run (svnup.provenance).
     """
     from svnup.content import check_intact, refold
     from svnup.io import REBUILD, CorruptFileError
+    from svnup.provenance import check_pruned_with, read_budget
     from svnup.store import check_store
 
     if not workflow.is_main_process:
@@ -108,6 +123,10 @@ def check_before_planning():
                 check_intact(
                     path, refold(path) if Path(path).name == "model" else REBUILD
                 )
+            for budget, target, pruning in run_budgets(model, s, sorted(sparsities)):
+                if Path(budget).is_file():
+                    read_budget(budget, target, spec_key=Path(budget).parent.name)
+                    check_pruned_with(budget, pruning)
     except (cfg.ConfigError, CorruptFileError) as error:
         fail(error)
 

@@ -1,8 +1,6 @@
 rule prune:
     input:
-        budget=run_budget,
-        calibration=lambda wc: calibration_path(wc.model, settings(wc)),
-        model=lambda wc: local_inputs(settings(wc)["path"]),
+        unpack(checkpoint_sources),
     output:
         model=pruned_model(
             "results/{model}/runs/{allocation}/s{sparsity}/{pruner}/{key}/model"

@@ -1,8 +1,10 @@
-# Like `evaluate`, it reads the checkpoint that `collect` keeps on disk (see evaluation.smk).
+# Like `evaluate`, it reads the checkpoint that `collect` keeps on disk and re-runs when what the
+# checkpoint is made from changes (see evaluation.smk).
 rule zeroshot:
     input:
-        report=ancient(
-            "results/{model}/runs/{allocation}/s{sparsity}/{pruner}/{key}/prune.json"
+        unpack(checkpoint_sources),
+        report=checkpoint_report(
+            lambda wildcards, folder: f"{folder}/zeroshot/{wildcards.tasks}.json"
         ),
     output:
         "results/{model}/runs/{allocation}/s{sparsity}/{pruner}/{key}/zeroshot/{tasks}.json",

@@ -55,7 +55,7 @@ STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
     "recipe": (
         "llm-compressor recipe of an allocation (SparseGPT, Wanda)",
-        ("budget", "pruner", "model", "out"),
+        ("budget", "pruner", "model", "out", "nm?"),
     ),
     "evaluate": (
         "perplexity of a checkpoint on one dataset",
@@ -82,6 +82,7 @@ STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
             "report?",
             "zero_shot?",
             "checkpoint?",
+            "model?",
         ),
     ),
     "summary": ("gather the given ppl.json files into a CSV", ("runs*", "out")),
@@ -94,6 +95,7 @@ STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
 OPTION_HELP = {
     "spec": "JSON: the settings this stage's result depends on (its cache-key material)",
     "model": 'JSON: the model, {"path": ..., "dtype": ...} (hub ids also "revision")',
+    "nm": 'N:M semi-structured masks, e.g. "2:4" (N of each M weights of a row pruned)',
     "estimator": 'JSON: the Shapley estimator and its parameters, {"estimator": "swsv", ...}',
     "job": "which of the estimator's coalition jobs to run (e.g. window-000-004)",
     "calibration": "calibration record (HDF5) written by the calibrate stage",
@@ -123,7 +125,7 @@ OPTION_HELP = {
     "note": "one sentence on what the run can and cannot show, printed under the verdicts",
 }
 JSON_OPTIONS = {"spec", "model", "estimator"}
-TEXT_OPTIONS = {"job", "name", "allocation", "pruner", "recommended", "note"}
+TEXT_OPTIONS = {"job", "name", "allocation", "pruner", "recommended", "note", "nm"}
 PACKAGE = Path(__file__).resolve().parent
 # how to recover from an OSError that names its file, by errno
 OS_FIXES = {
@@ -163,7 +165,8 @@ def _add_option(parser: argparse.ArgumentParser, option: str) -> None:
     if option.endswith("*"):
         parser.add_argument(flag, type=Path, nargs="*", default=[], help=text)
     elif name in JSON_OPTIONS:
-        parser.add_argument(flag, type=_json, required=True, help=text)
+        required = not option.endswith("?")
+        parser.add_argument(flag, type=_json, required=required, default=None, help=text)
     elif name in TEXT_OPTIONS:
         parser.add_argument(flag, default=None, required=name == "job", help=text)
     elif name == "sparsity":
@@ -233,7 +236,7 @@ def run(args: argparse.Namespace) -> None:
     function = getattr(stages, args.stage)
     values = vars(args)
     for option in ("spec", "model", "estimator"):
-        if option in values:
+        if values.get(option) is not None:  # an optional one (collect's --model) may be absent
             specs.check(args.stage, option, values[option])
     if _uses_model(args.stage):
         from svnup.gpus import claim_gpu

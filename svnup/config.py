@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import re
 from importlib import resources
@@ -40,6 +41,7 @@ class ConfigError(ValueError):
 
 def _schema() -> dict:
     """The config schema, with every name that can be plugged in taken from the registries."""
+    from svnup.data import PROTOCOLS
     from svnup.players import KINDS
     from svnup.registry import ALLOCATIONS, PRUNERS
     from svnup.shapley import ESTIMATORS
@@ -49,6 +51,7 @@ def _schema() -> dict:
     defs = schema["$defs"]
     defs["allocation_method"]["enum"] = list(ALLOCATIONS)
     defs["pruner"]["enum"] = list(PRUNERS)
+    defs["protocol"]["enum"] = list(PROTOCOLS)
     defs["shapley"]["properties"]["estimator"]["enum"] = list(ESTIMATORS)
     defs["shapley"]["properties"]["probe_pruner"]["enum"] = [*PRUNERS, MATCH]
     defs["shapley"]["properties"]["players"]["enum"] = list(KINDS)
@@ -182,6 +185,8 @@ def validate(config: dict) -> dict:
                 f"{settings['shapley']['eval_samples']} exceeds calibration.nsamples "
                 f"{settings['calibration']['nsamples']}; lower it or sample more"
             )
+        _check_protocols(settings, name)
+        _check_nm(settings, name, config)
         for target in config["targets"]["sparsities"]:
             check_target(settings, target, key="targets.sparsities")
         datasets = settings["evaluation"]["datasets"]
@@ -192,6 +197,64 @@ def validate(config: dict) -> dict:
             )
         _check_levels(settings, name)
     return config
+
+
+def _check_protocols(settings: dict, name: str) -> None:
+    """An explicit protocol names a configured dataset and never contradicts a hub name."""
+    evaluation, calibration = settings["evaluation"], settings["calibration"]
+    given = [
+        (f"evaluation.protocols.{dataset}", dataset, protocol)
+        for dataset, protocol in evaluation.get("protocols", {}).items()
+    ]
+    for key_name, dataset, _ in given:
+        if dataset not in evaluation["datasets"]:
+            raise ConfigError(
+                f"config key '{key_name}' of model '{name}': {dataset} is not one of "
+                f"evaluation.datasets ({', '.join(evaluation['datasets'])}); write the dataset "
+                "exactly as listed there, or remove the entry"
+            )
+    if "protocol" in calibration:
+        given.append(("calibration.protocol", calibration["dataset"], calibration["protocol"]))
+    for key_name, dataset, protocol in given:
+        if dataset in HUB_DATASETS and protocol != dataset:
+            raise ConfigError(
+                f"config key '{key_name}' of model '{name}': the hub dataset {dataset} is read "
+                f"with protocol {dataset}, not {protocol}; remove the entry"
+            )
+
+
+def nm_pattern(settings: dict) -> tuple[int, int] | None:
+    """(N, M) of the model's N:M semi-structured pruning; None when it prunes unstructured."""
+    if settings.get("nm") is None:
+        return None  # planning never imports torch for unstructured runs
+    from svnup.kernels import parse_nm
+
+    return parse_nm(settings["nm"])
+
+
+def _check_nm(settings: dict, name: str, config: dict) -> None:
+    try:
+        nm_pattern(settings)
+    except ValueError as error:
+        raise ConfigError(f"config key 'nm' of model '{name}': {error}") from None
+    methods = {"allocation.method": [settings["allocation"]["method"]]}
+    if name in config["targets"]["models"]:
+        methods["targets.allocations"] = config["targets"]["allocations"]
+    for key_name, chosen in methods.items():
+        for method in chosen:
+            check_allocation(settings, method, f"config key '{key_name}' of model '{name}'")
+
+
+def check_allocation(settings: dict, method: str, key: str) -> None:
+    """With nm every layer is pruned N of each M weights: only uniform allocation fits (which
+    layers to prune N:M is an allocation question svnup does not answer yet)."""
+    pattern = nm_pattern(settings)
+    if pattern is not None and method != "uniform":
+        raise ConfigError(
+            f"{key}: {method} cannot be pruned with config key 'nm' {settings['nm']}, which "
+            f"prunes every layer {pattern[0]} of each {pattern[1]} weights; use uniform "
+            "allocation, or remove nm"
+        )
 
 
 def _check_levels(settings: dict, name: str) -> None:
@@ -208,10 +271,17 @@ def _check_levels(settings: dict, name: str) -> None:
 
 
 def check_target(settings: dict, target: float, key: str = "sparsity") -> None:
-    """A target sparsity must lie in (0, 1) and within the allocation bounds."""
+    """A target sparsity must lie in (0, 1), within the allocation bounds, and be N/M with nm."""
     lo, hi = settings["allocation"]["min"], settings["allocation"]["max"]
     if not 0.0 < target < 1.0:
         raise ConfigError(f"{key}: target sparsity {target} must be in (0, 1)")
+    pattern = nm_pattern(settings)
+    if pattern is not None and not math.isclose(target, pattern[0] / pattern[1], abs_tol=1e-9):
+        n, m = pattern
+        raise ConfigError(
+            f"{key}: target sparsity {target} contradicts config key 'nm' {settings['nm']}, which "
+            f"prunes {n} of each {m} weights ({n / m:g}); ask for {n / m:g} only, or remove nm"
+        )
     if not lo <= target <= hi:
         raise ConfigError(
             f"{key}: target sparsity {target} cannot be a mean of per-block sparsities in "
@@ -241,6 +311,7 @@ def model_settings(config: dict, name: str) -> dict:
         if section in entry:
             base = _merge(base, entry[section]) if isinstance(base, dict) else entry[section]
         settings[section] = copy.deepcopy(base)
+    settings.setdefault("nm", config.get("nm"))
     settings["save_model"] = bool(config.get("save_model", False))
     _spell_paths_once(settings)
     return settings
@@ -522,20 +593,31 @@ def budget_spec(settings: dict, method: str, pruner: str) -> dict:
 
 
 def prune_spec(settings: dict, method: str, sparsity: float, pruner: str) -> dict:
-    return {
+    """What a pruned checkpoint depends on; ``nm`` enters only when set, so unstructured runs
+    keep their keys."""
+    spec = {
         "budget": key(budget_spec(settings, method, pruner)),
         "sparsity": sparsity,
         "pruner": pruner,
         "calibration": key(calibration_spec(settings)),
     }
+    pattern = nm_pattern(settings)
+    if pattern is not None:
+        spec["nm"] = f"{pattern[0]}:{pattern[1]}"
+    return spec
 
 
 def eval_spec(settings: dict, dataset: str) -> dict:
+    """What a perplexity depends on; an explicit protocol (``evaluation.protocols``) enters only
+    when set, so evaluations read with the name-based default keep their keys."""
     spec = {
         "dataset": dataset,
         "split": settings["evaluation"]["split"],
         "seqlen": settings["seqlen"],
     }
+    protocol = settings["evaluation"].get("protocols", {}).get(dataset)
+    if protocol is not None:
+        spec["protocol"] = protocol
     content = data_content(dataset)
     if content:
         spec["content"] = content

@@ -17,9 +17,11 @@ directory, write ``./c4`` for the directory), ``.jsonl`` files (``"text"`` field
 (one row per line) or ``.parquet`` files (``"text"`` column), or a directory holding one such
 file per split: the single file whose name, split at ``.``, ``-`` and ``_``, contains the split
 name (``validation`` also matches ``valid`` and ``val``), e.g. ``test.jsonl`` or
-``ptb.valid.txt``. A file source is its own split. The protocol of a path is read from its name,
-then its parent directory's name: ``wikitext*`` -> wikitext2, ``ptb``/``penn`` -> ptb, ``c4``
--> c4, otherwise plain.
+``ptb.valid.txt``. A file source is its own split. A hub name is read with its own protocol; a
+path with the protocol given (the workflow's ``evaluation.protocols`` and ``calibration.protocol``)
+or, by default, one guessed from its name, then its parent directory's name: ``wikitext*`` ->
+wikitext2, ``ptb``/``penn`` -> ptb, ``c4`` -> c4, otherwise plain. A renamed copy of PTB is
+"plain" unless its protocol is given.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ if TYPE_CHECKING:  # torch is imported where tokens are made, so checking a sour
 
 log = logging.getLogger("svnup")
 HUB_NAMES = ("wikitext2", "ptb", "c4")
+PROTOCOLS = (*HUB_NAMES, "plain")
 # What load_dataset reads for each hub name: repository, configuration and the text column.
 HUB_SOURCES = {
     "wikitext2": ("wikitext", "wikitext-2-raw-v1", "text"),
@@ -292,8 +295,21 @@ def load_texts(source: str, split: str) -> list[str]:
     return _load_hub(source, split) if path is None else _read_file(path)
 
 
+def resolve_protocol(source: str, protocol: str | None = None) -> str:
+    """The protocol ``source`` is read with: ``protocol`` where given, else the one its name
+    suggests (``eval_protocol``). A hub name is only read with its own protocol."""
+    if protocol is None:
+        return eval_protocol(source)
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}")
+    if source in HUB_NAMES and protocol != source:
+        raise ValueError(f"hub dataset {source} is read with protocol {source}, not {protocol}")
+    return protocol
+
+
 def eval_protocol(source: str) -> str:
-    """How ``source`` is joined: "wikitext2", "ptb", "c4" or "plain", read from its name."""
+    """How ``source`` is joined by default: "wikitext2", "ptb", "c4" or "plain", read from its
+    name."""
     if source in HUB_NAMES:
         return source
     path = Path(source).expanduser()
@@ -398,8 +414,10 @@ def eval_stream(
     split: str = "test",
     seqlen: int = 2048,
     cache_dir: str | Path | None = None,
+    protocol: str | None = None,
 ) -> torch.LongTensor:
-    """The ``[1, T]`` token stream perplexity is measured on, tokenised once and cached.
+    """The ``[1, T]`` token stream perplexity is measured on, tokenised once and cached;
+    ``protocol`` says how the rows are joined (guessed from the name when None).
 
     The cache (``cache_dir``, else ``$SVNUP_CACHE``, else ``~/.cache/svnup/tokens``) is keyed by
     the source (path, size and mtime for files), split, protocol, tokenizer (name, size, vocab
@@ -407,7 +425,7 @@ def eval_stream(
     damaged cache file is tokenised again and replaced, with a warning that names it.
     """
     split = _split_name(split)
-    protocol = eval_protocol(source)
+    protocol = resolve_protocol(source, protocol)
     target = _cache_file(tokenizer, source, split, protocol, seqlen, cache_dir)
     if target.exists():
         ids = _load_cached(target)
@@ -427,17 +445,19 @@ def calibration_samples(
     seqlen: int = 2048,
     seed: int = 0,
     split: str = "train",
+    protocol: str | None = None,
 ) -> torch.LongTensor:
     """``[nsamples, seqlen]`` random windows of calibration text, reproducible from ``seed``.
 
-    Each draw picks a document (except for stream sources, which are one document), tokenises
-    it, and keeps a random window if the document has more than ``seqlen`` tokens.
+    Each draw picks a document (except for stream sources, which are one document: wikitext2 and
+    ptb, by ``protocol`` or, when None, by the source's name), tokenises it, and keeps a random
+    window if the document has more than ``seqlen`` tokens.
     """
     import torch
 
     if nsamples < 1 or seqlen < 1:
         raise ValueError(f"nsamples={nsamples} and seqlen={seqlen} must both be at least 1")
-    protocol = eval_protocol(source)
+    protocol = resolve_protocol(source, protocol)
     texts = load_texts(source, split)
     if protocol in STREAM_PROTOCOLS:
         texts = [_space_joined(protocol, texts)]

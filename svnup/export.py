@@ -112,13 +112,15 @@ def describe_checkpoint(
     calibration_spec: dict,
     blocks: Sequence[str],
     measured: Sequence[float],
+    identity: dict,
     versions: dict,
 ) -> None:
-    """Write ``svnup.json`` and, where the pruner has a modifier, ``recipe.yaml`` into a saved
-    checkpoint ``folder``."""
+    """Write ``svnup.json`` (with the checkpoint's identity, svnup.provenance) and, where the
+    pruner has a modifier, ``recipe.yaml`` into a saved checkpoint ``folder``."""
     folder = Path(folder)
     pruner = prune_spec["pruner"]
     sidecar = {
+        **identity,
         "model": model,
         "allocation": plan["spec"]["method"],
         "target_sparsity": plan["target"],

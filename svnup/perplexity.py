@@ -97,12 +97,16 @@ def dataset_perplexity(
     seqlen: int = 2048,
     windows: int | None = None,
     cache_dir: str | Path | None = None,
+    protocol: str | None = None,
 ) -> PerplexityResult:
     """Perplexity on a named dataset (``wikitext2``, ``c4``, ``ptb``) or a local file, over its
-    first ``windows`` windows of ``seqlen`` tokens (all by default)."""
+    first ``windows`` windows of ``seqlen`` tokens (all by default), its rows joined by
+    ``protocol`` (``svnup.data.eval_stream``)."""
     from svnup.data import eval_stream
 
-    stream = eval_stream(tokenizer, source, split=split, seqlen=seqlen, cache_dir=cache_dir)
+    stream = eval_stream(
+        tokenizer, source, split=split, seqlen=seqlen, cache_dir=cache_dir, protocol=protocol
+    )
     if windows is not None:
         stream = stream[:, : windows * seqlen]
     return stream_perplexity(model, stream, seqlen, dataset=source, split=split)

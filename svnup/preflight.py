@@ -272,6 +272,8 @@ def target_model(config: dict, target: str) -> str | None:
                 f"target path {target}: unknown allocation '{rest[0]}'; choose one of "
                 f"{', '.join(allocations)}"
             )
+        if len(rest) >= 2:
+            cfg.check_allocation(settings, rest[0], key=f"target path {target}")
         if len(rest) == 3 and rest[1] not in pruners:
             raise ConfigError(
                 f"target path {target}: unknown pruner '{rest[1]}'; choose one of "

@@ -17,7 +17,8 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import LogFormatter, ScalarFormatter  # noqa: E402
 
-from svnup.io import atomic_path, read_json  # noqa: E402
+from svnup.io import atomic_path  # noqa: E402
+from svnup.provenance import read_budget  # noqa: E402
 from svnup.registry import ALLOCATIONS, PRUNERS  # noqa: E402
 
 # Perplexities closer than this (relative) tie: their margin would print as 0.0%.
@@ -383,7 +384,7 @@ def make_report(
     plot_perplexity(table, out_dir / "perplexity.png", recommended)
     sections = []
     if budgets:
-        plot_sparsity([read_json(p) for p in budgets], out_dir / "sparsity.png", recommended)
+        plot_sparsity([read_budget(p) for p in budgets], out_dir / "sparsity.png", recommended)
         sections += ["<h2>Per-block sparsity</h2>", _img(out_dir / "sparsity.png")]
     if shapley is not None:
         values, stderr, meta = read_scores(shapley)

@@ -28,6 +28,7 @@ class SpecError(ValueError):
 @functools.cache
 def _schemas() -> dict:
     """The stage schemas, with the names and parameters of the registries filled in."""
+    from svnup.data import PROTOCOLS
     from svnup.players import KINDS
     from svnup.registry import ALLOCATIONS, METRICS, PRUNERS
     from svnup.shapley import ESTIMATORS
@@ -36,6 +37,7 @@ def _schemas() -> dict:
     schema = yaml.safe_load(text)
     defs, stages = schema["$defs"], schema["stages"]
     defs["pruner"]["enum"] = list(PRUNERS)
+    defs["protocol"]["enum"] = list(PROTOCOLS)
     defs["estimator_name"]["enum"] = list(ESTIMATORS)
     stages["coalitions"]["spec"]["properties"]["players"]["enum"] = list(KINDS)
     for spec in (stages["coalitions"]["estimator"], stages["shapley"]["spec"]):

@@ -71,7 +71,7 @@ def _model_fix(spec_model: dict, path: str) -> str:
 def calibrate(spec: dict, runtime: dict, out: Path) -> None:
     """Sample calibration sequences and record the dense model's per-layer input statistics."""
     from svnup.calibration import dense_statistics, save_statistics
-    from svnup.data import calibration_samples, check_source
+    from svnup.data import calibration_samples, check_source, resolve_protocol
     from svnup.specs import check_context
 
     check_source(spec["dataset"], "train")  # before the model loads, which can take minutes
@@ -83,12 +83,14 @@ def calibrate(spec: dict, runtime: dict, out: Path) -> None:
         nsamples=spec["nsamples"],
         seqlen=spec["seqlen"],
         seed=spec["seed"],
+        protocol=spec.get("protocol"),
     )
     log.info("calibration: %d sequences x %d tokens from %s", *ids.shape, spec["dataset"])
     start = time.perf_counter()
     stats = dense_statistics(engine, ids)
     meta = {
         "spec": spec,
+        "protocol": resolve_protocol(spec["dataset"], spec.get("protocol")),
         "n_blocks": engine.n_blocks,
         "block_params": engine.block_params(),
         "seconds": time.perf_counter() - start,
@@ -550,30 +552,6 @@ def _check_scores(path: Path, values, n_players: int) -> None:
         raise corrupt(path, f"{array.shape[-1]} values for the {n_players} players of the model")
 
 
-def _read_budget(path: Path, sparsity: float | None = None) -> dict:
-    """A budget as the budget stage wrote it, for target ``sparsity``. One edited by hand or
-    damaged so that its sparsities no longer fit its blocks, leave [0, 1) or no longer average
-    to the mean it records would prune to another sparsity than the run reports: it is named."""
-    plan = read_json(path)
-    try:
-        sparsities = np.asarray(plan["sparsities"], dtype=np.float64)
-        params = np.asarray(plan["block_params"], dtype=np.float64)
-        achieved, target = float(plan["achieved"]), float(plan["target"])
-    except (KeyError, TypeError, ValueError) as error:
-        raise corrupt(path, f"not a budget: {error.__class__.__name__} {error}") from None
-    if sparsities.ndim != 1 or sparsities.shape != params.shape:
-        reason = f"{sparsities.size} sparsities for its {params.size} blocks"
-        raise corrupt(path, reason)
-    if not ((sparsities >= 0) & (sparsities < 1)).all():
-        raise corrupt(path, "a block sparsity outside [0, 1)")
-    mean = float(sparsities @ params / params.sum())
-    if abs(mean - achieved) > 1e-6:
-        raise corrupt(path, f"its sparsities average {mean:.4f}, it records {achieved:.4f}")
-    if sparsity is not None and abs(target - sparsity) > 1e-9:
-        raise corrupt(path, f"a budget for target sparsity {target}, not {sparsity}")
-    return plan
-
-
 def prune(
     spec: dict,
     runtime: dict,
@@ -584,12 +562,15 @@ def prune(
     report: Path,
 ) -> None:
     """Prune with the budget's per-block sparsities and save a Hugging Face checkpoint, with its
-    provenance and an llm-compressor recipe of the allocation beside it (svnup.export)."""
+    provenance (its identity: svnup.provenance) and an llm-compressor recipe of the allocation
+    beside it (svnup.export). ``spec["nm"]``, where set, prunes N of each M weights of a row."""
     from svnup.calibration import load_statistics
     from svnup.export import block_names, describe_checkpoint
+    from svnup.provenance import checkpoint_identity, read_budget
     from svnup.pruning import prune_model
 
-    plan = _read_budget(budget, spec["sparsity"])
+    plan = read_budget(budget, target=spec["sparsity"], spec_key=spec["budget"])
+    identity = checkpoint_identity(spec, model, budget, calibration)
     engine, tokenizer = _load(model, runtime)
     ids, _, calibration_meta = load_statistics(calibration)
     start = time.perf_counter()
@@ -598,6 +579,7 @@ def prune(
         ids,
         plan["sparsities"],
         method=spec["pruner"],
+        nm=spec.get("nm"),
         layer_sparsities=plan.get("layer_sparsities"),
     )
     seconds = time.perf_counter() - start
@@ -612,12 +594,14 @@ def prune(
             calibration_spec=calibration_meta["spec"],
             blocks=block_names(engine.family.blocks, engine.n_blocks),
             measured=[r.sparsity for r in reports],
+            identity=identity,
             versions=versions(),
         )
     write_json(
         report,
         {
             "spec": spec,
+            **identity,
             "seconds": seconds,
             "blocks": [r.to_dict() for r in reports],
             "versions": versions(),
@@ -625,28 +609,37 @@ def prune(
     )
 
 
-def recipe(budget: Path, pruner: str, model: dict, out: Path) -> None:
-    """The llm-compressor recipe of one allocation, from its budget alone (nothing is pruned)."""
+def recipe(budget: Path, pruner: str, model: dict, out: Path, nm: str | None = None) -> None:
+    """The llm-compressor recipe of one allocation, from its budget alone (nothing is pruned);
+    ``nm`` ("2:4") asks for N:M masks."""
     from svnup import export
+    from svnup.kernels import parse_nm
+    from svnup.provenance import read_budget
 
-    plan = _read_budget(budget)
+    plan = read_budget(budget)
+    nm = None if nm is None else "{}:{}".format(*parse_nm(nm))
     blocks = export.block_names(_family(model).blocks, len(plan["sparsities"]))
     export.write_recipe(
         out,
-        export.recipe(pruner, *export.recipe_targets(plan, blocks)),
+        export.recipe(pruner, *export.recipe_targets(plan, blocks), nm),
         export.recipe_header(plan, pruner, model["path"], __version__),
     )
 
 
 def evaluate(spec: dict, runtime: dict, model: dict, model_dir: str, out: Path) -> None:
-    """Perplexity of a (pruned or dense) checkpoint on one dataset, with its protocol."""
-    from svnup.data import check_source
+    """Perplexity of a (pruned or dense) checkpoint on one dataset, with its protocol (how the
+    rows are joined: ``spec["protocol"]``, else guessed from the dataset's name) and the identity
+    of the checkpoint it was measured on."""
+    from svnup.data import check_source, resolve_protocol
     from svnup.perplexity import dataset_perplexity
+    from svnup.provenance import read_identity
     from svnup.specs import check_context
 
     check_source(spec["dataset"], spec["split"])  # before the model loads
+    protocol = resolve_protocol(spec["dataset"], spec.get("protocol"))
     _check_checkpoint(model_dir)
     check_context(model, spec["seqlen"], path=str(model_dir))
+    identity = read_identity(model_dir, model)
     engine, tokenizer = _load(model, runtime, path=model_dir)
     result = dataset_perplexity(
         engine,
@@ -655,9 +648,19 @@ def evaluate(spec: dict, runtime: dict, model: dict, model_dir: str, out: Path) 
         split=spec["split"],
         seqlen=spec["seqlen"],
         windows=spec.get("windows"),
+        protocol=protocol,
     )
     log.info("%s: ppl %.4f over %d windows", spec["dataset"], result.ppl, result.windows)
-    write_json(out, {"spec": spec, **result.to_dict(), "versions": versions()})
+    write_json(
+        out,
+        {
+            "spec": spec,
+            **result.to_dict(),
+            "protocol": protocol,
+            "checkpoint_id": identity,
+            "versions": versions(),
+        },
+    )
 
 
 def _check_checkpoint(model_dir: str | Path) -> None:
@@ -683,15 +686,18 @@ def _appears(path: Path, seconds: float) -> bool:
 
 
 def zeroshot(spec: dict, runtime: dict, model: dict, model_dir: str, out: Path) -> None:
-    """Zero-shot accuracy of a (pruned or dense) checkpoint on lm-evaluation-harness tasks.
+    """Zero-shot accuracy of a (pruned or dense) checkpoint on lm-evaluation-harness tasks, with
+    the identity of the checkpoint it was measured on.
 
     The harness runs the whole model on the device (no block offload).
     """
+    from svnup.provenance import read_identity
     from svnup.zeroshot import check_harness, task_manager, zero_shot_accuracy
 
     check_harness()
     manager = task_manager(spec["tasks"], spec["include_path"])  # unknown tasks fail here
     _check_checkpoint(model_dir)
+    identity = read_identity(model_dir, model)
     engine, tokenizer = _load(model, {**runtime, "offload": False}, path=model_dir)
     result = zero_shot_accuracy(
         engine.model,
@@ -703,7 +709,7 @@ def zeroshot(spec: dict, runtime: dict, model: dict, model_dir: str, out: Path) 
         manager=manager,
     )
     log.info("zero-shot mean acc %s over %s", result["mean_acc"], ", ".join(result["tasks"]))
-    write_json(out, {"spec": spec, **result, "versions": versions()})
+    write_json(out, {"spec": spec, **result, "checkpoint_id": identity, "versions": versions()})
 
 
 def zeroshot_task(spec: dict, out_dir: Path) -> None:
@@ -736,10 +742,29 @@ def collect(
     report: Path | None = None,
     zero_shot: Path | None = None,
     checkpoint: Path | None = None,
+    model: dict | None = None,
 ) -> None:
     """One ppl.json with every number of a run: perplexities, protocol, budget, timings, the
-    zero-shot accuracies where they were asked for, and the pruned checkpoint when it is kept."""
-    results = [read_json(p) for p in evaluations]
+    zero-shot accuracies where they were asked for, and the pruned checkpoint when it is kept.
+
+    Every number must belong to one checkpoint (svnup.provenance): the budget must be the one
+    the prune report was made from, and each evaluation measured on the checkpoint that report
+    describes (a dense run's: the dense ``model``'s); else nothing is written.
+    """
+    from svnup.provenance import check_measured_on, dense_identity, pruned_identity, read_budget
+
+    plan = None if budget is None else read_budget(budget, target=sparsity)
+    if report is not None:
+        if budget is None:
+            raise ValueError("a prune report needs its --budget, to check it was made from it")
+        identity, described_by = pruned_identity(report, budget), str(report)
+    elif model is not None:
+        identity, described_by = dense_identity(model), f"the dense model {model['path']}"
+    else:
+        raise ValueError("collect needs --report and --budget (a pruned run) or --model (dense)")
+    measured = {Path(p): read_json(p) for p in [*evaluations, *([zero_shot] if zero_shot else [])]}
+    check_measured_on(identity, measured, described_by)
+    results = [measured[Path(p)] for p in evaluations]
     data = {
         "model": name,
         "target_sparsity": sparsity,
@@ -748,10 +773,10 @@ def collect(
         "perplexity": {r["dataset"]: r["ppl"] for r in results},
         "evaluations": {r["dataset"]: r for r in results},
         "checkpoint": None if checkpoint is None else str(checkpoint),
+        "checkpoint_id": identity,
         "versions": versions(),
     }
-    if budget is not None:
-        plan = _read_budget(budget, sparsity)
+    if plan is not None:
         keys = ("achieved", "sparsities", "importance", "scores", "spec")
         data["budget"] = {k: plan[k] for k in keys}
         for k in ("players", "player_sparsities", "layer_sparsities"):
@@ -765,7 +790,7 @@ def collect(
             "blocks": pruning["blocks"],
         }
     if zero_shot is not None:
-        data["zero_shot"] = read_json(zero_shot)
+        data["zero_shot"] = measured[Path(zero_shot)]
     write_json(out, data)
 
 

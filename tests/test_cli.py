@@ -246,6 +246,11 @@ def test_the_specs_the_workflow_builds_fit_the_stage_schemas():
         {"shapley.players": "halves", "shapley.targets": "dense"},
         {"shapley.ablation": "skip", "shapley.probe_pruner": "match"},
         {"evaluation.windows": 4, "models.tiny.path": "demo/model"},
+        {
+            "nm": "2:4",
+            "evaluation.protocols": {"data/heldout.jsonl": "ptb"},
+            "calibration.protocol": "ptb",
+        },
         {"evaluation.zero_shot": {"tasks": ["toy_a"], "include_path": "tasks", "limit": 0.5}},
     ]
     for overrides in variants:
@@ -253,6 +258,7 @@ def test_the_specs_the_workflow_builds_fit_the_stage_schemas():
         check("calibrate", "spec", cfg.calibration_spec(s))
         check("evaluate", "spec", cfg.eval_spec(s, "data/heldout.jsonl"))
         check("evaluate", "model", cfg.model_spec(s))
+        check("collect", "model", cfg.model_spec(s))
         if zeroshot.spec(s) is not None:
             check("zeroshot", "spec", zeroshot.spec(s))
         for game in cfg.games(s):

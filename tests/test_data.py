@@ -23,6 +23,7 @@ from svnup.data import (
     eval_protocol,
     eval_stream,
     load_texts,
+    resolve_protocol,
 )
 
 BOS = 1
@@ -105,6 +106,39 @@ def test_plain_txt_rows_join_with_blank_lines(tmp_path):
     assert load_texts(str(source), "test") == ["alpha", "beta", "gamma"]
     ids = eval_stream(CharTokenizer(), str(source), cache_dir=tmp_path / "c")
     assert ids[0].tolist() == encode("alpha\n\nbeta\n\ngamma")
+
+
+def test_given_protocol_wins_over_the_name(tmp_path):
+    """A PTB file under a plain name reads as plain text unless its protocol is given; a hub name
+    is only read with its own protocol."""
+    source = tmp_path / "mydata" / "test.txt"
+    source.parent.mkdir()
+    source.write_text(" no it was n't \n the dow fell \n", encoding="utf-8")
+    tok, cache = CharTokenizer(), tmp_path / "c"
+    assert eval_stream(tok, str(source), cache_dir=cache)[0].tolist() == encode(
+        " no it was n't \n\n the dow fell "
+    )
+    ids = eval_stream(tok, str(source), cache_dir=cache, protocol="ptb")
+    assert ids[0].tolist() == encode("no it was n't the dow fell")
+    assert resolve_protocol(str(source)) == "plain"
+    assert resolve_protocol(str(source), "ptb") == "ptb"
+    with pytest.raises(ValueError, match="hub dataset c4 is read with protocol c4, not plain"):
+        resolve_protocol("c4", "plain")
+    with pytest.raises(ValueError, match="protocol 'penn' is not one of"):
+        resolve_protocol(str(source), "penn")
+
+
+def test_given_protocol_makes_calibration_one_stream(tmp_path):
+    """A stream protocol (ptb) joins the rows into one document to draw windows from; plain text
+    draws a document per sample and skips those shorter than seqlen."""
+    rows = ["ab", "cd", "ef", "gh"]
+    source = write_jsonl(tmp_path / "mydata" / "train.jsonl", rows)
+    with pytest.raises(ValueError, match="found 0 of 2 documents longer than seqlen=4"):
+        calibration_samples(CharTokenizer(), source, nsamples=2, seqlen=4, seed=0)
+    ids = calibration_samples(CharTokenizer(), source, nsamples=2, seqlen=4, seed=0, protocol="ptb")
+    stream = encode("ab cd ef gh")
+    for row in ids.tolist():
+        assert any(stream[j : j + 4] == row for j in range(len(stream) - 3)), row
 
 
 def c4_file(tmp_path: Path, docs: int) -> str:

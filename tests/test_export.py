@@ -188,6 +188,7 @@ def test_magnitude_checkpoint_says_why_it_has_no_recipe(tmp_path):
         calibration_spec={},
         blocks=["model.layers.0"],
         measured=[0.5],
+        identity={"checkpoint_id": "0123456789ab", "made_from": {}},
         versions={},
     )
     sidecar = read_json(tmp_path / export.SIDECAR)

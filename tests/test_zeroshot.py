@@ -19,6 +19,7 @@ import torch
 import yaml
 from conftest import build_tiny_llama
 
+from svnup import config as cfg
 from svnup import demo, stages, zeroshot
 from svnup.io import read_json, write_json
 
@@ -196,11 +197,12 @@ def test_stage_result_reaches_ppl_json_and_summary(model_dir, task, tmp_path):
     result = read_json(out)
     assert result["spec"] == spec
     assert result["tasks"]["toy_continuation"]["acc"] == pytest.approx(N_RIGHT / N_DOCS)
+    assert result["checkpoint_id"] == cfg.key(model)  # a dense model's identity
 
     evaluation = tmp_path / "eval.json"
-    write_json(evaluation, {"dataset": "heldout", "ppl": 12.5})
+    write_json(evaluation, {"dataset": "heldout", "ppl": 12.5, "checkpoint_id": cfg.key(model)})
     ppl = tmp_path / "results" / "dense" / "ppl.json"
-    stages.collect("tiny", None, None, None, [evaluation], ppl, zero_shot=out)
+    stages.collect("tiny", None, None, None, [evaluation], ppl, zero_shot=out, model=model)
     assert read_json(ppl)["zero_shot"]["mean_acc"] == result["mean_acc"]
     stages.summary([ppl], tmp_path / "summary.csv")
     (row,) = list(csv.DictReader((tmp_path / "summary.csv").open()))
