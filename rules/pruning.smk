@@ -2,7 +2,7 @@ rule prune:
     input:
         budget=run_budget,
         calibration=lambda wc: calibration_path(wc.model, settings(wc)),
-        model=lambda wc: local_inputs(settings(wc)["path"]),
+        model=lambda wc: local_inputs(model_path(wc)),
     output:
         model=pruned_model(
             "results/{model}/runs/{allocation}/s{sparsity}/{pruner}/{key}/model"

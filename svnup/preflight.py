@@ -1,20 +1,22 @@
 """Checks that run before the first job, each failing in one line that names the key and the fix.
 
 The schema (``svnup.config.validate``) checks what the config says on its own; this module checks
-it against the world: the model (its block count and context length, read from its config.json
-without loading weights and without the network when it is local, and its weight files), the
-datasets and splits, and the target paths asked for on the command line.
+it against the world: the model (its block count and context length, read from its config.json or
+a GGUF file's metadata without loading weights and without the network when it is local, and its
+weight files), the datasets and splits, and the target paths asked for on the command line.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from svnup import config as cfg
+from svnup import gguf_files
 from svnup.config import ConfigError
 
 DEMO_CONTEXT = 128  # the demo model's max_position_embeddings (train_demo_model's seqlen)
@@ -68,8 +70,11 @@ def _hub_facts(path: str, revision: str) -> ModelFacts:
 
 
 def model_facts(settings: dict, name: str = "") -> ModelFacts:
-    """Block count and context length, from the model's config.json (a hub model's is fetched)."""
+    """Block count and context length, from the model's config.json (a hub model's is fetched,
+    a GGUF file's is its metadata)."""
     path, key = settings["path"], f"config key 'models.{name}.path'" if name else "model path"
+    if gguf_files.is_gguf(path):
+        return _gguf_facts(path, key)
     if path == cfg.DEMO_MODEL and not Path(path).exists():
         return ModelFacts(settings["demo"]["n_layers"], DEMO_CONTEXT)
     folder = Path(path).expanduser()
@@ -97,6 +102,24 @@ def model_facts(settings: dict, name: str = "") -> ModelFacts:
             f"hub model that can be read ({error.__class__.__name__}); check the path, the "
             "revision, or the network (offline: HF_HUB_OFFLINE=1 with the model in the hub cache)"
         ) from None
+
+
+def _gguf_facts(path: str, key: str) -> ModelFacts:
+    """Facts of a GGUF entry, read without converting it (remembered, see svnup.gguf_files)."""
+    try:
+        file = gguf_files.locate(path)
+    except ValueError as error:
+        raise ConfigError(f"{key}: {error}") from None
+    if importlib.util.find_spec("gguf") is None:
+        raise ConfigError(f"{key}: reading a GGUF file needs the gguf package; pip install gguf")
+    try:
+        header = gguf_files.header(file)
+    except (OSError, ValueError) as error:
+        reason = " ".join(str(error).split())[:200]
+        raise ConfigError(
+            f"{key}: {file} is not a whole GGUF file ({reason}); restore it or download it again"
+        ) from None
+    return ModelFacts(header["block_count"], header["context_length"])
 
 
 def check_estimator(settings: dict, n_blocks: int, name: str) -> None:
@@ -182,9 +205,9 @@ def check_model(settings: dict, name: str) -> ModelFacts:
 
 def target_model(config: dict, target: str) -> str | None:
     """The model a target path under results/ names, after checking the path's form; None for
-    paths outside results/ and for the demo's own files."""
+    paths outside results/, the demo's own files and GGUF conversions."""
     parts = PurePosixPath(target).parts
-    if len(parts) < 3 or parts[0] != "results":
+    if len(parts) < 3 or parts[0] != "results" or f"{parts[0]}/{parts[1]}" == cfg.GGUF_FOLDER:
         return None
     if f"{parts[0]}/{parts[1]}/{parts[2]}" in (cfg.DEMO_MODEL, cfg.DEMO_CORPUS):
         return None
