@@ -123,7 +123,8 @@ def validate(config: dict) -> dict:
                 f"{settings['shapley']['eval_samples']} exceeds calibration.nsamples "
                 f"{settings['calibration']['nsamples']}; lower it or sample more"
             )
-        where = f"models.{name}.targets" if "targets" in config["models"][name] else "targets"
+        own = "sparsities" in config["models"][name].get("targets", {})
+        where = f"models.{name}.targets" if own else "targets"
         for target in settings["targets"]["sparsities"]:
             check_target(settings, target, key=f"{where}.sparsities")
         _check_levels(settings, name)
