@@ -27,6 +27,9 @@ PACKAGE = "package:"
 SUFFIX = ".gguf"
 INDEX = "results/gguf/files.json"  # relative to the project, like every workflow path
 _CHUNK = 1 << 20
+# llama.cpp architectures of svnup's families whose transformers model type is spelled otherwise
+# (transformers' load_gguf_checkpoint renames them; the others keep the architecture's name)
+_MODEL_TYPES = {"gemma3": "gemma3_text"}
 
 
 def is_gguf(path: str) -> bool:
@@ -74,9 +77,18 @@ def _sha256(file: Path) -> str:
     return digest.hexdigest()
 
 
+def model_type(architecture: str, model_name: str) -> str:
+    """The ``config.model_type`` transformers gives a GGUF file's model when it loads it: the
+    llama.cpp architecture, renamed where transformers' GGUF loading renames it."""
+    if architecture == "llama" and "mistral" in model_name.lower():
+        return "mistral"  # llama.cpp writes Mistral models as llama
+    return _MODEL_TYPES.get(architecture, architecture)
+
+
 def _header(file: Path) -> dict:
-    """The architecture, block count and context length the file's metadata states (GGUF's own
-    keys, read by the gguf package, which also refuses a file whose tensors do not fit in it)."""
+    """The architecture, model type, block count and context length the file's metadata states
+    (GGUF's own keys, read by the gguf package; a file whose tensors do not fit in it is
+    refused)."""
     from gguf import GGUFReader
 
     reader = GGUFReader(file)
@@ -96,6 +108,7 @@ def _header(file: Path) -> dict:
         raise ValueError(f"its tensors end at byte {end}, past the end of the file")
     return {
         "architecture": architecture,
+        "model_type": model_type(architecture, field("general.name") or ""),
         "block_count": int(blocks),
         "context_length": field(f"{architecture}.context_length"),
     }
@@ -133,7 +146,8 @@ def digest(file: Path) -> str:
 
 
 def header(file: Path) -> dict:
-    """Architecture, block_count and context_length (None where unstated) of the file's model."""
+    """Architecture, model_type, block_count and context_length (None where unstated) of the
+    file's model."""
     return dict(_lookup(file, "header"))
 
 
