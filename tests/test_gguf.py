@@ -50,8 +50,10 @@ def tiny(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture
 def project(tmp_path, monkeypatch) -> Path:
-    """A fresh project folder as the working directory, with an empty memo of GGUF files."""
+    """A fresh project folder as the working directory, with an empty memo of GGUF files and a
+    local dataset (the checks before planning would ask the hub about a hub name)."""
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "text.jsonl").write_text('{"text": "the quick brown fox"}\n')
     gguf_files._remembered.cache_clear()
     return tmp_path
 
@@ -113,7 +115,7 @@ def test_digest_is_computed_once_and_remembered_across_processes(tiny, project, 
 def gguf_settings(path: str, **entry) -> dict:
     config = {
         "models": {"g": {"path": path, "seqlen": 32, **entry}},
-        "calibration": {"dataset": "c4", "nsamples": 4, "seed": 0},
+        "calibration": {"dataset": "text.jsonl", "nsamples": 4, "seed": 0},
         "shapley": {
             "estimator": "loo",
             "window": 2,
@@ -128,7 +130,7 @@ def gguf_settings(path: str, **entry) -> dict:
         },
         "allocation": {"method": "uniform", "min": 0.0, "max": 0.99},
         "pruner": "wanda",
-        "evaluation": {"datasets": ["wikitext2"], "split": "test"},
+        "evaluation": {"datasets": ["text.jsonl"], "split": "test"},
         "targets": {
             "models": ["g"],
             "sparsities": [0.5],
@@ -159,7 +161,7 @@ def test_model_spec_names_the_conversion_keyed_by_content(tiny, project):
 def test_checks_before_planning_read_the_metadata_without_converting(tiny, project):
     _, file = tiny
     facts = preflight.check_model(gguf_settings(str(file)), "g")
-    assert facts == preflight.ModelFacts(n_blocks=3, context=256)
+    assert facts == preflight.ModelFacts(n_blocks=3, context=256, model_type="llama")
     assert cfg.n_blocks(gguf_settings(str(file))) == 3
     assert not Path(cfg.GGUF_FOLDER, "logs").exists()
     assert [p.name for p in Path(cfg.GGUF_FOLDER).iterdir()] == ["files.json"]
@@ -177,6 +179,27 @@ def test_checks_before_planning_read_the_metadata_without_converting(tiny, proje
         broken.write_bytes(file.read_bytes()[:size])
         with pytest.raises(ConfigError, match=r"^config key 'models.g.path': .* not a whole GGUF"):
             preflight.check_model(gguf_settings(str(broken)), "g")
+
+
+def test_the_family_check_reads_the_model_type_from_the_metadata(project):
+    """A GGUF file of an architecture svnup has no family for is refused before planning, from
+    its metadata alone (this file has no tensors at all)."""
+    import gguf
+
+    file = project / "bloom.gguf"
+    writer = gguf.GGUFWriter(str(file), "bloom")
+    writer.add_name("bloom-560m")
+    writer.add_block_count(24)
+    writer.add_context_length(2048)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ConfigError, match=r"bloom.gguf is a 'bloom' model, a family svnup"):
+        preflight.check_model(gguf_settings(str(file)), "g")
+    assert gguf_files.model_type("llama", "Mistral-7B-Instruct-v0.3") == "mistral"
+    assert gguf_files.model_type("gemma3", "gemma-3-1b-it") == "gemma3_text"
+    assert gguf_files.model_type("qwen2", "Qwen2.5-0.5B") == "qwen2"
 
 
 def test_an_entry_naming_a_missing_package_fails_only_when_asked_for(project):
