@@ -20,6 +20,7 @@ import argparse
 import csv
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -74,7 +75,13 @@ class LoadSampler(threading.Thread):
             self.samples.append(os.getloadavg()[0])
 
 
-def run(project: Path, workdir: Path) -> tuple[float, LoadSampler]:
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run(project: Path, workdir: Path) -> tuple[float, float, LoadSampler]:
+    """Wall and CPU seconds of the command (snakemake and every job it ran), and the load."""
     command = [
         sys.executable,
         "-m",
@@ -93,13 +100,13 @@ def run(project: Path, workdir: Path) -> tuple[float, LoadSampler]:
     env["SVNUP_CACHE"] = str(workdir / "tokens")
     sampler = LoadSampler()
     sampler.start()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _children_cpu()
     with open(workdir / "snakemake.log", "w") as log:
         subprocess.run(command, cwd=project, env=env, stdout=log, stderr=log, check=True)
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, _children_cpu() - cpu
     sampler.done.set()
     sampler.join()
-    return wall, sampler
+    return wall, cpu, sampler
 
 
 def stage_seconds(project: Path) -> dict[str, tuple[int, float, float]]:
@@ -128,12 +135,12 @@ def _margin(value: float, other: float) -> str:
     return f"{100 * (value - other) / other:+.1f}%"
 
 
-def report(project: Path, wall: float, loads: list[float]) -> str:
+def report(project: Path, wall: float, cpu: float, loads: list[float]) -> str:
     ppl = perplexities(project)
     entry = yaml.safe_load((REPO / "config.yaml").read_text())["models"][MODEL]
     recommended = entry["allocation"]["method"]
     stages = stage_seconds(project)
-    cpu = sum(s[2] for s in stages.values())
+    jobs_cpu = sum(s[2] for s in stages.values())
     lines = [
         f"# Quick start: {MODEL}",
         "",
@@ -148,7 +155,9 @@ def report(project: Path, wall: float, loads: list[float]) -> str:
         f"{metadata.version('transformers')}, gguf {metadata.version('gguf')}, snakemake "
         f"{metadata.version('snakemake')}",
         f"- entry: `{yaml.safe_dump(entry, default_flow_style=True, width=1000).strip()}`",
-        f"- **wall time: {wall / 60:.1f} min**; CPU time of all jobs: {cpu / 60:.1f} min",
+        f"- **wall time: {wall / 60:.1f} min**; CPU time of the command (snakemake and its "
+        f"jobs): {cpu / 60:.1f} min, of which the jobs' own {jobs_cpu / 60:.1f} min; on "
+        f"{os.cpu_count()} idle cores the run needs at least {cpu / 60 / os.cpu_count():.1f} min",
         "",
         "## Perplexity (WikiText-2 test, the entry's windows)",
         "",
@@ -183,8 +192,8 @@ def report(project: Path, wall: float, loads: list[float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     project = fresh_project(args.workdir.resolve())
-    wall, sampler = run(project, args.workdir.resolve())
-    args.out.write_text(report(project, wall, sampler.samples))
+    wall, cpu, sampler = run(project, args.workdir.resolve())
+    args.out.write_text(report(project, wall, cpu, sampler.samples))
     print(f"wrote {args.out}")
     return 0
 

@@ -45,6 +45,19 @@ def locate(path: str) -> Path:
         if not file.is_file():
             raise ValueError(f"GGUF file {path} does not exist; give the path of a .gguf file")
         return file.resolve()
+    file, distribution = _package_file(path)
+    if not file.is_file():
+        raise ValueError(
+            f"{file} of distribution {distribution} is missing; reinstall {distribution}"
+        )
+    return file.resolve()
+
+
+@functools.lru_cache(maxsize=64)
+def _package_file(path: str) -> tuple[Path, str]:
+    """Where the installed distribution that provides ``path``'s package put its file, and the
+    distribution's name. Remembered for the process: planning resolves the path once per job, and
+    reading every installed distribution's metadata takes a good part of a second."""
     package, _, inner = path.removeprefix(PACKAGE).partition("/")
     form = f"write {PACKAGE}<import package>/<file inside it>"
     if not package or not inner:
@@ -59,10 +72,7 @@ def locate(path: str) -> Path:
     for name in distributions:
         for record in metadata.distribution(name).files or ():
             if record.as_posix() == wanted:
-                file = Path(record.locate())
-                if not file.is_file():
-                    raise ValueError(f"{file} of distribution {name} is missing; reinstall {name}")
-                return file.resolve()
+                return Path(record.locate()), name
     raise ValueError(
         f"distribution {', '.join(distributions)} installs no file {wanted}; check the name "
         f"against its files (pip show -f {distributions[0]})"

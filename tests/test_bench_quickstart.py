@@ -40,13 +40,14 @@ def test_report_tabulates_the_timed_run(tmp_path):
         "convert_gguf": (1, 60.0, 45.0),
         "prune": (2, 90.0, 65.0),
     }
-    text = bench.report(tmp_path, wall=600.0, loads=[2.0, 4.0])
+    text = bench.report(tmp_path, wall=600.0, cpu=180.0, loads=[2.0, 4.0])
     entry = yaml.safe_load((bench.REPO / "config.yaml").read_text())["models"][bench.MODEL]
     assert entry["allocation"]["method"] == "svnup-fit"
     assert set(entry["targets"]["allocations"]) == {"uniform", "owl", "atp", "svnup-fit"}
     assert "| uniform | 80.00 | -10.0% |" in text and "| ATP | 76.00 | -5.3% |" in text
     assert "| SV-NUP-fit (halves) | 72.00 |  |" in text
     assert "is ahead of uniform, OWL, ATP" in text
-    assert "**wall time: 10.0 min**; CPU time of all jobs: 2.1 min" in text
+    assert "**wall time: 10.0 min**; CPU time of the command (snakemake and its jobs): 3.0" in text
+    assert "of which the jobs' own 2.1 min" in text
     assert "mean 3.0, min 2.0, max 4.0" in text
     assert "| prune | 2 | 90 | 65 |" in text

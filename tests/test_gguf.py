@@ -78,8 +78,15 @@ def test_package_path_resolves_through_the_installed_record(tiny, tmp_path, monk
     _, file = tiny
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     path = install_fake_distribution(tmp_path / "site", file)
+    gguf_files._package_file.cache_clear()
+    scans = []
+    real = gguf_files.metadata.packages_distributions
+    monkeypatch.setattr(
+        gguf_files.metadata, "packages_distributions", lambda: scans.append(1) or real()
+    )
     found = gguf_files.locate(path)
     assert found == (tmp_path / "site" / "tinymodels" / file.name).resolve()
+    assert gguf_files.locate(path) == found and len(scans) == 1, "planning asks once a process"
     assert "tinymodels" not in sys.modules  # found without importing the package
     assert gguf_files.is_gguf(path) and gguf_files.is_gguf(str(file))
     assert not gguf_files.is_gguf("tiny") and not gguf_files.is_gguf("org/model")
