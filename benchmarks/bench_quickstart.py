@@ -45,19 +45,22 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", type=Path, default=HERE / ".cache" / "quickstart")
     p.add_argument("--out", type=Path, default=HERE / "results" / f"quickstart-{MODEL}.md")
+    p.add_argument(
+        "--shared", type=Path, default=SHARED, help="the fixtures folder (../shared by default)"
+    )
     args = p.parse_args(argv)
-    if not SHARED.exists():
-        p.error(f"{SHARED} is missing; ../shared must sit beside the checkout")
+    if not args.shared.exists():
+        p.error(f"{args.shared} is missing; give --shared or put shared/ beside the checkout")
     return args
 
 
-def fresh_project(workdir: Path) -> Path:
-    """An empty project that runs this checkout's workflow and config, ../shared beside it."""
+def fresh_project(workdir: Path, shared: Path) -> Path:
+    """An empty project that runs this checkout's workflow and config, ``shared`` beside it."""
     if workdir.exists():
         shutil.rmtree(workdir)
     project = workdir / "project"
     project.mkdir(parents=True)
-    (workdir / "shared").symlink_to(SHARED.resolve(), target_is_directory=True)
+    (workdir / "shared").symlink_to(shared.resolve(), target_is_directory=True)
     shutil.copy(REPO / "config.yaml", project / "config.yaml")
     return project
 
@@ -191,7 +194,7 @@ def report(project: Path, wall: float, cpu: float, loads: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    project = fresh_project(args.workdir.resolve())
+    project = fresh_project(args.workdir.resolve(), args.shared)
     wall, cpu, sampler = run(project, args.workdir.resolve())
     args.out.write_text(report(project, wall, cpu, sampler.samples))
     print(f"wrote {args.out}")
