@@ -101,11 +101,10 @@ def check_before_planning():
             if jobs_run_here():
                 preflight.check_device(s, model)
             check_zero_shot(model, s)
-            # the demo model and a GGUF file's conversion are folders the workflow builds
+            # a GGUF file's conversion is a folder the workflow builds
             folder = cfg.model_dir(s)
             if cfg.is_workflow_path(folder):
-                built = "trains" if folder == cfg.DEMO_MODEL else "converts"
-                check_intact(folder, refold(folder, built))
+                check_intact(folder, refold(folder, "converts"))
             for game in cfg.games(s):
                 check_store(f"{store_dir(model, game)}/store")
             sparsities = {str(x) for x in s["targets"]["sparsities"]} | asked.get(

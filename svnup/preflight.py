@@ -22,7 +22,6 @@ from svnup import config as cfg
 from svnup import gguf_files
 from svnup.config import ConfigError
 
-DEMO_CONTEXT = 128  # the demo model's max_position_embeddings (train_demo_model's seqlen)
 _BLOCK_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length")
 # Folders under results/<model>/ that hold keyed intermediates or user-facing outputs whose paths
@@ -82,8 +81,6 @@ def model_facts(settings: dict, name: str = "") -> ModelFacts:
     path, key = settings["path"], f"config key 'models.{name}.path'" if name else "model path"
     if gguf_files.is_gguf(path):
         return _gguf_facts(path, key)
-    if path == cfg.DEMO_MODEL and not Path(path).exists():
-        return ModelFacts(settings["demo"]["n_layers"], DEMO_CONTEXT)
     folder = Path(path).expanduser()
     if folder.is_dir():
         config_file = folder / "config.json"
@@ -245,11 +242,9 @@ def check_model(settings: dict, name: str) -> ModelFacts:
 
 def target_model(config: dict, target: str) -> str | None:
     """The model a target path under results/ names, after checking the path's form; None for
-    paths outside results/, the demo's own files and GGUF conversions."""
+    paths outside results/ and GGUF conversions."""
     parts = PurePosixPath(target).parts
     if len(parts) < 3 or parts[0] != "results" or f"{parts[0]}/{parts[1]}" == cfg.GGUF_FOLDER:
-        return None
-    if f"{parts[0]}/{parts[1]}/{parts[2]}" in (cfg.DEMO_MODEL, cfg.DEMO_CORPUS):
         return None
     model, first, rest = parts[1], parts[2], parts[3:]
     settings = cfg.model_settings(config, model)
