@@ -25,6 +25,7 @@ configfile: "config.yaml"
 
 include: "rules/common.smk"
 include: "rules/common_zeroshot.smk"
+include: "rules/convert.smk"
 include: "rules/calibration.smk"
 include: "rules/shapley.smk"
 include: "rules/allocation.smk"

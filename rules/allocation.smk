@@ -5,7 +5,7 @@ rule metric:
             if METRICS[wc.metric].statistics
             else []
         ),
-        model=lambda wc: local_inputs(settings(wc)["path"]),
+        model=lambda wc: local_inputs(model_path(wc)),
     output:
         "results/{model}/metrics/{metric}/{key}/scores.json",
     log:
@@ -32,7 +32,7 @@ rule metric:
 rule search:
     input:
         calibration=lambda wc: calibration_path(wc.model, settings(wc)),
-        model=lambda wc: local_inputs(settings(wc)["path"]),
+        model=lambda wc: local_inputs(model_path(wc)),
     output:
         "results/{model}/search/{allocation}/{key}/s{sparsity}.json",
     log:

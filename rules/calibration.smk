@@ -1,8 +1,6 @@
 rule calibrate:
     input:
-        lambda wc: local_inputs(
-            settings(wc)["path"], settings(wc)["calibration"]["dataset"]
-        ),
+        lambda wc: local_inputs(model_path(wc), settings(wc)["calibration"]["dataset"]),
     output:
         "results/{model}/calibration/{key}/calibration.h5",
     log:

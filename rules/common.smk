@@ -7,7 +7,7 @@ from pathlib import Path
 from snakemake.logging import logger as snakemake_logger
 
 from svnup import config as cfg
-from svnup import preflight
+from svnup import gguf_files, preflight
 from svnup.joblog import report_failed_jobs
 from svnup.provenance import measured_elsewhere
 from svnup.registry import ALLOCATIONS, METRICS, PRUNERS
@@ -142,6 +142,28 @@ def curve_spec_json(wildcards):
 def local_inputs(*paths):
     """Inputs produced by this workflow (paths under results/); hub ids are not files."""
     return [p for p in paths if cfg.is_workflow_path(p)]
+
+
+def model_path(wildcards):
+    """The folder the model's stages load (a GGUF entry's conversion; see cfg.model_dir)."""
+    return cfg.model_dir(settings(wildcards))
+
+
+def gguf_file(wildcards):
+    """The GGUF file whose conversion is the path's folder: a configured entry's file with that
+    content (any of them, when several entries name the same file)."""
+    wanted = f"{cfg.GGUF_FOLDER}/{wildcards.key}"
+    for name, entry in config["models"].items():
+        if gguf_files.is_gguf(entry["path"]):
+            try:
+                if cfg.model_dir(model_settings(name)) == wanted:
+                    return str(gguf_files.locate(entry["path"]))
+            except ValueError:
+                continue  # an entry not asked for may name a package that is not installed
+    fail(
+        f"{wanted} is the conversion of no GGUF file of the current config; "
+        "request the user-facing targets instead"
+    )
 
 
 # --- where each keyed intermediate lives --------------------------------------------------
@@ -354,7 +376,7 @@ def checkpoint_sources(wildcards):
     return {
         "budget": run_budget(wildcards),
         "calibration": calibration_path(wildcards.model, settings(wildcards)),
-        "model": local_inputs(settings(wildcards)["path"]),
+        "model": local_inputs(model_path(wildcards)),
     }
 
 
@@ -392,7 +414,7 @@ def pruned_model(path):
 
 def report_budgets(wildcards):
     s = settings(wildcards)
-    grid = config["targets"]
+    grid = s["targets"]
     return sorted(
         {
             budget_path(wildcards.model, s, allocation, sparsity, pruner)
@@ -414,7 +436,8 @@ def note_option(wildcards):
 
 
 def ppl_targets(model):
-    grid = config["targets"]
+    """The runs summary.csv gathers: the model's grid (its own targets, else targets.*)."""
+    grid = model_settings(model)["targets"]
     paths = [f"results/{model}/dense/ppl.json"]
     for sparsity in grid["sparsities"]:
         for allocation in grid["allocations"]:
@@ -430,7 +453,8 @@ def default_targets():
     for model in config["targets"]["models"]:
         paths += [f"results/{model}/summary.csv", f"results/{model}/report/report.html"]
         paths += [
-            f"results/{model}/s{s}/ppl.json" for s in config["targets"]["sparsities"]
+            f"results/{model}/s{s}/ppl.json"
+            for s in model_settings(model)["targets"]["sparsities"]
         ]
     return paths
 

@@ -38,7 +38,7 @@ rule evaluate:
 
 rule evaluate_dense:
     input:
-        model=lambda wc: local_inputs(settings(wc)["path"]),
+        model=lambda wc: local_inputs(model_path(wc)),
         data=lambda wc: local_inputs(*settings(wc)["evaluation"]["datasets"]),
     output:
         "results/{model}/runs/dense/{key}/eval/{dataset}.json",
@@ -53,7 +53,7 @@ rule evaluate_dense:
     params:
         spec=eval_spec_of,
         model=lambda wc: checked(wc, cfg.model_spec(settings(wc))),
-        path=lambda wc: settings(wc)["path"],
+        path=model_path,
     shell:
         logged(
             "python -m svnup evaluate --spec {params.spec:q} --model {params.model:q} "

@@ -9,7 +9,7 @@ localrules:
 rule recipe:
     input:
         budget=run_budget,
-        model=lambda wc: local_inputs(settings(wc)["path"]),
+        model=lambda wc: local_inputs(model_path(wc)),
     output:
         f"results/{{model}}/s{{sparsity}}/{{allocation}}/{{pruner,{'|'.join(MODIFIERS)}}}/recipe.yaml",
     log:

@@ -15,7 +15,7 @@ def command_line():
 
 def intermediates(model, s, sparsities):
     """Files of ``model`` that the current config's jobs read, wherever they exist already."""
-    grid = config["targets"]
+    grid = s["targets"]
     allocations = {*grid["allocations"], s["allocation"]["method"]}
     pruners = {*grid["pruners"], s["pruner"]}
     estimators = {s["shapley"]["estimator"]} | {
@@ -101,24 +101,30 @@ def check_before_planning():
     args = command_line()
     if args is not None and (args.unlock or args.lint or args.cleanup_metadata):
         return
-    sparsities = {str(s) for s in config["targets"]["sparsities"]}
-    models = set()
+    asked = {}  # model -> sparsities its target paths name
     try:
         for path in getattr(args, "targets", None) or []:
             model = preflight.target_model(config, path)
             if model:
-                models.add(model)
+                asked.setdefault(model, set())
                 part = Path(path).parts[2]
                 if part.startswith("s") and part[1:2].isdigit():
-                    sparsities.add(part[1:])
-        for model in sorted(models or config["targets"]["models"]):
+                    asked[model].add(part[1:])
+        for model in sorted(asked or config["targets"]["models"]):
             s = model_settings(model)
             preflight.check_model(s, model)
             if jobs_run_here():
                 preflight.check_device(s, model)
             check_zero_shot(model, s)
+            # a GGUF file's conversion is a folder the workflow builds
+            folder = cfg.model_dir(s)
+            if cfg.is_workflow_path(folder):
+                check_intact(folder, refold(folder, "converts"))
             for game in cfg.games(s):
                 check_store(f"{store_dir(model, game)}/store")
+            sparsities = {str(x) for x in s["targets"]["sparsities"]} | asked.get(
+                model, set()
+            )
             for path in intermediates(model, s, sorted(sparsities)):
                 check_intact(
                     path, refold(path) if Path(path).name == "model" else REBUILD

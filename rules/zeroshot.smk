@@ -29,7 +29,7 @@ rule zeroshot:
 
 rule zeroshot_dense:
     input:
-        model=lambda wc: local_inputs(settings(wc)["path"]),
+        model=lambda wc: local_inputs(model_path(wc)),
     output:
         "results/{model}/runs/dense/{key}/zeroshot/{tasks}.json",
     log:
@@ -43,7 +43,7 @@ rule zeroshot_dense:
     params:
         spec=zeroshot_spec_json,
         model=lambda wc: checked(wc, cfg.model_spec(settings(wc))),
-        path=lambda wc: settings(wc)["path"],
+        path=model_path,
     shell:
         "python -m svnup zeroshot --spec {params.spec:q} --model {params.model:q} "
         "--device {resources.device} --batch-size {resources.batch_size} "

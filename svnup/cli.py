@@ -26,6 +26,7 @@ from svnup import specs, stages
 
 # stage -> (help, options); "?" marks an optional path, "*" a list of paths
 STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "convert": ("a GGUF checkpoint as a float32 Hugging Face folder", ("gguf", "out_dir")),
     "calibrate": ("sample calibration data, record dense statistics", ("spec", "out")),
     "probe": ("probe masks of the prune ablation", ("spec", "model", "calibration", "out")),
     "coalitions": (
@@ -93,6 +94,7 @@ STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 # option -> help text; every option of every stage has one (tests/test_cli.py checks)
 OPTION_HELP = {
+    "gguf": "GGUF checkpoint file (model and tokenizer)",
     "spec": "JSON: the settings this stage's result depends on (its cache-key material)",
     "model": 'JSON: the model, {"path": ..., "dtype": ...} (hub ids also "revision")',
     "nm": 'N:M semi-structured masks, e.g. "2:4" (N of each M weights of a row pruned)',

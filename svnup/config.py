@@ -3,10 +3,11 @@
 Every intermediate result lives under a path keyed by a hash of exactly the settings it depends on
 (its *spec*), so a config change re-runs only the stages whose spec changed, and reverting a change
 finds the earlier results again. A local model directory or dataset enters its spec with a
-fingerprint of its content (``svnup.content``) and a hub model with its revision, so editing an
-input in place is a change like any other. Local paths have one spelling (``local_path``), so
-writing one another way changes no key. Runtime settings (device, batch size, offload) are not
-part of any spec: moving a run from a workstation to a cluster recomputes nothing.
+fingerprint of its content (``svnup.content``), a hub model with its revision, and a GGUF file
+with the SHA-256 of its bytes (its conversion's folder, ``svnup.gguf_files``), so editing an input
+in place is a change like any other. Local paths have one spelling (``local_path``), so writing
+one another way changes no key. Runtime settings (device, batch size, offload) are not part of
+any spec: moving a run from a workstation to a cluster recomputes nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+GGUF_FOLDER = "results/gguf"  # float32 conversions of GGUF files, one folder per file content
 # shapley.probe_pruner's value for "probe each run's games with the pruner of that run".
 MATCH = "match"
 MODEL_DEFAULTS = {
@@ -32,6 +34,8 @@ MODEL_DEFAULTS = {
     "revision": "main",
 }
 OVERRIDABLE = ("calibration", "shapley", "allocation", "pruner", "evaluation")
+# The grid of targets.* that a model entry's own `targets` may replace, key by key.
+GRID = ("sparsities", "allocations", "pruners")
 HUB_DATASETS = ("wikitext2", "c4", "ptb")
 
 
@@ -166,6 +170,11 @@ def validate(config: dict) -> dict:
         raise ConfigError(f"config key '{error_key(error)}': {schema_hint(error, 'config.yaml')}")
     for name in config["targets"]["models"]:
         model_settings(config, name)
+    if Path(GGUF_FOLDER).name in config["models"]:
+        raise ConfigError(
+            f"config key 'models.{Path(GGUF_FOLDER).name}': the name is taken by the folder of "
+            f"converted GGUF files ({GGUF_FOLDER}); rename the model"
+        )
     for name in config["models"]:
         settings = model_settings(config, name)
         bounds = settings["allocation"]
@@ -187,8 +196,10 @@ def validate(config: dict) -> dict:
             )
         _check_protocols(settings, name)
         _check_nm(settings, name, config)
-        for target in config["targets"]["sparsities"]:
-            check_target(settings, target, key="targets.sparsities")
+        own = "sparsities" in config["models"][name].get("targets", {})
+        where = f"models.{name}.targets" if own else "targets"
+        for target in settings["targets"]["sparsities"]:
+            check_target(settings, target, key=f"{where}.sparsities")
         datasets = settings["evaluation"]["datasets"]
         if len(set(datasets)) < len(datasets):
             raise ConfigError(
@@ -305,13 +316,15 @@ def model_settings(config: dict, name: str) -> dict:
         known = ", ".join(sorted(config["models"]))
         raise ConfigError(f"model '{name}' is not in config key 'models'; known models: {known}")
     entry = {**MODEL_DEFAULTS, "offload": "auto", **config["models"][name]}
-    settings = {key: entry[key] for key in entry if key not in OVERRIDABLE}
+    settings = {key: entry[key] for key in entry if key not in (*OVERRIDABLE, "targets")}
     for section in OVERRIDABLE:
         base = config[section]
         if section in entry:
             base = _merge(base, entry[section]) if isinstance(base, dict) else entry[section]
         settings[section] = copy.deepcopy(base)
     settings.setdefault("nm", config.get("nm"))
+    grid = {**config.get("targets", {}), **entry.get("targets", {})}
+    settings["targets"] = {k: list(grid[k]) for k in GRID if k in grid}
     settings["save_model"] = bool(config.get("save_model", False))
     _spell_paths_once(settings)
     return settings
@@ -383,13 +396,25 @@ def runtime(settings: dict) -> dict:
 
 
 def model_spec(settings: dict) -> dict:
-    return {"path": settings["path"], "dtype": settings["dtype"], **model_source(settings)}
+    return {"path": model_dir(settings), "dtype": settings["dtype"], **model_source(settings)}
+
+
+def model_dir(settings: dict) -> str:
+    """The folder (or hub id) the stages load the model from: for a GGUF entry, the folder its
+    conversion writes, keyed by the file's content (``svnup.gguf_files``)."""
+    from svnup import gguf_files
+
+    path = settings["path"]
+    if not gguf_files.is_gguf(path):
+        return path
+    return f"{GGUF_FOLDER}/{key({'gguf': gguf_files.digest(gguf_files.locate(path))})}"
 
 
 def model_source(settings: dict) -> dict:
     """What identifies the model's weights beyond its path: a local directory's content
-    fingerprint, or a hub id's revision."""
-    path = settings["path"]
+    fingerprint, or a hub id's revision (a GGUF's conversion folder is keyed by its content
+    already)."""
+    path = model_dir(settings)
     if is_workflow_path(path):
         return {}
     if Path(path).expanduser().exists():

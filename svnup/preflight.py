@@ -2,21 +2,24 @@
 
 The schema (``svnup.config.validate``) checks what the config says on its own; this module checks
 it against the world: the model (its block count, context length and family, read from its
-config.json without loading weights and without the network when it is local, and its weight
-files), the datasets (their splits and first rows; a hub dataset cached here or the hub
-answering), the device where jobs run on this machine, and the target paths asked for on the
-command line. Each check reads headers and first rows only: Snakemake runs them whenever it plans.
+config.json or a GGUF file's metadata without loading weights and without the network when it is
+local, and its weight files), the datasets (their splits and first rows; a hub dataset cached here
+or the hub answering), the device where jobs run on this machine, and the target paths asked for
+on the command line. Each check reads headers and first rows only: Snakemake runs them whenever it
+plans.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from svnup import config as cfg
+from svnup import gguf_files
 from svnup.config import ConfigError
 
 _BLOCK_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
@@ -81,8 +84,11 @@ def _hub_facts(path: str, revision: str) -> ModelFacts:
 
 
 def model_facts(settings: dict, name: str = "") -> ModelFacts:
-    """Block count and context length, from the model's config.json (a hub model's is fetched)."""
+    """Block count and context length, from the model's config.json (a hub model's is fetched,
+    a GGUF file's is its metadata)."""
     path, key = settings["path"], f"config key 'models.{name}.path'" if name else "model path"
+    if gguf_files.is_gguf(path):
+        return _gguf_facts(path, key)
     folder = Path(path).expanduser()
     if folder.is_dir():
         config_file = folder / "config.json"
@@ -116,6 +122,24 @@ def model_facts(settings: dict, name: str = "") -> ModelFacts:
             f"hub model that can be read ({error.__class__.__name__}); check the path, the "
             "revision, or the network (offline: HF_HUB_OFFLINE=1 with the model in the hub cache)"
         ) from None
+
+
+def _gguf_facts(path: str, key: str) -> ModelFacts:
+    """Facts of a GGUF entry, read without converting it (remembered, see svnup.gguf_files)."""
+    try:
+        file = gguf_files.locate(path)
+    except ValueError as error:
+        raise ConfigError(f"{key}: {error}") from None
+    if importlib.util.find_spec("gguf") is None:
+        raise ConfigError(f"{key}: reading a GGUF file needs the gguf package; pip install gguf")
+    try:
+        header = gguf_files.header(file)
+    except (OSError, ValueError) as error:
+        reason = " ".join(str(error).split())[:200]
+        raise ConfigError(
+            f"{key}: {file} is not a whole GGUF file ({reason}); restore it or download it again"
+        ) from None
+    return ModelFacts(header["block_count"], header["context_length"], header["model_type"])
 
 
 def check_estimator(settings: dict, n_blocks: int, name: str) -> None:
@@ -238,9 +262,9 @@ def check_model(settings: dict, name: str) -> ModelFacts:
 
 def target_model(config: dict, target: str) -> str | None:
     """The model a target path under results/ names, after checking the path's form; None for
-    paths outside results/."""
+    paths outside results/ and GGUF conversions."""
     parts = PurePosixPath(target).parts
-    if len(parts) < 3 or parts[0] != "results":
+    if len(parts) < 3 or parts[0] != "results" or f"{parts[0]}/{parts[1]}" == cfg.GGUF_FOLDER:
         return None
     model, first, rest = parts[1], parts[2], parts[3:]
     settings = cfg.model_settings(config, model)

@@ -33,10 +33,11 @@ from svnup.io import (
 log = logging.getLogger("svnup")
 
 
-def versions() -> dict:
-    """Versions of everything that can change a number, recorded beside the numbers."""
+def versions(*extra: str) -> dict:
+    """Versions of everything that can change a number, recorded beside the numbers (and of the
+    ``extra`` packages a stage also uses)."""
     found = {"svnup": __version__, "python": platform.python_version()}
-    for package in ("torch", "transformers", "datasets", "h5py", "numpy"):
+    for package in ("torch", "transformers", "datasets", "h5py", "numpy", *extra):
         try:
             found[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -66,6 +67,27 @@ def _model_fix(spec_model: dict, path: str) -> str:
     from svnup.content import RESTORE, refold
 
     return RESTORE if path == spec_model["path"] else refold(path)
+
+
+def convert(gguf: Path, out_dir: Path) -> None:
+    """A GGUF file's model and tokenizer as a float32 Hugging Face folder (the folder's path is
+    keyed by the file's content, which ``conversion.json`` beside the weights records)."""
+    from svnup import gguf_files
+
+    start = time.perf_counter()
+    sha256 = gguf_files.digest(Path(gguf).resolve())
+    with atomic_path(out_dir) as tmp:
+        gguf_files.convert(Path(gguf), tmp)
+        write_json(
+            tmp / "conversion.json",
+            {
+                "gguf": str(gguf),
+                "sha256": sha256,
+                "seconds": time.perf_counter() - start,
+                "versions": versions("gguf"),
+            },
+        )
+    log.info("converted %s (sha256 %s) into %s", gguf, sha256[:12], out_dir)
 
 
 def calibrate(spec: dict, runtime: dict, out: Path) -> None:

@@ -192,3 +192,76 @@ def tiny_gemma3_path(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_phi3_path(tmp_path_factory) -> Path:
     return build_tiny_phi3(tmp_path_factory.mktemp("tiny-phi3"))
+
+
+_GGUF_NAMES = {  # HF linear and norm names in a LLaMA block -> llama.cpp's
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+
+
+def _rotary_pairs(weight, heads: int):
+    """llama.cpp's layout of a query/key projection: each head's rotary halves interleaved."""
+    rows = weight.shape[0] // heads // 2
+    return weight.reshape(heads, 2, rows, -1).swapaxes(1, 2).reshape(weight.shape)
+
+
+def write_tiny_gguf(hf_dir: Path, out: Path) -> Path:
+    """Write the LLaMA (float32 weights) and byte-level BPE tokenizer saved in ``hf_dir`` as a
+    GGUF file, as llama.cpp's converter lays it out, so that transformers reads back the same
+    model."""
+    import json
+
+    import gguf
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    c = model.config
+    writer = gguf.GGUFWriter(str(out), "llama")
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_vocab_size(c.vocab_size)
+    bpe = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    tokens = sorted(bpe["vocab"], key=bpe["vocab"].get)
+    special = set(tokenizer.all_special_tokens)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t in special else 1 for t in tokens])  # 3: control, 1: normal
+    if bpe["merges"]:
+        writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]])
+    else:  # a vocabulary of single bytes: transformers derives the (no) merges from scores
+        writer.add_token_scores([0.0] * len(tokens))
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_add_bos_token(True)
+    weights = {k: v.numpy() for k, v in model.state_dict().items()}
+    writer.add_tensor("token_embd.weight", weights["model.embed_tokens.weight"])
+    for i in range(c.num_hidden_layers):
+        for name, gguf_name in _GGUF_NAMES.items():
+            weight = weights[f"model.layers.{i}.{name}.weight"]
+            if gguf_name in ("attn_q", "attn_k"):
+                heads = c.num_attention_heads if gguf_name == "attn_q" else c.num_key_value_heads
+                weight = _rotary_pairs(weight, heads).copy()
+            writer.add_tensor(f"blk.{i}.{gguf_name}.weight", weight)
+    writer.add_tensor("output_norm.weight", weights["model.norm.weight"])
+    writer.add_tensor("output.weight", weights["lm_head.weight"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out

@@ -225,7 +225,37 @@ def test_good_target_paths_name_their_model():
         "results/m/calibration/0123456789ab/calibration.h5",
     ):
         assert preflight.target_model(config, target) == "m"
+    assert preflight.target_model(config, "results/gguf/0123456789ab") is None
     assert preflight.target_model(config, "report.html") is None
+
+
+def test_model_targets_replace_the_global_grid_key_by_key():
+    config = tiny_config()
+    config["models"]["tiny"]["targets"] = {"sparsities": [0.4, 0.6], "allocations": ["owl"]}
+    config["models"]["other"] = {"path": "other"}
+    cfg.validate(config)
+    own = cfg.model_settings(config, "tiny")["targets"]
+    assert own == {"sparsities": [0.4, 0.6], "allocations": ["owl"], "pruners": ["wanda"]}
+    grid = {k: config["targets"][k] for k in cfg.GRID}
+    assert cfg.model_settings(config, "other")["targets"] == grid
+    assert cfg.model_spec(cfg.model_settings(config, "tiny")) == {
+        "path": "tiny",
+        "dtype": "float32",
+        "revision": "main",
+    }, "targets are no part of any cache key"
+    config["models"]["tiny"]["targets"] = {"models": ["tiny"]}
+    with pytest.raises(cfg.ConfigError, match="'models.tiny.targets.models': unknown key"):
+        cfg.validate(config)
+    config["models"]["tiny"]["targets"] = {"sparsities": [0.995]}
+    with pytest.raises(cfg.ConfigError, match="^models.tiny.targets.sparsities: target sparsity"):
+        cfg.validate(config)
+
+
+def test_a_model_cannot_take_the_name_of_the_gguf_folder():
+    config = tiny_config()
+    config["models"]["gguf"] = {"path": "tiny"}
+    with pytest.raises(cfg.ConfigError, match="'models.gguf': the name is taken"):
+        cfg.validate(config)
 
 
 def test_summary_reads_exactly_the_runs_it_is_given(tmp_path):

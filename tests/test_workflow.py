@@ -783,6 +783,75 @@ def test_bad_target_path_is_named(project, target, message):
     assert message in _one_line_error(project, "--dry-run", target)
 
 
+def test_model_level_targets_replace_the_grid_for_that_model(project, tmp_path):
+    """A model's own targets decide its summary, its report and which of its files are checked
+    before planning; the keys it leaves out come from targets.*."""
+    config = tiny_config()
+    config["models"]["tiny"]["targets"] = {"sparsities": [0.6], "allocations": ["uniform"]}
+    write_config(project, config)
+    try:
+        plan = planned_jobs(project)
+        assert plan["summary"] == 1 and plan["plots"] == 1 and "calibrate" not in plan, plan
+        snakemake(project, "--cores", "2")
+        paths = {row["path"] for row in _rows(project / "results/tiny/summary.csv")}
+        assert paths == {"results/tiny/dense/ppl.json", "results/tiny/s0.6/uniform/wanda/ppl.json"}
+        assert (project / "results/tiny/s0.6/ppl.json").exists()  # the configured method's
+        budget = next(project.glob("results/tiny/budget/uniform/*/s0.6.json"))
+        shutil.copy2(budget, tmp_path / budget.name)
+        _truncate(budget)
+        try:
+            line = _one_line_error(project, "--dry-run")
+            assert f"{budget.relative_to(project)} is truncated or corrupt" in line
+        finally:
+            shutil.copy2(tmp_path / budget.name, budget)
+        config["models"]["tiny"]["targets"] = {"sparsities": [0.995]}
+        write_config(project, config)
+        line = _one_line_error(project, "--dry-run")
+        assert "models.tiny.targets.sparsities: target sparsity 0.995 cannot be a mean" in line
+    finally:
+        write_config(project, tiny_config())
+    snakemake(project, "--cores", "2")  # the global grid's summary and report again
+
+
+def test_gguf_entries_convert_once_and_load_like_their_folder(project, tmp_path, monkeypatch):
+    """The tiny model written as a GGUF file, named by path and as a package's file: one
+    conversion for both (same content), and the numbers of the folder it was written from."""
+    from conftest import write_tiny_gguf
+    from test_gguf import install_fake_distribution
+
+    pytest.importorskip("gguf")
+    file = write_tiny_gguf(project / "tiny", tmp_path / "tiny.gguf")
+    shutil.copy(file, project / "tiny.gguf")
+    package = install_fake_distribution(tmp_path / "site", file)
+    paths = [str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(paths))
+    config = tiny_config()
+    entry = {"seqlen": 48, "batch_size": 8}
+    config["models"].update(
+        tinygguf={"path": "tiny.gguf", **entry},
+        tinypkg={"path": package, **entry},
+        uninstalled={"path": "package:nosuch/model.gguf", **entry},
+    )
+    write_config(project, config)
+    target = "s0.5/uniform/wanda/ppl.json"
+    try:
+        assert planned_jobs(project) == {}, "an entry not asked for is never resolved"
+        run = snakemake(project, "--cores", "2", f"results/tinygguf/{target}")
+        assert _job_counts(run.stdout + run.stderr)["convert_gguf"] == 1
+        (converted,) = project.glob("results/gguf/*/config.json")
+        record = json.loads((converted.parent / "conversion.json").read_text())
+        assert converted.parent.name == cfg.key({"gguf": record["sha256"]})
+        ppl = _ppl(project, f"results/tinygguf/{target}")
+        folder = _ppl(project, f"results/tiny/{target}")
+        assert ppl["perplexity"] == pytest.approx(folder["perplexity"], rel=1e-5)
+        plan = planned_jobs(project, f"results/tinypkg/{target}")
+        assert "convert_gguf" not in plan and plan["calibrate"] == 1, plan
+        line = _one_line_error(project, "--dry-run", "results/uninstalled/summary.csv")
+        assert "'models.uninstalled.path': no installed distribution provides the package" in line
+    finally:
+        write_config(project, tiny_config())
+
+
 def test_lint_and_format():
     for command in (
         [sys.executable, "-m", "snakemake", "--lint", "--snakefile", str(SNAKEFILE)],
