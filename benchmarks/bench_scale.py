@@ -66,6 +66,7 @@ class Point:
         return shapes.scaled(self.base, self.blocks, self.width, self.vocab)
 
 
+SPARSEGPT = ("sparsegpt",)  # the recommended pruner alone where Wanda adds no new direction
 LADDER = (
     # width at two blocks of LLaMA-2-7B (head size 128, MLP ratio 2.6875)
     Point("d256-L2", blocks=2, width=256),
@@ -73,19 +74,26 @@ LADDER = (
     Point("d1024-L2", blocks=2, width=1024),
     Point("d2048-L2", blocks=2, width=2048),
     # depth at width 256, up to LLaMA-2-7B's 32 blocks
-    Point("d256-L4", blocks=4, width=256),
     Point("d256-L8", blocks=8, width=256),
-    Point("d256-L16", blocks=16, width=256, pruners=("sparsegpt",)),
-    Point("d256-L32", width=256, pruners=("sparsegpt",)),
+    Point("d256-L16", blocks=16, width=256, pruners=SPARSEGPT),
+    Point("d256-L32", width=256, pruners=SPARSEGPT),
     # the vocabularies and attention layouts of Llama-3-8B (128K, GQA) and Qwen2.5-7B (152K,
     # q/k/v biases)
-    Point("llama3-d256-L2", base="llama-3-8b", blocks=2, width=256),
-    Point("qwen-d256-L2", base="qwen2.5-7b", blocks=2, width=256),
+    Point("llama3-d256-L2", base="llama-3-8b", blocks=2, width=256, pruners=SPARSEGPT),
+    Point("qwen-d256-L2", base="qwen2.5-7b", blocks=2, width=256, pruners=SPARSEGPT),
     # tokens: longer sequences (attention grows with them) and more of them
-    Point("d512-L2-s256", blocks=2, width=512, seqlen=256),
-    Point("d512-L2-n16", blocks=2, width=512, nsamples=16, eval_samples=8, windows=8),
+    Point("d512-L2-s256", blocks=2, width=512, seqlen=256, pruners=SPARSEGPT),
+    Point(
+        "d512-L2-n16",
+        blocks=2,
+        width=512,
+        nsamples=16,
+        eval_samples=8,
+        windows=8,
+        pruners=SPARSEGPT,
+    ),
     # the model's dtype on the disk (probes stored in it): bfloat16
-    Point("d512-L2-bf16", blocks=2, width=512, dtype="bfloat16", pruners=("sparsegpt",)),
+    Point("d512-L2-bf16", blocks=2, width=512, dtype="bfloat16", pruners=SPARSEGPT),
 )
 
 

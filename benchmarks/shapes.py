@@ -10,6 +10,12 @@ of the same architecture: the same width with fewer blocks, or the same depth wi
 width (head size, MLP ratio and query groups kept). LLaMA-2-70B is written for the plan only: its
 config and tokenizer, never its weights.
 
+Only the output head is not random: it predicts the local text's token frequencies from the
+dense model's hidden states (``fit_head``). With every weight random the dense model predicts
+nothing, pruning a block changes its loss by noise of either sign, and the recommended
+allocation (damage curves fitted to the loss a probe adds) may find no block whose damage is
+positive; against this head pruning a block raises the loss, as in a real model.
+
     python benchmarks/shapes.py llama-2-7b --blocks 2              # 2 blocks of LLaMA-2-7B
     python benchmarks/shapes.py llama-2-7b --width 256             # 32 blocks, hidden 256
     python benchmarks/shapes.py llama-2-70b                         # config + tokenizer only
@@ -188,6 +194,28 @@ def padded_tokenizer(vocab_size: int, texts: list[str]):
     return tokenizer
 
 
+def fit_head(model, tokenizer, texts: list[str], tokens: int = 4096, seqlen: int = 256) -> None:
+    """Make the output head predict the unigram distribution of ``texts`` along the mean of the
+    final hidden states (over ``tokens`` tokens, ``seqlen`` at a time): row v is log p(v) times
+    that mean over its squared norm, so the dense model's logits are the log frequencies, scaled
+    by how far each hidden state lies along the mean. A block's pruning moves the hidden states
+    off it and raises the loss. Random features predict nothing beyond frequencies on new text,
+    so the head uses none. Cheap: one forward over ``tokens``."""
+    import torch
+
+    ids = tokenizer(" ".join(texts), return_tensors="pt").input_ids[0]
+    head = model.get_output_embeddings()
+    counts = torch.bincount(ids, minlength=head.weight.shape[0]).double() + 0.1
+    log_frequency = (counts / counts.sum()).log().float()
+    rows = max(1, min(tokens, ids.numel()) // seqlen)
+    inputs = ids[: rows * seqlen].view(rows, seqlen).to(head.weight.device)
+    with torch.no_grad():
+        hidden = model.model(input_ids=inputs).last_hidden_state.float()
+        mean = hidden.reshape(-1, hidden.shape[-1]).mean(0)
+        weight = log_frequency.to(mean.device)[:, None] * (mean / mean.square().sum())[None]
+        head.weight.copy_(weight.to(head.weight.dtype))
+
+
 def write_checkpoint(
     shape: dict,
     out: Path,
@@ -208,7 +236,8 @@ def write_checkpoint(
     out = Path(out)
     if (out / "config.json").exists():
         return out
-    tokenizer = padded_tokenizer(shape["vocab_size"], texts or local_texts())
+    texts = texts or local_texts()
+    tokenizer = padded_tokenizer(shape["vocab_size"], texts)
     fields = {k: v for k, v in shape.items() if k != "model_type"}
     config = AutoConfig.for_model(
         shape["model_type"],
@@ -227,6 +256,7 @@ def write_checkpoint(
                     model = AutoModelForCausalLM.from_config(config)
             finally:
                 torch.set_default_dtype(default)
+            fit_head(model, tokenizer, texts)
             model.save_pretrained(tmp)
             del model
         else:

@@ -224,3 +224,16 @@ def summary(name: str, shape: Shape, jobs: Sequence[Job], dtype_bytes: int = 2) 
         f"svnup: predicted GPU time of {name}'s {len(jobs)} model jobs: {total / 60:.0f} min on "
         f"one H200-class GPU ({parts} min; benchmarks/results/scale.md)"
     )
+
+
+def model_config(path: str, revision: str | None = None) -> dict:
+    """A model's config.json, from its folder or the hub (through the hub's cache; no torch)."""
+    import json
+    from pathlib import Path
+
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        return json.loads((folder / "config.json").read_text())
+    from huggingface_hub import hf_hub_download
+
+    return json.loads(Path(hf_hub_download(path, "config.json", revision=revision)).read_text())
