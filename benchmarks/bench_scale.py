@@ -13,7 +13,7 @@ throughput per stage (``svnup.costs``), from which the full protocol is predicte
     python benchmarks/bench_scale.py report --out benchmarks/results/scale.md
 
 Each point runs in benchmarks/.cache/scale/<point>/ from an empty results/ folder, with one torch
-thread per job and ``snakemake --cores 1``, and leaves a ``record.json`` there: per job the
+thread per job and ``snakemake --cores 2``, and leaves a ``record.json`` there: per job the
 rule's benchmark record (wall seconds, CPU seconds, peak resident memory), what the job
 computed (its level, pruner, block forwards) and the disk of every intermediate. The two cores
 are shared with other work, so wall seconds are inflated and the fits use CPU seconds.
@@ -68,32 +68,19 @@ class Point:
 
 SPARSEGPT = ("sparsegpt",)  # the recommended pruner alone where Wanda adds no new direction
 LADDER = (
-    # width at two blocks of LLaMA-2-7B (head size 128, MLP ratio 2.6875)
+    # width at two blocks of LLaMA-2-7B (head size 128, MLP ratio 2.6875), depth at width 256
+    # up to LLaMA-2-7B's 32 blocks, in the order that measures the most first
     Point("d256-L2", blocks=2, width=256),
-    Point("d512-L2", blocks=2, width=512),
-    Point("d1024-L2", blocks=2, width=1024),
-    Point("d2048-L2", blocks=2, width=2048),
-    # depth at width 256, up to LLaMA-2-7B's 32 blocks
-    Point("d256-L8", blocks=8, width=256),
-    Point("d256-L16", blocks=16, width=256, pruners=SPARSEGPT),
+    Point("d2048-L2", blocks=2, width=2048, pruners=SPARSEGPT),
     Point("d256-L32", width=256, pruners=SPARSEGPT),
-    # the vocabularies and attention layouts of Llama-3-8B (128K, GQA) and Qwen2.5-7B (152K,
-    # q/k/v biases)
+    Point("d1024-L2", blocks=2, width=1024),
+    # Llama-3-8B's 128K vocabulary and grouped-query attention
     Point("llama3-d256-L2", base="llama-3-8b", blocks=2, width=256, pruners=SPARSEGPT),
-    Point("qwen-d256-L2", base="qwen2.5-7b", blocks=2, width=256, pruners=SPARSEGPT),
-    # tokens: longer sequences (attention grows with them) and more of them
+    # longer sequences: attention grows with them
     Point("d512-L2-s256", blocks=2, width=512, seqlen=256, pruners=SPARSEGPT),
-    Point(
-        "d512-L2-n16",
-        blocks=2,
-        width=512,
-        nsamples=16,
-        eval_samples=8,
-        windows=8,
-        pruners=SPARSEGPT,
-    ),
     # the model's dtype on the disk (probes stored in it): bfloat16
     Point("d512-L2-bf16", blocks=2, width=512, dtype="bfloat16", pruners=SPARSEGPT),
+    Point("d256-L8", blocks=8, width=256, pruners=SPARSEGPT),
 )
 
 
@@ -238,18 +225,36 @@ def _size(path: Path) -> int:
 
 @dataclass
 class Job:
-    """One job's benchmark record and what it computed."""
+    """One job's wall seconds (the rule's benchmark record), CPU seconds and peak memory (what
+    the stage logged at its end, exact, where the benchmark record samples them every 30 s;
+    the record's own numbers for stages that log none) and what it computed."""
 
     rule: str
     path: str
     s: float
     cpu_time: float
     max_rss_mb: float
+    peak_gpu_gib: float | None = None
     detail: dict = field(default_factory=dict)
 
 
+def logged_resources(log: Path) -> dict:
+    """The ``resources:`` line of a stage's log (``svnup.cli``), as numbers; empty if none."""
+    if not log.exists():
+        return {}
+    lines = [line for line in log.read_text().splitlines() if "resources: " in line]
+    if not lines:
+        return {}
+    parts = lines[-1].split("resources: ")[1].split(", ")
+    found = {"cpu_time": float(parts[0].split()[0])}
+    found["max_rss_mb"] = float(parts[1].split()[3]) * 1024
+    if len(parts) > 2:
+        found["peak_gpu_gib"] = float(parts[2].split()[3])
+    return found
+
+
 def jobs(results: Path) -> list[dict]:
-    """Every job's benchmark record, with the level, pruner and block forwards of its output."""
+    """Every job's record, with the level, pruner and block forwards of its output."""
     import pandas as pd
 
     rows = []
@@ -257,19 +262,19 @@ def jobs(results: Path) -> list[dict]:
         table = pd.read_csv(tsv, sep="\t")
         relative = tsv.relative_to(results / "benchmarks")
         rule = relative.parts[0]
-        detail = _detail(results, rule, relative)
-        rows.append(
-            asdict(
-                Job(
-                    rule=rule,
-                    path=str(relative),
-                    s=float(table["s"].iloc[0]),
-                    cpu_time=float(table["cpu_time"].iloc[0]),
-                    max_rss_mb=float(table["max_rss"].iloc[0]),
-                    detail=detail,
-                )
-            )
+        sampled = {
+            "cpu_time": float(table["cpu_time"].iloc[0]),
+            "max_rss_mb": float(table["max_rss"].iloc[0]),
+        }
+        logged = logged_resources(results / "logs" / relative.with_suffix(".log"))
+        job = Job(
+            rule=rule,
+            path=str(relative),
+            s=float(table["s"].iloc[0]),
+            **{**sampled, **logged},
+            detail=_detail(results, rule, relative),
         )
+        rows.append(asdict(job))
     return rows
 
 
@@ -350,7 +355,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the ladder's workflows")
     run.add_argument("--only", nargs="*", default=None, help="point ids to (re)run")
-    run.add_argument("--cores", type=int, default=1)
+    run.add_argument("--cores", type=int, default=2)
     report = sub.add_parser("report", help="fit the records and write the markdown")
     report.add_argument("--out", type=Path, required=True)
     return p.parse_args(argv)

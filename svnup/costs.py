@@ -181,6 +181,20 @@ def gpu_seconds(job: Job, shape: Shape, dtype_bytes: int = 2) -> float:
     return done.flops / rate + done.steps * GPU_STEP_SECONDS + load + GPU_JOB_SECONDS
 
 
+def probe_bytes(shape: Shape, level: float, pruner: str, dtype_bytes: int) -> dict[str, int]:
+    """Disk of one probe level (``svnup.calibration.save_probe``): a bit per weight for the masks
+    (bit-packed, then gzip, which shrinks a random mask at most by the entropy's shortfall from
+    one bit), and for SparseGPT the kept weights, ``n - round(level * n)`` of each layer's ``n``,
+    in the model's dtype."""
+    masks = values = 0
+    for rows, n in shape.layers().values():
+        weights = rows * n
+        masks += -(-weights // 8)
+        if pruner == "sparsegpt":
+            values += (weights - round(level * weights)) * dtype_bytes
+    return {"masks": shape.blocks * masks, "values": shape.blocks * values}
+
+
 def trie_forwards(masks: Iterable[int], block_bits: Sequence[int], skip: bool = False) -> int:
     """Block forwards of the coalition evaluator's walk over ``masks`` (``block_bits[b]``: the
     mask bits of block b's players): at every block each distinct state of the coalitions that
