@@ -147,8 +147,6 @@ def run_workflow(args: argparse.Namespace, model: Path, data: Path) -> tuple[dic
         "snakemake",
         "--cores",
         str(args.cores),
-        "--resources",
-        "gpu=1",
         *targets,
         "--snakefile",
         str(REPO / "Snakefile"),

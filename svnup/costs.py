@@ -33,10 +33,15 @@ RELATIVE_THROUGHPUT = {
 }
 # Assumptions for the GPU until its run of benchmarks/bench_gpu_scale.py measures them: one
 # SparseGPT column step (a few small kernels) in seconds, how fast a job reads the checkpoint
-# and moves it to the GPU, and what starting a job costs (Python, torch, CUDA).
+# and moves it to the GPU, what starting a job costs (Python, torch, CUDA), and how fast an
+# offloaded block moves from the host to the GPU for each block forward.
 GPU_STEP_SECONDS = 40e-6
 GPU_LOAD_BYTES_PER_SECOND = 2e9
 GPU_JOB_SECONDS = 15.0
+GPU_OFFLOAD_BYTES_PER_SECOND = 12e9
+# The H200's memory; svnup.models.BlockModel offloads the weights above 70% of the free memory.
+GPU_MEMORY_BYTES = 141e9
+OFFLOAD_FRACTION = 0.7
 # Tokens of the hub evaluation sets as svnup cuts them: WikiText-2 test (rows joined with two
 # newlines) is about 341K tokens in the LLaMA-2 tokenizer (166 windows of 2,048), C4 is cut to
 # 256 windows whatever the tokenizer; other text is counted at 4 bytes a token.
@@ -173,12 +178,20 @@ def work(job: Job, shape: Shape) -> Work:
     raise ValueError(f"no cost model for stage {job.stage!r}")
 
 
+def offloaded(shape: Shape, dtype_bytes: int = 2) -> bool:
+    """Whether the weights stay on the host and move to the GPU block by block."""
+    return shape.weights * dtype_bytes > OFFLOAD_FRACTION * GPU_MEMORY_BYTES
+
+
 def gpu_seconds(job: Job, shape: Shape, dtype_bytes: int = 2) -> float:
     """Predicted seconds of ``job`` on one H200-class GPU (see the module's docstring)."""
     done = work(job, shape)
     rate = GPU_COALITION_FLOPS * RELATIVE_THROUGHPUT[job.kind]
     load = shape.weights * dtype_bytes / GPU_LOAD_BYTES_PER_SECOND
-    return done.flops / rate + done.steps * GPU_STEP_SECONDS + load + GPU_JOB_SECONDS
+    moved = 0.0
+    if offloaded(shape, dtype_bytes):
+        moved = done.forwards * shape.block_weights * dtype_bytes / GPU_OFFLOAD_BYTES_PER_SECOND
+    return done.flops / rate + done.steps * GPU_STEP_SECONDS + load + moved + GPU_JOB_SECONDS
 
 
 def probe_bytes(shape: Shape, level: float, pruner: str, dtype_bytes: int) -> dict[str, int]:

@@ -239,7 +239,7 @@ class CoalitionEvaluator:
         reference_forwards = 0
         if self.targets == "dense" and self._reference is None and self._reference_probs is None:
             self._reference = hidden
-            for index in range(n_blocks):
+            for index in tqdm(range(n_blocks), desc="dense reference", unit="block", leave=False):
                 self._reference = self._forward(index, self._reference, kwargs, 0)
             reference_forwards = n_blocks
             if self.n_tokens * self.model.vocab_size * 4 <= self.reference_cache_bytes:

@@ -322,3 +322,73 @@ def test_weights_larger_than_the_memory_limit_run_memory_mapped(tmp_path, large_
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"mapped weights: {2 + 6 * 9 + 1}" in result.stdout and "done" in result.stdout
     assert math.isfinite(json.loads((tmp_path / "eval.json").read_text())["ppl"])
+
+
+@pytest.fixture(scope="module")
+def cuda_project(tmp_path_factory) -> Path:
+    """The tiny workflow project with the recommended settings on a cuda model (never run:
+    only planned, which needs no GPU)."""
+    from workflow_fixture import build_project, tiny_config, write_config
+
+    root = build_project(tmp_path_factory.mktemp("cuda-project"))
+    config = tiny_config(
+        **{
+            "models.tiny.device": "cuda",
+            "shapley.estimator": "loo",
+            "shapley.players": "halves",
+            "shapley.probe_pruner": "match",
+            "allocation.method": "svnup-fit",
+            "targets.allocations": ["svnup-fit", "uniform"],
+            "targets.pruners": ["wanda", "sparsegpt"],
+        }
+    )
+    config["allocation"]["svnup-fit"] = {"levels": [0.6, 0.7, 0.8], "floor": 0.05}
+    write_config(root, config)
+    return root
+
+
+def _predicted(output: str) -> tuple[int, dict[str, int]]:
+    """The job counts of the planner's line: total, and per stage."""
+    (line,) = [x for x in output.splitlines() if "predicted GPU time of tiny" in x]
+    total = int(line.split("'s ")[1].split()[0])
+    stages = line.split("GPU (")[1].split(" min;")[0].split(", ")
+    return total, {part.split()[0]: int(part.split()[1]) for part in stages}
+
+
+@pytest.mark.workflow
+def test_predicted_gpu_time_is_printed_once_while_planning(cuda_project):
+    """A cuda model's plan is priced before any job runs, from the jobs the dry run plans: one
+    line, whose job counts are the plan's; a target that needs fewer jobs prices fewer."""
+    from workflow_fixture import planned_jobs, snakemake
+
+    result = snakemake(cuda_project, "--dry-run", "--quiet", "rules")
+    assert result.stdout.count("predicted GPU time") == 1
+    total, stages = _predicted(result.stdout)
+    planned = planned_jobs(cuda_project)
+    expected = {
+        "calibrate": planned["calibrate"],
+        "probe": planned["probe"],
+        "coalitions": planned["coalitions"],
+        "prune": planned["prune"],
+        "evaluate": planned["evaluate"] + planned["evaluate_dense"],
+    }
+    assert stages == expected and total == sum(expected.values())
+    one = snakemake(cuda_project, "results/tiny/s0.5/svnup-fit/wanda/ppl.json", "--dry-run")
+    assert _predicted(one.stdout)[1] == {
+        "calibrate": 1,
+        "probe": 3,
+        "coalitions": 3,
+        "prune": 1,
+        "evaluate": 1,
+    }
+
+
+def test_planning_imports_no_torch():
+    """What the planner's pricing imports leaves torch (seconds to import) alone."""
+    code = (
+        "import sys; import svnup.costs, svnup.data, svnup.players, svnup.shapley, "
+        "svnup.config, svnup.preflight, svnup.registry; print('torch' in sys.modules)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr
