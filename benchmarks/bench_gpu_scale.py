@@ -26,6 +26,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -60,6 +61,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--cores", type=int, default=4, help="snakemake --cores")
     p.add_argument("--work", type=Path, default=HERE / ".cache" / "gpu-scale")
+    p.add_argument(
+        "--deadline",
+        type=float,
+        default=540,
+        help="seconds from the start after which the workflow is stopped and what finished is "
+        "reported (the device machine allows 600 a command)",
+    )
     p.add_argument("--out", type=Path, required=True, help="the markdown report")
     args = p.parse_args(argv)
     args.shape = args.shape or "llama-2-7b"
@@ -158,14 +166,30 @@ def run_workflow(args: argparse.Namespace, model: Path, data: Path) -> tuple[dic
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env["SVNUP_CACHE"] = str(workdir / ".cache" / "tokens")
     start = time.perf_counter()
+    left = args.deadline - (time.monotonic() - args.started)
+    stopped = False
     with Sampler(workdir / "results") as sampler, (workdir / "snakemake.log").open("w") as log:
-        result = subprocess.run(command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command,
+            cwd=workdir,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            process.wait(timeout=max(left, 1))
+        except subprocess.TimeoutExpired:  # the finished jobs are still reported
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait()
+            stopped = True
     seconds = time.perf_counter() - start
-    if result.returncode != 0:
+    if process.returncode != 0 and not stopped:
         tail = (workdir / "snakemake.log").read_text()[-3000:]
-        raise SystemExit(f"snakemake failed (exit {result.returncode}):\n{tail}")
+        raise SystemExit(f"snakemake failed (exit {process.returncode}):\n{tail}")
     jobs = bench_scale.jobs(workdir / "results" / MODEL)
-    return {"jobs": jobs, "command": shlex.join(command[3:])}, sampler.samples, seconds
+    record = {"jobs": jobs, "command": shlex.join(command[3:]), "stopped": stopped}
+    return record, sampler.samples, seconds
 
 
 def predictions(args: argparse.Namespace, shape: dict, jobs: list[dict]) -> list[dict]:
@@ -216,7 +240,9 @@ def _environment(args: argparse.Namespace) -> dict:
     }
 
 
-def report(args, environment, shape, model_bytes, prepare_s, run_s, rows, samples, plan) -> str:
+def report(
+    args, environment, shape, model_bytes, prepare_s, run_s, rows, samples, plan, stopped
+) -> str:
     peak_disk = max((d for _, d, _ in samples), default=0)
     peak_gpu = max((g for _, _, g in samples if g is not None), default=None)
     lines = [
@@ -234,7 +260,10 @@ def report(args, environment, shape, model_bytes, prepare_s, run_s, rows, sample
         f"Wanda at {TARGET:.0%}; {args.nsamples} x {args.seqlen} calibration tokens, "
         f"{args.eval_samples} game sequences, the first {args.windows} windows of the "
         "WikiText-2 stand-in",
-        f"- checkpoint and stand-in: {prepare_s:.0f} s; workflow: {run_s:.0f} s wall",
+        f"- checkpoint and stand-in: {prepare_s:.0f} s; workflow: {run_s:.0f} s wall"
+        + (
+            " (stopped at the deadline: the stages missing below did not finish)" if stopped else ""
+        ),
         f"- the planner's line: {plan or '(none: not a cuda model)'}",
         f"- peak disk of results/: {peak_disk / 2**30:.2f} GiB "
         f"({peak_disk / model_bytes:.2f}x the model); peak GPU memory in use (nvidia-smi): "
@@ -264,6 +293,7 @@ def report(args, environment, shape, model_bytes, prepare_s, run_s, rows, sample
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    args.started = time.monotonic()
     args.work = args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
     environment = _environment(args)
@@ -276,7 +306,18 @@ def main(argv: list[str] | None = None) -> int:
     shape = shapes.scaled(args.shape, args.blocks, args.width)
     rows = predictions(args, shape, record["jobs"])
     model_bytes = bench_scale._size(model)
-    text = report(args, environment, shape, model_bytes, prepare_s, run_s, rows, samples, plan)
+    text = report(
+        args,
+        environment,
+        shape,
+        model_bytes,
+        prepare_s,
+        run_s,
+        rows,
+        samples,
+        plan,
+        record["stopped"],
+    )
     args.out.write_text(text)
     raw = {
         "environment": environment,

@@ -123,6 +123,35 @@ def fits(found: dict[str, list[dict]]) -> dict[str, dict]:
     return {kind: fit(found[kind], kind.endswith("sparsegpt")) for kind in KINDS if found[kind]}
 
 
+def host_fits(found: dict[str, list[dict]]) -> dict[str, np.ndarray]:
+    """Peak resident memory = baseline + share x model bytes, per stage (non-negative)."""
+    result = {}
+    for kind in KINDS:
+        rows = found.get(kind)
+        if rows:
+            x = np.array([[1.0, r["bytes"]] for r in rows])
+            y = np.array([r["rss_mb"] * 2**20 for r in rows])
+            result[kind] = nonnegative_fit(x, y)
+    return result
+
+
+def host_table(fitted: dict[str, np.ndarray]) -> list[str]:
+    lines = [
+        "| stage | baseline (GB) | x model bytes | LLaMA-2-7B (13.5 GB) | LLaMA-2-70B (138 GB) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for kind, (base, share) in fitted.items():
+        at = [
+            base + share * shapes.weight_bytes(shapes.SHAPES[n], 2)["total"]
+            for n in ("llama-2-7b", "llama-2-70b")
+        ]
+        lines.append(
+            f"| {kind} | {base / 1e9:.2f} | {share:.2f} | {at[0] / 1e9:.1f} GB | "
+            f"{at[1] / 1e9:.0f} GB |"
+        )
+    return lines
+
+
 def relative_throughput(fitted: dict[str, dict]) -> dict[str, float]:
     """Each stage's FLOP rate on the CPU over coalition evaluation's."""
     base = fitted["coalitions"]["per_flop"]
@@ -355,6 +384,8 @@ def report(records: list[dict], machine: str) -> str:
             *disk_table(records),
             "",
             *fit_table(fitted, relative),
+            "",
+            *host_table(host_fits(found)),
             "",
             *constants_block(relative),
             "",

@@ -392,3 +392,45 @@ def test_planning_imports_no_torch():
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def _gpu_script():
+    import importlib.util
+
+    path = REPO / "benchmarks" / "bench_gpu_scale.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu_scale", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_script_plans_the_reduced_protocol_and_prices_each_job(tmp_path):
+    """The GPU script's config is the recommended one at the reduced protocol (a valid config
+    the workflow accepts), and each model job it measures is set beside ``svnup.costs``' price
+    of that very job. (The whole script ran on the CPU at a tiny shape: scale.md.)"""
+    from svnup import config as cfg
+
+    script = _gpu_script()
+    args = script._parse(["--out", str(tmp_path / "gpu.md")])
+    settings = cfg.validate(script.config(args))
+    model = settings["models"]["m"]
+    assert (model["device"], model["dtype"], model["seqlen"]) == ("cuda", "bfloat16", 2048)
+    assert settings["pruner"] == "wanda" and settings["calibration"]["nsamples"] == 32
+    assert settings["shapley"]["eval_samples"] == 8 and settings["evaluation"]["windows"] == 64
+    assert settings["shapley"]["players"] == "halves" and settings["shapley"]["estimator"] == "loo"
+    shape = script.shapes.scaled("llama-2-7b")
+    detail = {"pruner": "wanda", "level": 0.7}
+    jobs = [
+        {"rule": "calibrate", "detail": {}},
+        {"rule": "probe", "detail": detail},
+        {"rule": "coalitions", "detail": {**detail, "block_forwards": 1088, "coalitions": 65}},
+        {"rule": "prune", "detail": {"pruner": "wanda"}},
+        {"rule": "evaluate", "detail": {"windows": 64}},
+        {"rule": "shapley", "detail": {}},
+    ]
+    rows = script.predictions(args, shape, jobs)
+    assert [r["rule"] for r in rows] == ["calibrate", "probe", "coalitions", "prune", "evaluate"]
+    seven_b = costs.Shape.from_config(shape)
+    planned = costs.Job("coalitions", 8, 2048, forwards=1088, coalitions=65)
+    assert rows[2]["predicted_s"] == costs.gpu_seconds(planned, seven_b)
+    assert rows[2]["flops"] > rows[0]["flops"] > 0
