@@ -17,8 +17,9 @@ from svnup import export, stages
 from svnup.allocation import allocate
 from svnup.calibration import dense_statistics, probe_masks, probe_shapes, save_probe
 from svnup.evaluator import CoalitionEvaluator
+from svnup.families import FAMILIES
 from svnup.io import read_json, write_scores
-from svnup.models import FAMILIES, linear_layers, load_model
+from svnup.models import linear_layers, load_model
 from svnup.players import block_sparsities, layer_sparsities, make_players
 from svnup.pruning import prune_model
 
