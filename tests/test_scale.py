@@ -327,7 +327,7 @@ def test_weights_larger_than_the_memory_limit_run_memory_mapped(tmp_path, large_
 @pytest.fixture(scope="module")
 def cuda_project(tmp_path_factory) -> Path:
     """The tiny workflow project with the recommended settings on a cuda model (never run:
-    only planned, which needs no GPU)."""
+    only planned for a cluster, which needs no GPU here)."""
     from workflow_fixture import build_project, tiny_config, write_config
 
     root = build_project(tmp_path_factory.mktemp("cuda-project"))
@@ -347,6 +347,11 @@ def cuda_project(tmp_path_factory) -> Path:
     return root
 
 
+# Planned as for a cluster, which submits from a login node that may have no GPU: the checks
+# before planning refuse a cuda model where jobs would run on this machine without one.
+CLUSTER = ("--executor", "slurm", "--jobs", "1")
+
+
 def _predicted(output: str) -> tuple[int, dict[str, int]]:
     """The job counts of the planner's line: total, and per stage."""
     (line,) = [x for x in output.splitlines() if "predicted GPU time of tiny" in x]
@@ -361,10 +366,10 @@ def test_predicted_gpu_time_is_printed_once_while_planning(cuda_project):
     line, whose job counts are the plan's; a target that needs fewer jobs prices fewer."""
     from workflow_fixture import planned_jobs, snakemake
 
-    result = snakemake(cuda_project, "--dry-run", "--quiet", "rules")
+    result = snakemake(cuda_project, "--dry-run", "--quiet", "rules", *CLUSTER)
     assert result.stdout.count("predicted GPU time") == 1
     total, stages = _predicted(result.stdout)
-    planned = planned_jobs(cuda_project)
+    planned = planned_jobs(cuda_project, *CLUSTER)
     expected = {
         "calibrate": planned["calibrate"],
         "probe": planned["probe"],
@@ -373,7 +378,9 @@ def test_predicted_gpu_time_is_printed_once_while_planning(cuda_project):
         "evaluate": planned["evaluate"] + planned["evaluate_dense"],
     }
     assert stages == expected and total == sum(expected.values())
-    one = snakemake(cuda_project, "results/tiny/s0.5/svnup-fit/wanda/ppl.json", "--dry-run")
+    one = snakemake(
+        cuda_project, "results/tiny/s0.5/svnup-fit/wanda/ppl.json", "--dry-run", *CLUSTER
+    )
     assert _predicted(one.stdout)[1] == {
         "calibrate": 1,
         "probe": 3,
