@@ -22,15 +22,15 @@ GPU_COALITION_FLOPS = 477.1e12
 # Each stage's FLOP rate relative to coalition evaluation's, fitted on the CPU (scale.md, "Fits";
 # 1 where a stage's fit has no FLOP term: a Wanda or magnitude probe is a sort, not matrix work).
 RELATIVE_THROUGHPUT = {
-    "calibrate": 1.92,
-    "probe/sparsegpt": 1.12,
+    "calibrate": 1.62,
+    "probe/sparsegpt": 1.07,
     "probe/wanda": 1.0,
     "probe/magnitude": 1.0,
     "coalitions": 1.0,
-    "prune/sparsegpt": 1.11,
-    "prune/wanda": 0.909,
-    "prune/magnitude": 0.909,
-    "evaluate": 2.14,
+    "prune/sparsegpt": 1.06,
+    "prune/wanda": 0.868,
+    "prune/magnitude": 0.868,
+    "evaluate": 1.0,
 }
 # Assumptions for the GPU until its run of benchmarks/bench_gpu_scale.py measures them: one
 # SparseGPT column step (a few small kernels) in seconds, how fast a job reads the checkpoint
