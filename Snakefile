@@ -35,6 +35,7 @@ include: "rules/evaluation.smk"
 include: "rules/report.smk"
 include: "rules/export.smk"
 include: "rules/preflight.smk"
+include: "rules/costs.smk"
 
 
 # Cheap bookkeeping runs on the submitting host, never as a cluster job.

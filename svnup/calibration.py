@@ -12,7 +12,7 @@ which also reconstructs the weights it keeps.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -77,7 +77,7 @@ def probe_masks(
     if pruner == "sparsegpt":
         raise ValueError("a SparseGPT probe needs the calibration tokens: use sparsegpt_probe")
     masks = []
-    for index, block in enumerate(model.blocks):
+    for index, block in enumerate(tqdm(model.blocks, desc=f"{pruner} probe {sparsity:g}")):
         block_masks = {}
         for name, layer in linear_layers(block).items():
             weight = layer.weight.data
@@ -95,7 +95,8 @@ def probe_masks(
 def sparsegpt_probe(
     model: BlockModel, calibration: torch.Tensor, sparsity: float
 ) -> Iterator[BlockProbe]:
-    """Each block's SparseGPT weights at ``sparsity``, from the Hessians of its *dense* inputs.
+    """Each block's SparseGPT weights at ``sparsity`` (in the model's dtype), from the Hessians of
+    its *dense* inputs.
 
     With every other block dense, a block ablated alone sees exactly these inputs, so this is what
     SparseGPT would make of it in a leave-one-out coalition. Blocks are yielded one at a time so a
@@ -107,12 +108,10 @@ def sparsegpt_probe(
         block = model.blocks[index]
         with model.on_device(block):
             stats, hidden = block_statistics(model, index, hidden, kwargs, hessian=True)
-            probe = {
-                name: sparsegpt_prune(layer.weight.data, stats[name].pop_hessian(), sparsity)[0]
-                .float()
-                .cpu()
-                for name, layer in linear_layers(block).items()
-            }
+            probe = {}
+            for name, layer in linear_layers(block).items():
+                weight = sparsegpt_prune(layer.weight.data, stats[name].pop_hessian(), sparsity)[0]
+                probe[name] = weight.cpu()
         yield probe
 
 
@@ -141,7 +140,9 @@ def load_statistics(path) -> tuple[torch.Tensor, list[BlockStats], dict]:
 
 def save_probe(path, blocks: Iterable[BlockProbe], attrs: dict) -> None:
     """HDF5: each layer's mask bit-packed (one bit per weight, True = pruned) under ``blocks/``,
-    and for a probe that rewrites weights the kept values (float32, row-major) under ``values/``."""
+    and for a probe that rewrites weights the kept values (row-major) under ``values/``, in the
+    weights' own dtype: the evaluator casts a probe to its layer's dtype anyway, so float32 would
+    only double (bfloat16, float16) the largest intermediate of a SparseGPT game."""
     with atomic_path(path) as tmp, open_h5(tmp, "w") as f:
         for index, block in enumerate(blocks):
             for name, tensor in block.items():
@@ -150,9 +151,23 @@ def save_probe(path, blocks: Iterable[BlockProbe], attrs: dict) -> None:
                 ds = f.create_dataset(f"blocks/{index}/{name}", data=data, compression="gzip")
                 ds.attrs["shape"] = tuple(mask.shape)
                 if tensor.dtype != torch.bool:
-                    kept = tensor.float()[~mask].numpy()
-                    f.create_dataset(f"values/{index}/{name}", data=kept)
+                    _write_values(f, f"values/{index}/{name}", tensor[~mask])
         f.attrs["meta"] = json.dumps(attrs, sort_keys=True)
+
+
+def _write_values(f, name: str, values: torch.Tensor) -> None:
+    """A 1-D tensor in its own dtype; bfloat16, which numpy lacks, as its 16 bits with a tag."""
+    if values.dtype == torch.bfloat16:
+        ds = f.create_dataset(name, data=values.view(torch.int16).numpy())
+        ds.attrs["dtype"] = "bfloat16"
+    else:
+        f.create_dataset(name, data=values.numpy())
+
+
+def _read_values(ds) -> torch.Tensor:
+    """What ``_write_values`` wrote (float32 in files from before the dtype was kept)."""
+    values = torch.from_numpy(ds[()])
+    return values.view(torch.bfloat16) if ds.attrs.get("dtype") == "bfloat16" else values
 
 
 def probe_shapes(path) -> list[dict[str, tuple[int, ...]]]:
@@ -165,25 +180,53 @@ def probe_shapes(path) -> list[dict[str, tuple[int, ...]]]:
         ]
 
 
+def _read_block(f, key: str) -> BlockProbe:
+    values = f.get(f"values/{key}")
+    probe = {}
+    for name, ds in f["blocks"][key].items():
+        shape = tuple(ds.attrs["shape"])
+        bits = np.unpackbits(ds[()], count=int(np.prod(shape)))
+        mask = torch.from_numpy(bits.reshape(shape).astype(bool))
+        if values is not None:
+            kept = _read_values(values[name])
+            weight = torch.zeros(shape, dtype=kept.dtype)
+            weight[~mask] = kept
+            probe[name] = weight
+        else:
+            probe[name] = mask
+    return probe
+
+
 def load_probe(path, blocks: set[int] | None = None) -> tuple[dict[int, BlockProbe], dict]:
-    """The probes of ``blocks`` (all by default), and the file's metadata: bool masks, or float32
-    weights where the probe rewrote them."""
+    """The probes of ``blocks`` (all by default), and the file's metadata: bool masks, or the
+    weights where the probe rewrote them (in the dtype they were stored in)."""
     with open_h5(path, "r") as f:
-        result = {}
-        values = f.get("values")
-        for key, group in f["blocks"].items():
-            index = int(key)
-            if blocks is not None and index not in blocks:
-                continue
-            result[index] = {}
-            for name, ds in group.items():
-                shape = tuple(ds.attrs["shape"])
-                bits = np.unpackbits(ds[()], count=int(np.prod(shape)))
-                mask = torch.from_numpy(bits.reshape(shape).astype(bool))
-                if values is not None and key in values:
-                    weight = torch.zeros(shape, dtype=torch.float32)
-                    weight[~mask] = torch.from_numpy(values[key][name][()])
-                    result[index][name] = weight
-                else:
-                    result[index][name] = mask
+        result = {
+            int(key): _read_block(f, key)
+            for key in f["blocks"]
+            if blocks is None or int(key) in blocks
+        }
         return result, json.loads(f.attrs["meta"])
+
+
+class ProbeFile(Mapping):
+    """The probes of a file as a read-only mapping {block: probe}, each block read when it is
+    asked for and not kept: a coalition job holds the probes of the blocks it is ablating, not
+    a second copy of the model's weights."""
+
+    def __init__(self, path) -> None:
+        self.path = path
+        with open_h5(path, "r") as f:
+            self._blocks = sorted(int(key) for key in f["blocks"])
+
+    def __getitem__(self, index: int) -> BlockProbe:
+        if index not in self._blocks:
+            raise KeyError(index)
+        with open_h5(self.path, "r") as f:
+            return _read_block(f, str(index))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._blocks)
+
+    def __len__(self) -> int:
+        return len(self._blocks)

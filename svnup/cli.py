@@ -250,6 +250,26 @@ def run(args: argparse.Namespace) -> None:
 
             torch.set_num_threads(args.threads)
     function(**{name: values[name] for name in inspect.signature(function).parameters})
+    if _uses_model(args.stage):
+        _log_resources()
+
+
+def _log_resources() -> None:
+    """What the job took, at its end in its log: CPU seconds and peak resident memory of the
+    process (exact, where a workflow's benchmark record samples them every 30 s), and the peak
+    GPU memory torch allocated, so a run's sizing can be read back."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    peak = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # Linux counts KiB
+    message = (
+        f"resources: {usage.ru_utime + usage.ru_stime:.1f} CPU s, "
+        f"peak host memory {peak / 2**30:.3f} GiB"
+    )
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        message += f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.3f} GiB"
+    logging.getLogger("svnup").info(message)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -288,6 +288,11 @@ def check_source(source: str, split: str) -> None:
         _check_rows(path)
 
 
+def split_file(source: str, split: str) -> Path | None:
+    """The local file that holds ``split`` of ``source`` (None for a hub name)."""
+    return _locate(source, _split_name(split))
+
+
 def load_texts(source: str, split: str) -> list[str]:
     """Rows of ``split`` of ``source`` (hub name, file or per-split directory), unjoined."""
     split = _split_name(split)

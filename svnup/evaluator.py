@@ -170,7 +170,9 @@ class CoalitionEvaluator:
         """Evaluate each coalition once, calling ``on_result(mask, nll_sum, n_tokens, seconds)``.
 
         ``seconds`` is the wall time since the previous result, so the stored times add up to the
-        job's time. Memory holds one set of hidden states per branching depth of the trie.
+        job's time. Memory holds one set of hidden states per branching depth of the trie (two
+        for leave-one-out games, the window's width for SWSV), and the pruned weights of the
+        blocks whose coalitions are not all finished.
         """
         masks = sorted(set(coalitions))
         n_blocks, n_players = self.model.n_blocks, self.n_players
@@ -194,6 +196,9 @@ class CoalitionEvaluator:
         self.block_forwards = 0
         progress = tqdm(total=len(masks), desc="coalitions", unit="coalition")
         clock = [time.perf_counter()]
+        # Coalitions still to finish that ablate each block: at 0 its pruned weights are freed,
+        # so a job holds those of the blocks it is between, not a pruned copy of the model.
+        uses = [sum(1 for m in masks if m & bits[b]) for b in range(n_blocks)]
 
         def finish(mask: int, hidden: torch.Tensor) -> None:
             nll = self.model.sequence_nll(
@@ -207,6 +212,11 @@ class CoalitionEvaluator:
             on_result(mask, nll, self.n_tokens, now - clock[0])
             clock[0] = now
             progress.update(1)
+            for b in range(n_blocks):
+                if mask & bits[b]:
+                    uses[b] -= 1
+                    if not uses[b]:
+                        self._pruned.pop(b, None)
 
         def walk(index: int, box: list[torch.Tensor], group: list[int]) -> None:
             hidden = box.pop()
@@ -214,8 +224,12 @@ class CoalitionEvaluator:
                 branches: dict[int, list[int]] = {}
                 for mask in group:
                     branches.setdefault(mask & bits[index], []).append(mask)
-                *others, (state, group) = sorted(branches.items())
-                for other, members in others:  # the dense branch (state 0) first
+                # The lowest state (the dense branch where there is one) goes on in this frame
+                # and the others are walked first: a frame holds its hidden states while it
+                # waits, which along the dense path of leave-one-out games would be one set per
+                # block.
+                (state, group), *others = sorted(branches.items())
+                for other, members in others:
                     walk(index + 1, [self._forward(index, hidden, kwargs, other)], members)
                 hidden = self._forward(index, hidden, kwargs, state)
                 index += 1
@@ -225,7 +239,7 @@ class CoalitionEvaluator:
         reference_forwards = 0
         if self.targets == "dense" and self._reference is None and self._reference_probs is None:
             self._reference = hidden
-            for index in range(n_blocks):
+            for index in tqdm(range(n_blocks), desc="dense reference", unit="block", leave=False):
                 self._reference = self._forward(index, self._reference, kwargs, 0)
             reference_forwards = n_blocks
             if self.n_tokens * self.model.vocab_size * 4 <= self.reference_cache_bytes:

@@ -12,6 +12,7 @@ whose layers differ (sliding-window and global attention in Gemma 2/3) need noth
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +109,9 @@ class BlockModel:
 
     With ``offload`` the weights stay on the CPU and each stage is moved to the compute device only
     while it runs, so a model larger than the device can still be pruned block by block.
+    ``mapped`` holds the data pointers of weights that are read-only views of a memory-mapped
+    checkpoint (``load_model``): they are never written, a stage that changes a block's weights
+    gets its own copy of that block first.
     """
 
     def __init__(
@@ -116,6 +120,7 @@ class BlockModel:
         device: str | torch.device = "cpu",
         offload: bool | str = "auto",
         batch_size: int = 8,
+        mapped: frozenset[int] = frozenset(),
     ) -> None:
         self.model = model.eval()
         self.family = family_of(model.config.model_type)
@@ -127,7 +132,10 @@ class BlockModel:
             getattr(model.config, "final_logit_softcapping", None) if self.family.softcap else None
         )
         self.offload = self._decide_offload(offload)
+        self.mapped = mapped
         self._resident: dict[int, int] = {}
+        self._saved: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._written: set[int] = set()
         if not self.offload:
             self.model.to(self.device)
 
@@ -150,26 +158,49 @@ class BlockModel:
         return weight_bytes > 0.7 * free
 
     @contextlib.contextmanager
-    def on_device(self, *modules: nn.Module | None) -> Iterator[None]:
+    def on_device(self, *modules: nn.Module | None, write: bool = False) -> Iterator[None]:
         """Keep ``modules`` on the compute device for the duration (a no-op without offload).
 
         Re-entrant: a module entered twice goes back to the CPU only when the outer use ends.
+        Going back, each tensor takes again the CPU tensor it had (no copy: a memory-mapped
+        checkpoint stays mapped, and host memory does not grow block by block), unless some use
+        said ``write``: it changes the weights, which then come back as they are. On the CPU
+        itself ``write`` gives memory-mapped weights a private copy, since a mapping is read-only.
         """
         present = [m for m in modules if m is not None]
         if not self.offload:
+            if write:
+                for module in present:
+                    self._own(module)
             yield
             return
         for module in present:
-            if self._resident.get(id(module), 0) == 0:
-                module.to(self.device)
-            self._resident[id(module)] = self._resident.get(id(module), 0) + 1
+            key = id(module)
+            if self._resident.get(key, 0) == 0:
+                self._saved[key] = _move(module, self.device)
+            self._resident[key] = self._resident.get(key, 0) + 1
+            if write:
+                self._written.add(key)
         try:
             yield
         finally:
             for module in present:
-                self._resident[id(module)] -= 1
-                if self._resident[id(module)] == 0:
-                    module.to("cpu")
+                key = id(module)
+                self._resident[key] -= 1
+                if self._resident[key] == 0:
+                    saved = self._saved.pop(key)
+                    if key in self._written:
+                        self._written.discard(key)
+                        module.to("cpu")
+                    else:
+                        for tensor, before in saved:
+                            tensor.data = before
+
+    def _own(self, module: nn.Module) -> None:
+        """Replace memory-mapped (read-only) weights of ``module`` by private copies."""
+        for param in module.parameters():
+            if param.data_ptr() in self.mapped:
+                param.data = param.data.clone()
 
     def _stage(self, paths: tuple[str, ...]) -> list[nn.Module]:
         return [m for m in (_get(self.model, p) for p in paths) if m is not None]
@@ -302,6 +333,114 @@ class BlockModel:
         return sums
 
 
+def _move(module: nn.Module, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Move the CPU parameters and buffers of ``module`` to ``device`` in place; returns each
+    moved tensor with the data it had."""
+    moved = []
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.device.type == "cpu":
+            moved.append((tensor, tensor.data))
+            tensor.data = tensor.data.to(device)
+    return moved
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def weight_files(folder: str | Path) -> list[Path]:
+    """The safetensors files of a local checkpoint (those its index names, when sharded); empty
+    for a hub id or a checkpoint in another format."""
+    folder = Path(folder).expanduser()
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / name for name in names]
+    single = folder / "model.safetensors"
+    return [single] if single.is_file() else []
+
+
+def _read_only_tensors(files: list[Path], dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+    """Every tensor of ``files`` as a read-only view of the file mapped into memory (None if a
+    tensor is not stored in ``dtype``, which would need a converted copy). A shared read-only
+    mapping is page cache, not memory of the process: it counts in no RLIMIT_DATA, and pages the
+    kernel needs back are dropped and read again, so weights larger than the memory still run."""
+    import mmap
+    import struct
+    import warnings
+
+    tensors = {}
+    for path in files:
+        with open(path, "rb") as handle:
+            mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        (length,) = struct.unpack("<Q", mapping[:8])
+        header = json.loads(mapping[8 : 8 + length])
+        header.pop("__metadata__", None)
+        for name, entry in header.items():
+            if _SAFETENSORS_DTYPES.get(entry["dtype"]) != dtype:
+                return None
+            start, end = entry["data_offsets"]
+            count = (end - start) // dtype.itemsize
+            if count == 0:
+                tensors[name] = torch.empty(entry["shape"], dtype=dtype)
+                continue
+            with warnings.catch_warnings():  # "not writable": svnup never writes a mapped weight
+                warnings.simplefilter("ignore", UserWarning)
+                flat = torch.frombuffer(
+                    mapping, dtype=dtype, count=count, offset=8 + length + start
+                )
+            tensors[name] = flat.view(entry["shape"])
+    return tensors
+
+
+def _status_bytes(field: str) -> int:
+    """A VmData / VmSize line of /proc/self/status in bytes (0 where there is none)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _cgroup_room() -> int | None:
+    """Bytes left under this process's cgroup memory limit (v2 or v1), None without a limit."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controllers == "":
+                folder = Path("/sys/fs/cgroup") / path.lstrip("/")
+                limit, usage = folder / "memory.max", folder / "memory.current"
+            elif "memory" in controllers.split(","):
+                folder = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
+                limit, usage = folder / "memory.limit_in_bytes", folder / "memory.usage_in_bytes"
+            else:
+                continue
+            if limit.is_file() and limit.read_text().strip() not in ("max", ""):
+                value = int(limit.read_text())
+                if value < 1 << 60:  # v1 writes "no limit" as a huge number
+                    return value - int(usage.read_text())
+    return None
+
+
+def host_memory_budget() -> int:
+    """Bytes this process can still take: the least of the host's available memory, the room
+    under its cgroup limit (a container, a SLURM job) and under RLIMIT_DATA and RLIMIT_AS."""
+    import resource
+
+    room = []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                room.append(int(line.split()[1]) * 1024)
+    cgroup = _cgroup_room()
+    if cgroup is not None:
+        room.append(cgroup)
+    for limit, used in ((resource.RLIMIT_DATA, "VmData"), (resource.RLIMIT_AS, "VmSize")):
+        soft = resource.getrlimit(limit)[0]
+        if soft != resource.RLIM_INFINITY:
+            room.append(soft - _status_bytes(used))
+    return max(0, min(room)) if room else 1 << 62
+
+
 def load_model(
     name_or_path: str | Path,
     dtype: str | torch.dtype = "float32",
@@ -310,12 +449,16 @@ def load_model(
     batch_size: int = 8,
     with_tokenizer: bool = True,
     revision: str | None = None,
+    mapped: bool | str = "auto",
 ) -> tuple[BlockModel, object | None]:
     """Load a causal LM and its tokenizer from a hub id or a local directory.
 
     Returns the block view of the model (weights on the CPU or the device, see ``offload``) and the
     tokenizer (None when ``with_tokenizer`` is off). The model type is checked before any weights
-    are read. ``revision`` (branch, tag or commit) applies to hub ids.
+    are read. ``revision`` (branch, tag or commit) applies to hub ids. ``mapped`` keeps a local
+    safetensors checkpoint's weights as read-only views of the mapped files; ``auto`` does so
+    when they exceed the memory this process can still take (``host_memory_budget``) and are
+    stored in ``dtype``, so a model larger than the host runs block by block from the disk.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -328,8 +471,27 @@ def load_model(
     config = AutoConfig.from_pretrained(source, revision=revision)
     family_of(config.model_type)
     resolve_device(device)
-    model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=resolve_dtype(dtype), revision=revision
-    )
+    dtype = resolve_dtype(dtype)
+    files = weight_files(source) if looks_local else []
+    state = None
+    if files and (
+        mapped is True
+        or (mapped == "auto" and sum(p.stat().st_size for p in files) > host_memory_budget())
+    ):
+        state = _read_only_tensors(files, dtype)
+    if mapped is True and state is None:
+        raise ValueError(
+            f"model {source!r} cannot be memory-mapped in {dtype}: it needs safetensors weights "
+            "stored in that dtype"
+        )
+    if state is None:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, revision=revision)
+    else:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+        model = model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
+    views = frozenset(t.data_ptr() for t in (state or {}).values())
+    engine = BlockModel(model, device=device, offload=offload, batch_size=batch_size, mapped=views)
     tokenizer = AutoTokenizer.from_pretrained(source, revision=revision) if with_tokenizer else None
-    return BlockModel(model, device=device, offload=offload, batch_size=batch_size), tokenizer
+    return engine, tokenizer

@@ -176,7 +176,7 @@ def _prune(
     for index in tqdm(range(model.n_blocks), desc=f"prune {method}"):
         start = time.perf_counter()
         block = model.blocks[index]
-        with model.on_device(block):
+        with model.on_device(block, write=True):
             layers = linear_layers(block)
             layer_targets = per_layer[index]
             stats = None

@@ -187,7 +187,7 @@ def coalitions(
             if todo:
                 if evaluator is None:
                     evaluator = _coalition_evaluator(
-                        model, runtime, spec, ids, masks, n_blocks, wanted, players
+                        model, runtime, spec, ids, masks, n_blocks, players
                     )
                 stats.append(evaluator.evaluate(todo, record))
                 evaluated += len(todo)
@@ -252,18 +252,16 @@ def _family(model: dict):
     return family_of(config.model_type)
 
 
-def _coalition_evaluator(model, runtime, spec, ids, masks, n_blocks, wanted, players):
-    """The model, loaded once a job has coalitions to evaluate, with the probe masks of every
-    block its coalitions ablate (coalitions taken over later may ablate any of them)."""
-    from svnup.calibration import load_probe
+def _coalition_evaluator(model, runtime, spec, ids, masks, n_blocks, players):
+    """The model, loaded once a job has coalitions to evaluate, and the probe file, from which
+    the evaluator reads a block's probe when a coalition first ablates it."""
+    from svnup.calibration import ProbeFile
     from svnup.evaluator import CoalitionEvaluator
 
     engine, _ = _load(model, runtime, with_tokenizer=False)
     if engine.n_blocks != n_blocks:
         raise ValueError(f"model has {engine.n_blocks} blocks, calibration recorded {n_blocks}")
-    owner = list(range(n_blocks)) if players is None else [p.block for p in players]
-    ablated = {block for m in wanted for bit, block in enumerate(owner) if (m >> bit) & 1}
-    probes = load_probe(masks, ablated)[0] if spec["ablation"] == "prune" else None
+    probes = ProbeFile(masks) if spec["ablation"] == "prune" else None
     return CoalitionEvaluator(
         engine,
         ids[: spec["eval_samples"]],

@@ -1,0 +1,168 @@
+# The predicted GPU time of a run, printed once while planning, before any GPU job starts:
+# svnup.costs prices the model jobs that the targets still need (outputs not on disk yet).
+from svnup import costs
+from svnup.data import split_file
+from svnup.players import players_per_block
+
+
+def requested_runs(model, s, paths):
+    """(sparsity, allocation, pruner) of every pruned run the target paths ask for of ``model``,
+    whether they ask for the dense evaluation and for the report (which plots the Shapley values
+    at the probe sparsity); no paths: the default target's."""
+    grid = config["targets"]
+    everything = {
+        (str(sparsity), allocation, pruner)
+        for sparsity in grid["sparsities"]
+        for allocation in {*grid["allocations"], s["allocation"]["method"]}
+        for pruner in {*grid["pruners"], s["pruner"]}
+    }
+    if not paths:
+        return everything, True, True
+    runs, dense, plots = set(), False, False
+    for path in paths:
+        parts = Path(path).parts
+        if len(parts) < 3 or parts[:2] != ("results", model):
+            continue
+        first, rest = parts[2], parts[3:]
+        if first in ("summary.csv", "report"):
+            runs |= everything
+            dense = True
+            plots = plots or first == "report"
+        elif first == "dense":
+            dense = True
+        elif first.startswith("s") and rest and rest[-1] == "ppl.json":
+            allocation = rest[0] if len(rest) >= 2 else s["allocation"]["method"]
+            pruner = rest[1] if len(rest) == 3 else s["pruner"]
+            runs.add((first[1:], allocation, pruner))
+    return runs, dense, plots
+
+
+def game_jobs(model, game, estimator):
+    """The probe and coalition jobs of one game whose outputs are missing (``estimator`` None:
+    the configured one)."""
+    shapley = game["shapley"]
+    estimator = estimator or shapley["estimator"]
+    n, seqlen = game["calibration"]["nsamples"], game["seqlen"]
+    jobs = {}
+    if shapley["ablation"] == "prune" and not Path(probe_path(model, game)).exists():
+        jobs[probe_path(model, game)] = costs.Job(
+            "probe", n, seqlen, shapley["probe_pruner"]
+        )
+    per_block = players_per_block(cfg.players(game))
+    bits = [
+        ((1 << per_block) - 1) << (per_block * b) for b in range(cfg.n_blocks(game))
+    ]
+    params = cfg.estimator_params(game, estimator)
+    planned = make_estimator(
+        n_blocks=len(bits) * per_block,
+        name=estimator,
+        **{k: v for k, v in params.items() if k != "estimator"},
+    )
+    paths = job_paths(model, game, estimator)
+    for path, masks in zip(paths, coalition_jobs(planned).values(), strict=True):
+        if not Path(path).exists():
+            skip = shapley["ablation"] == "skip"
+            forwards = costs.trie_forwards(masks, bits, skip=skip)
+            jobs[path] = costs.Job(
+                "coalitions",
+                shapley["eval_samples"],
+                seqlen,
+                forwards=forwards,
+                coalitions=len(masks),
+            )
+    return jobs
+
+
+def evaluation_jobs(folder, s):
+    n_windows = s["evaluation"].get("windows")
+    jobs = {}
+    for dataset, path in zip(
+        s["evaluation"]["datasets"], eval_paths(folder, s), strict=True
+    ):
+        if Path(path).exists():
+            continue
+        local = (
+            None
+            if cfg.is_workflow_path(dataset)
+            else split_file(dataset, s["evaluation"]["split"])
+        )
+        size = local.stat().st_size if local is not None else None
+        windows = costs.eval_windows(dataset, s["seqlen"], n_windows, size)
+        jobs[path] = costs.Job("evaluate", windows, s["seqlen"])
+    return jobs
+
+
+def planned_model_jobs(model, s, paths):
+    """The model jobs the targets still need, by output path, and the kinds of GPU work that
+    are not priced (searches, zero-shot evaluations)."""
+    n, seqlen = s["calibration"]["nsamples"], s["seqlen"]
+    runs, dense, plots = requested_runs(model, s, paths)
+    jobs, unpriced = {}, set()
+    if runs and not Path(calibration_path(model, s)).exists():
+        jobs[calibration_path(model, s)] = costs.Job("calibrate", n, seqlen)
+    for sparsity, allocation, pruner in sorted(runs):
+        folder = run_dir(model, s, allocation, sparsity, pruner)
+        if Path(f"{folder}/prune.json").exists():
+            jobs |= evaluation_jobs(folder, s)
+            continue
+        source = ALLOCATIONS[allocation].source
+        scores = scores_path(model, s, allocation, sparsity, pruner)
+        if source is not None and not Path(scores).exists():
+            run = (
+                cfg.for_pruner(s, pruner) if source.kind in ("shapley", "levels") else s
+            )
+            if source.kind == "shapley":
+                jobs |= game_jobs(model, run, source.name)
+            elif source.kind == "levels":
+                levels = cfg.score_spec(run, allocation, None)["levels"]
+                for level in levels:
+                    jobs |= game_jobs(model, cfg.at_probe(run, level), source.name)
+            elif source.kind == "search":
+                unpriced.add(f"the {allocation} search")
+        jobs[f"{folder}/prune.json"] = costs.Job("prune", n, seqlen, pruner)
+        jobs |= evaluation_jobs(folder, s)
+    if dense:
+        jobs |= evaluation_jobs(dense_dir(model, s), s)
+    report_game = cfg.for_pruner(s, s["pruner"])
+    if plots and not Path(shapley_path(model, report_game)).exists():
+        jobs |= game_jobs(model, report_game, None)
+    if s["evaluation"].get("zero_shot"):
+        unpriced.add("zero-shot evaluations")
+    return jobs, unpriced
+
+
+def announce_gpu_time():
+    """Print each cuda model's predicted GPU time for this invocation's targets, once."""
+    if not workflow.is_main_process:
+        return
+    args = command_line()
+    if args is not None and (args.unlock or args.lint or args.cleanup_metadata):
+        return
+    paths = list(getattr(args, "targets", None) or [])
+    named = {
+        p.split("/")[1] for p in paths if p.startswith("results/") and "/" in p[8:]
+    }
+    for model in sorted(named or config["targets"]["models"]):
+        s = model_settings(model)
+        if not s["device"].startswith("cuda") or cfg.is_workflow_path(s["path"]):
+            continue
+        jobs, unpriced = planned_model_jobs(model, s, paths)
+        if not jobs:
+            continue
+        try:
+            shape = costs.Shape.from_config(
+                costs.model_config(s["path"], s["revision"])
+            )
+        except (OSError, KeyError, ValueError) as error:
+            print(
+                f"svnup: no GPU time predicted for {model} ({error.__class__.__name__})"
+            )
+            continue
+        dtype_bytes = 4 if s["dtype"] == "float32" else 2
+        line = costs.summary(model, shape, list(jobs.values()), dtype_bytes)
+        if unpriced:
+            line += "; not priced: " + ", ".join(sorted(unpriced))
+        print(line)
+
+
+announce_gpu_time()
