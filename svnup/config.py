@@ -272,6 +272,10 @@ def n_players(settings: dict) -> int:
     """Players of the coalition game, from the model's config (no weights are loaded)."""
     from svnup.players import players_per_block
 
+    if players(settings) == "layers":
+        from svnup.preflight import linear_layer_count
+
+        return linear_layer_count(settings)
     return n_blocks(settings) * players_per_block(players(settings))
 
 

@@ -99,17 +99,56 @@ def model_facts(settings: dict, name: str = "") -> ModelFacts:
         ) from None
 
 
+def linear_layer_count(settings: dict) -> int:
+    """Linear layers in the model's decoder blocks: the players of ``shapley.players: layers``.
+
+    Counted on an empty copy of the model that its config builds on the meta device: no weights
+    are read, but torch and transformers load, so only games on these players pay for it.
+    """
+    path = settings["path"]
+    if path == cfg.DEMO_MODEL and not Path(path).exists():
+        from transformers import LlamaConfig  # the demo model is a LLaMA (svnup.demo)
+
+        small = {"hidden_size": 8, "intermediate_size": 8, "num_attention_heads": 1}
+        return _count_linears(LlamaConfig(num_hidden_layers=settings["demo"]["n_layers"], **small))
+    revision = None if Path(path).expanduser().is_dir() else settings["revision"]
+    return _linear_count(path, revision)
+
+
+@functools.lru_cache(maxsize=64)
+def _linear_count(path: str, revision: str | None) -> int:
+    from transformers import AutoConfig
+
+    return _count_linears(AutoConfig.from_pretrained(path, revision=revision))
+
+
+def _count_linears(config) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from svnup.models import family_of, linear_layers
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    blocks = model.get_submodule(family_of(config.model_type).blocks)
+    return sum(len(linear_layers(block)) for block in blocks)
+
+
 def check_estimator(settings: dict, n_blocks: int, name: str) -> None:
-    """The configured Shapley estimator's parameters fit the model's block count."""
+    """The configured Shapley estimator's parameters fit the game's players: the model's blocks,
+    or its halves or linear layers (``shapley.players``)."""
     from svnup.shapley import MAX_EXACT_BLOCKS, make_estimator
 
     shapley = settings["shapley"]
     estimator, window, stride = shapley["estimator"], shapley["window"], shapley["stride"]
     where = f"of model '{name}'"
-    if estimator == "swsv" and window > n_blocks:
+    kind = cfg.players(settings)
+    n_players = n_blocks if kind == "blocks" else cfg.n_players(settings)
+    units = "blocks" if kind == "blocks" else f"players ({kind})"
+    if estimator == "swsv" and window > n_players:
         raise ConfigError(
             f"config key 'shapley.window' {where}: window {window} exceeds the model's "
-            f"{n_blocks} blocks; use a window <= {n_blocks}"
+            f"{n_players} {units}; use a window <= {n_players}"
         )
     if estimator == "swsv" and stride > window:
         raise ConfigError(
@@ -121,10 +160,10 @@ def check_estimator(settings: dict, n_blocks: int, name: str) -> None:
             f"config key 'shapley.window' {where}: window {window} needs 2^{window} coalitions "
             f"per window; use a window <= {MAX_EXACT_BLOCKS}"
         )
-    if estimator == "exact" and n_blocks > MAX_EXACT_BLOCKS:
+    if estimator == "exact" and n_players > MAX_EXACT_BLOCKS:
         raise ConfigError(
-            f"config key 'shapley.estimator' {where}: exact needs 2^{n_blocks} coalitions for "
-            f"{n_blocks} blocks (at most {MAX_EXACT_BLOCKS}); use swsv or permutation"
+            f"config key 'shapley.estimator' {where}: exact needs 2^{n_players} coalitions for "
+            f"{n_players} {units} (at most {MAX_EXACT_BLOCKS}); use swsv or permutation"
         )
     if estimator == "permutation" and shapley["n_permutations"] % 2:
         raise ConfigError(
@@ -133,7 +172,7 @@ def check_estimator(settings: dict, n_blocks: int, name: str) -> None:
         )
     params = cfg.estimator_params(settings)
     try:
-        make_estimator(n_blocks=n_blocks, name=params.pop("estimator"), **params)
+        make_estimator(n_blocks=n_players, name=params.pop("estimator"), **params)
     except ValueError as error:
         raise ConfigError(f"config key 'shapley' {where}: {error}") from None
 
