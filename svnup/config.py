@@ -117,7 +117,24 @@ def validate(config: dict) -> dict:
         for target in config["targets"]["sparsities"]:
             check_target(settings, target, key="targets.sparsities")
         _check_levels(settings, name)
+        _check_methods(config, settings, name)
     return config
+
+
+def _check_methods(config: dict, settings: dict, name: str) -> None:
+    """Parameters of the allocation methods a model's runs use that only fail for some models or
+    targets (a method the config never runs is not held to them)."""
+    from svnup.allocation import lsa_beta
+    from svnup.registry import method_params
+
+    used = {*config["targets"]["allocations"], settings["allocation"]["method"]}
+    if "lsa" in used and method_params(settings["allocation"], "lsa")["beta"] is None:
+        for target in config["targets"]["sparsities"]:
+            try:
+                lsa_beta(target)
+            except ValueError as error:
+                key = f"config key 'allocation.lsa.beta' of model '{name}'"
+                raise ConfigError(f"{key}: {error}") from None
 
 
 def _check_levels(settings: dict, name: str) -> None:

@@ -36,12 +36,14 @@ class Pruner:
 
 @dataclass(frozen=True)
 class Metric:
-    """A per-block score of the dense model, from its weights and (if ``statistics``) the summed
-    squared inputs of each linear layer. ``function(layers, **params) -> float`` gets
-    ``{name: (weight, col_norm_sq or None)}`` for one block."""
+    """A score of the dense model, from its weights and (if ``statistics``) each linear layer's
+    calibration inputs: None, ``col_norm`` (summed squared inputs per column, from the calibration
+    record) or ``hessian`` (2/n X^T X, from a pass over the calibration tokens).
+    ``function(layers, **params)`` gets ``{name: (weight, statistic or None)}`` for one block and
+    returns its score, or a dict of one score per linear layer (each layer is then a player)."""
 
     function: str
-    statistics: bool
+    statistics: str | None
     reference: str
 
 
@@ -109,18 +111,24 @@ PRUNERS: dict[str, Pruner] = {
 METRICS: dict[str, Metric] = {
     "owl": Metric(
         "svnup.metrics:owl_outlier_ratio",
-        statistics=True,
+        statistics="col_norm",
         reference="OWL (Yin et al., ICML 2024; luuyin/OWL): layerwise outlier distribution",
     ),
     "dlp": Metric(
         "svnup.metrics:dlp_mean_score",
-        statistics=True,
+        statistics="col_norm",
         reference="DLP (Chen et al., ICML 2025, arXiv 2505.23807; ironartisan/DLP)",
     ),
     "alphapruning": Metric(
         "svnup.metrics:alphapruning_alpha",
-        statistics=False,
+        statistics=None,
         reference="AlphaPruning (Lu et al., NeurIPS 2024; haiquanlu/AlphaPruning): alpha_peak",
+    ),
+    "lsa": Metric(
+        "svnup.metrics:lsa_error",
+        statistics="hessian",
+        reference="LSA (Yang et al., ICLR 2026; BeiYazi0/LSA): least error of zeroing half the "
+        "inputs",
     ),
 }
 
@@ -201,6 +209,33 @@ ALLOCATIONS: dict[str, Allocation] = {
             ),
         },
         "ATP (Huang et al., ICML 2025; wzhuang-xmu/ATP): arithmetic progression over depth",
+    ),
+    "lsa": Allocation(
+        Source("metric", "lsa", params=("granularity", "fraction", "group")),
+        "svnup.allocation:lsa_allocation",
+        {
+            "granularity": Param(
+                "block",
+                {"enum": ["block", "projection"]},
+                "block: one sparsity per block (the reference's lsa); projection: one per linear "
+                "layer (its lsac)",
+            ),
+            "beta": Param(
+                None,
+                {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+                "half-width of the sparsity range; null: the reference's by target (0.04 at 50%, "
+                "0.1 at 60%, 0.15 at 70%)",
+            ),
+            "fraction": Param(
+                0.5,
+                {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+                "share of each group's input columns a row zeroes to measure the error",
+            ),
+            "group": Param(
+                128, {"type": "integer", "minimum": 1}, "input columns per group of the error"
+            ),
+        },
+        METRICS["lsa"].reference,
     ),
     "uniform": Allocation(None, "svnup.allocation:uniform_allocation", {}, "the same sparsity"),
 }

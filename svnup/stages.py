@@ -333,11 +333,15 @@ def curve(spec: dict, scores: list[Path], out: Path) -> None:
 
 
 def metric(spec: dict, runtime: dict, model: dict, calibration: Path | None, out: Path) -> None:
-    """A per-block metric of the dense model (``svnup.registry.METRICS``), from its weights and,
-    where the metric needs them, the dense calibration statistics."""
+    """A metric of the dense model (``svnup.registry.METRICS``) for every block, or every linear
+    layer, from its weights and, where the metric needs them, the dense calibration statistics:
+    the recorded column norms, or Hessians from one pass of the calibration tokens through the
+    dense blocks."""
     from tqdm.auto import tqdm
 
+    from svnup.calibration import block_statistics, load_statistics
     from svnup.models import linear_layers
+    from svnup.players import make_players
     from svnup.registry import METRICS, choices, resolve
 
     name = spec["metric"]
@@ -348,29 +352,38 @@ def metric(spec: dict, runtime: dict, model: dict, calibration: Path | None, out
         raise ValueError(f"metric {name!r} needs --calibration (dense input statistics)")
     function = resolve(entry.function)
     params = {k: v for k, v in spec.items() if k not in ("metric", "calibration", "model")}
-    stats = None
+    ids, stats = None, None
     if entry.statistics:
-        from svnup.calibration import load_statistics
-
-        _, stats, _ = load_statistics(calibration)
+        ids, stats, _ = load_statistics(calibration)
     engine, _ = _load(model, runtime, with_tokenizer=False)
     start = time.perf_counter()
-    values = []
+    if entry.statistics == "hessian":
+        hidden, kwargs = engine.embed(ids)
+    scores = []
     for index, block in enumerate(tqdm(engine.blocks, desc=name)):
         with engine.on_device(block):
-            layers = {
-                layer_name: (layer.weight.data, stats[index][layer_name] if stats else None)
-                for layer_name, layer in linear_layers(block).items()
-            }
-            values.append(function(layers, **params))
-    write_scores(
-        out,
-        values,
-        source=f"metric:{name}",
-        spec=spec,
-        seconds=time.perf_counter() - start,
-        versions=versions(),
-    )
+            layers = linear_layers(block)
+            if entry.statistics == "hessian":
+                inputs, hidden = block_statistics(engine, index, hidden, kwargs, hessian=True)
+                statistic = {layer_name: s.pop_hessian() for layer_name, s in inputs.items()}
+            else:
+                statistic = stats[index] if stats else dict.fromkeys(layers)
+            scores.append(
+                function(
+                    {n: (layer.weight.data, statistic[n]) for n, layer in layers.items()},
+                    **params,
+                )
+            )
+    meta = {"source": f"metric:{name}", "spec": spec, "versions": versions()}
+    if isinstance(scores[0], dict):  # one score per linear layer: each layer is a player
+        shapes = [
+            {n: tuple(layer.weight.shape) for n, layer in linear_layers(block).items()}
+            for block in engine.blocks
+        ]
+        players = make_players("layers", shapes, engine.family.attention)
+        scores = [scores[p.block][p.layers[0]] for p in players]
+        meta["players"] = [p.to_dict() for p in players]
+    write_scores(out, scores, seconds=time.perf_counter() - start, **meta)
 
 
 def search(
