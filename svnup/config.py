@@ -128,6 +128,8 @@ def _check_methods(config: dict, settings: dict, name: str) -> None:
     from svnup.registry import method_params
 
     used = {*config["targets"]["allocations"], settings["allocation"]["method"]}
+    if "evopress" in used:
+        _check_evopress(method_params(settings["allocation"], "evopress"), settings, name)
     if "lsa" in used and method_params(settings["allocation"], "lsa")["beta"] is None:
         for target in config["targets"]["sparsities"]:
             try:
@@ -148,6 +150,23 @@ def _check_levels(settings: dict, name: str) -> None:
                     f"config key 'allocation.{method}.levels' of model '{name}': {levels} must "
                     "increase strictly; list each probe sparsity once, in order"
                 )
+
+
+def _check_evopress(params: dict, settings: dict, name: str) -> None:
+    where = f"of model '{name}'"
+    steps, counts = params["survivors"], params["tokens"]
+    if len(steps) != len(counts):
+        raise ConfigError(
+            f"config key 'allocation.evopress.tokens' {where}: {len(counts)} token counts for "
+            f"{len(steps)} selection steps (survivors {steps}); give one per step"
+        )
+    available = settings["calibration"]["nsamples"] * settings["seqlen"]
+    if max(counts) > available:
+        raise ConfigError(
+            f"config key 'allocation.evopress.tokens' {where}: {max(counts)} tokens exceed the "
+            f"{settings['calibration']['nsamples']} x {settings['seqlen']} calibration tokens; "
+            "lower them or raise calibration.nsamples"
+        )
 
 
 def check_target(settings: dict, target: float, key: str = "sparsity") -> None:
@@ -396,7 +415,30 @@ def score_spec(settings: dict, method: str, pruner: str) -> dict | None:
     params = {name: values[name] for name in source.params}
     if source.kind == "metric":
         return metric_spec(settings, source.name, params)
-    return search_spec(settings, method, params, pruner)
+    return search_spec(settings, method, params, search_pruner(values, pruner))
+
+
+def search_pruner(values: dict, pruner: str | None) -> str | None:
+    """The pruner a search prunes its candidates with: its ``probe_pruner`` where it has one,
+    else (and for ``match``) the run's."""
+    chosen = values.get("probe_pruner", MATCH)
+    return pruner if chosen == MATCH else chosen
+
+
+def database_spec(settings: dict, method: str, pruner: str) -> dict | None:
+    """What a search's level database depends on (the target is in the path); None for a method
+    that reads none."""
+    from svnup.registry import ALLOCATIONS, method_params
+
+    source = ALLOCATIONS[method].source
+    if source is None or not source.database:
+        return None
+    values = method_params(settings["allocation"], method)
+    return {
+        "calibration": key(calibration_spec(settings)),
+        "pruner": search_pruner(values, pruner),
+        **{name: values[name] for name in source.database},
+    }
 
 
 def budget_spec(settings: dict, method: str, pruner: str) -> dict:

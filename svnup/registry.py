@@ -55,12 +55,15 @@ class Source:
     one), ``levels`` (the same at each of the probe sparsities in the method's ``levels``, as one
     [level, block] table), ``metric`` (a Metric of the dense model) or ``search`` (a search over
     allocations for one target and pruner). ``params`` names the method's parameters that the
-    scores depend on; the others only affect the mapping from scores to sparsities.
+    scores depend on; the others only affect the mapping from scores to sparsities. A search
+    with ``database`` reads the linear layers pruned at levels around its target (the levels
+    stage), which depend on the calibration, the pruner and these of its parameters.
     """
 
     kind: str
     name: str | None = None
     params: tuple[str, ...] = ()
+    database: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,38 @@ METRICS: dict[str, Metric] = {
         reference="LSA (Yang et al., ICLR 2026; BeiYazi0/LSA): least error of zeroing half the "
         "inputs",
     ),
+}
+
+
+def _counts(default: list[int], help_text: str) -> Param:
+    schema = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 1}}
+    return Param(default, schema, help_text)
+
+
+# EvoPress's parameters, with the reference's defaults (svnup.evopress says where svnup departs).
+EVOPRESS: dict[str, Param] = {
+    "probe_pruner": Param(
+        "sparsegpt",
+        {"enum": [*PRUNERS, "match"]},  # match: config.MATCH, each run's own pruner
+        "pruner of the level database (match: each run's pruner)",
+    ),
+    "num_levels": Param(
+        8, {"type": "integer", "minimum": 1}, "levels each side of the target: 17 in all"
+    ),
+    "weights_diff": Param(
+        0.03459,
+        {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "weights one level step moves, as a fraction of the mean linear layer's weights "
+        "(LLaMA-7B: 1,000,000)",
+    ),
+    "generations": Param(400, {"type": "integer", "minimum": 1}, "generations of the search"),
+    "offspring": Param(64, {"type": "integer", "minimum": 1}, "offspring per generation"),
+    "survivors": _counts([8, 2, 1], "candidates kept by each selection step"),
+    "tokens": _counts([2048, 16384, 65536], "calibration tokens each selection step scores on"),
+    "fitness": Param(
+        "kl", {"enum": ["kl", "ppl"]}, "kl: KL divergence from the dense model; ppl: perplexity"
+    ),
+    "seed": Param(0, {"type": "integer", "minimum": 0}, "seed of the mutations and minibatches"),
 }
 
 ALLOCATIONS: dict[str, Allocation] = {
@@ -209,6 +244,18 @@ ALLOCATIONS: dict[str, Allocation] = {
             ),
         },
         "ATP (Huang et al., ICML 2025; wzhuang-xmu/ATP): arithmetic progression over depth",
+    ),
+    "evopress": Allocation(
+        Source(
+            "search",
+            "evopress",
+            params=tuple(EVOPRESS),
+            database=("num_levels", "weights_diff"),
+        ),
+        "svnup.allocation:offset_allocation",
+        EVOPRESS,
+        "EvoPress (Sieberling et al., ICML 2025; IST-DASLab/EvoPress): evolutionary search over "
+        "the SparseGPT level of every linear layer",
     ),
     "lsa": Allocation(
         Source("metric", "lsa", params=("granularity", "fraction", "group")),
