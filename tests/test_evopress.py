@@ -392,3 +392,48 @@ def test_bad_settings_are_named_before_the_search(tiny, tmp_path):
     with pytest.raises(ValueError, match="weights_diff is too large"):
         stages.levels(spec, {}, model, 0.99, calibration, tmp_path / "l.h5")
     assert not (tmp_path / "l.h5").exists()
+
+
+def test_scores_do_not_depend_on_the_caches(tiny):
+    """Dense distributions recomputed per candidate and no cache of level weights give the same
+    fitness as the kept ones; only the time changes."""
+    from svnup.evopress import LevelScorer
+
+    _, _, engine, ids, _, databases = tiny
+    db = LevelDatabase(databases["sparsegpt"])
+    rng = random.Random(1)
+    batches = [draw_minibatch(rng, 6, 24, tokens) for tokens in (30, 100)]
+    candidates = offspring([0] * len(db.units), db.units, 5, rng)
+    kept = LevelScorer(engine, ids, db, db.units)
+    bare = LevelScorer(engine, ids, db, db.units, cache_bytes=0, reference_bytes=0)
+    try:
+        for batch in batches:
+            for levels in candidates:
+                assert bare(levels, batch) == pytest.approx(kept(levels, batch), rel=1e-6)
+        assert not bare._cache and kept._cache
+    finally:
+        kept.restore()
+        db.close()
+    dense = [layer.weight.data for b in engine.blocks for layer in linear_layers(b).values()]
+    assert all(int((w == 0).sum()) == 0 for w in dense)  # restored
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_database_keeps_values_in_the_models_dtype(tmp_path, dtype):
+    from svnup.evopress import save_database
+
+    gen = torch.Generator().manual_seed(0)
+    dense = torch.randn(6, 8, generator=gen).to(dtype)
+    unit = Unit(0, "mlp.up_proj", (6, 8), -1, 1)
+    levels = {
+        level: dense.masked_fill(torch.rand(6, 8, generator=gen) < 0.5, 0) for level in (-1, 0, 1)
+    }
+    save_database(tmp_path / "db.h5", [(unit, levels)], {"step": 1})
+    db = LevelDatabase(tmp_path / "db.h5")
+    assert db.units == [unit] and db.meta == {"step": 1}
+    for level, weight in levels.items():
+        got = db.weight(unit, level, dense)
+        assert got.dtype == dtype and torch.equal(got, weight)
+    with pytest.raises(ValueError, match="has no level 2"):
+        db.weight(unit, 2, dense)
+    db.close()
