@@ -249,7 +249,6 @@ class LevelDatabase:
             for block in sorted(self._file["units"], key=int)
             for name, group in self._file["units"][block].items()
         ]
-        self._order = {(u.block, u.name): i for i, u in enumerate(self.units)}
 
     def close(self) -> None:
         self._file.close()

@@ -422,7 +422,7 @@ def test_evopress_and_lsa_by_projection_give_each_linear_layer_its_sparsity(proj
     """EvoPress's level database is built once per target and pruner, its search journals and
     resumes, and both per-linear methods reach pruning through the budget's layer players;
     more generations re-run the search on the same database."""
-    evopress = {**EVOPRESS, "probe_pruner": "match", "generations": 3}
+    evopress = {**EVOPRESS, "probe_pruner": "match", "generations": 3, "weights_diff": 0.05}
     config = tiny_config(
         **{"allocation.evopress": evopress, "allocation.lsa": {"granularity": "projection"}}
     )
