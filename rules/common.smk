@@ -1,5 +1,6 @@
 import functools
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -386,6 +387,13 @@ def report_budgets(wildcards):
             for pruner in grid["pruners"]
         }
     )
+
+
+def note_option(wildcards):
+    """The model's note (``models.<name>.note``) as the report's --note option, quoted for the
+    shell; no option where the model has none."""
+    note = settings(wildcards).get("note")
+    return f"--note {shlex.quote(note)}" if note else ""
 
 
 # --- user-facing targets ------------------------------------------------------------------

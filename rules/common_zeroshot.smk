@@ -20,26 +20,29 @@ wildcard_constraints:
     tasks=r"[0-9a-f]{12}",
 
 
-def check_zero_shot(config):
-    """Zero-shot tasks need the harness and an existing include_path: say so before any job."""
-    for name in config["targets"]["models"]:
-        spec = zs.spec(cfg.model_settings(config, name))
-        if spec is None:
-            continue
-        if zs.harness_version() is None:
-            sys.exit(
-                f"svnup: config key 'evaluation.zero_shot' of model '{name}': "
-                f"zero-shot evaluation needs lm-evaluation-harness; {zs.INSTALL_HINT}"
-            )
-        folder = spec["include_path"]
-        if folder and not cfg.is_workflow_path(folder) and not Path(folder).is_dir():
-            sys.exit(
-                f"svnup: config key 'evaluation.zero_shot.include_path' of model '{name}': "
-                f"{folder} is not a directory of task YAMLs"
-            )
-
-
-check_zero_shot(config)
+def check_zero_shot(name, s):
+    """Zero-shot tasks need the harness, an include_path that exists or that this workflow
+    builds, and task names that the harness or the include path defines (checked against a
+    cached index, see zs.known_tasks): say so before any job."""
+    spec = zs.spec(s)
+    if spec is None:
+        return
+    if zs.harness_version() is None:
+        fail(
+            f"config key 'evaluation.zero_shot' of model '{name}': "
+            f"zero-shot evaluation needs lm-evaluation-harness; {zs.INSTALL_HINT}"
+        )
+    folder = spec["include_path"]
+    built = {DEMO_TASKS: [DEMO_TASK["name"]]}
+    if folder and folder not in built and not Path(folder).is_dir():
+        fail(
+            f"config key 'evaluation.zero_shot.include_path' of model '{name}': "
+            f"{folder} is not a directory of task YAMLs"
+        )
+    try:
+        zs.check_tasks(spec["tasks"], folder, built)
+    except ValueError as error:
+        fail(f"config key 'evaluation.zero_shot.tasks' of model '{name}': {error}")
 
 
 def zeroshot_paths(folder, s):

@@ -53,12 +53,31 @@ def intermediates(model, s, sparsities):
     return sorted({p for p in paths if p})
 
 
+def jobs_run_here():
+    """Whether this invocation's jobs run on this machine: the executor that Snakemake's command
+    line chose (its profiles included) executes locally, as the default one does, while a cluster
+    executor submits from a login node that may have no GPU. Snakemake reads the Snakefile before
+    it hands the executor to the workflow, so the executor is read from the frame of its command
+    line's ``args_to_api``; None when Snakemake was not started from its command line.
+    """
+    frame = sys._getframe()
+    while frame is not None:
+        if (
+            frame.f_code.co_name == "args_to_api"
+            and "executor_plugin" in frame.f_locals
+        ):
+            return frame.f_locals["executor_plugin"].common_settings.local_exec
+        frame = frame.f_back
+    return None
+
+
 def check_before_planning():
     """Everything that can fail before the first job, checked now, each in one line: the target
-    paths asked for, every target model (its folder and weights, block count against the
-    estimator, context length against seqlen, datasets and splits), and the intermediate files
-    its jobs would read. A damaged file is named before a job that reads it deletes its own
-    previous output."""
+    paths asked for, every target model (its folder, weights and family, player count against
+    the estimator, context length against seqlen, datasets, splits and their first rows, its
+    device when jobs run here, its zero-shot tasks), and the intermediate files its jobs would
+    read. A damaged file is named before a job that reads it deletes its own previous output.
+    """
     from svnup.content import check_intact, refold
     from svnup.io import REBUILD, CorruptFileError
     from svnup.store import check_store
@@ -81,6 +100,9 @@ def check_before_planning():
         for model in sorted(models or config["targets"]["models"]):
             s = model_settings(model)
             preflight.check_model(s, model)
+            if jobs_run_here():
+                preflight.check_device(s, model)
+            check_zero_shot(model, s)
             if cfg.is_workflow_path(s["path"]):  # the demo model
                 check_intact(s["path"], refold(s["path"], "trains"))
             for game in cfg.games(s):

@@ -46,7 +46,9 @@ rule plots:
     params:
         out=lambda wildcards, output: Path(output.html).parent,
         results=lambda wildcards, output: Path(output.html).parent.parent,
+        recommended=lambda wildcards: settings(wildcards)["allocation"]["method"],
+        note=note_option,
     shell:
         "python -m svnup report --results {params.results} --out-dir {params.out} "
         "--summary {input.summary} --shapley {input.shapley} --budgets {input.budgets} "
-        "> {log} 2>&1"
+        "--recommended {params.recommended} {params.note} > {log} 2>&1"

@@ -86,7 +86,7 @@ STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "summary": ("gather the given ppl.json files into a CSV", ("runs*", "out")),
     "report": (
         "figures and an HTML report of a model",
-        ("results", "out_dir", "summary", "shapley?", "budgets*"),
+        ("results", "out_dir", "summary", "shapley?", "budgets*", "recommended", "note"),
     ),
 }
 # option -> help text; every option of every stage has one (tests/test_cli.py checks)
@@ -119,9 +119,11 @@ OPTION_HELP = {
     "summary": "summary CSV written by the summary stage",
     "shapley": "Shapley values (scores JSON) to plot",
     "budgets": "budgets (JSON) whose per-block sparsities to plot",
+    "recommended": "allocation method marked as the recommendation (the model's allocation.method)",
+    "note": "one sentence on what the run can and cannot show, printed under the verdicts",
 }
 JSON_OPTIONS = {"spec", "model", "estimator"}
-TEXT_OPTIONS = {"job", "name", "allocation", "pruner"}
+TEXT_OPTIONS = {"job", "name", "allocation", "pruner", "recommended", "note"}
 
 
 def _json(text: str):

@@ -4,7 +4,8 @@ Every intermediate result lives under a path keyed by a hash of exactly the sett
 (its *spec*), so a config change re-runs only the stages whose spec changed, and reverting a change
 finds the earlier results again. A local model directory or dataset enters its spec with a
 fingerprint of its content (``svnup.content``), a hub model with its revision, and the demo model
-with the settings that train it, so editing an input in place is a change like any other.
+with the settings that train it, so editing an input in place is a change like any other. Local
+paths have one spelling (``local_path``), so writing one another way changes no key.
 Runtime settings (device, batch size, offload) are not part of any spec: moving a run from a
 workstation to a cluster recomputes nothing.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import re
 from importlib import resources
 from pathlib import Path
@@ -76,19 +78,36 @@ def _key_of(error) -> str:
     return ".".join(path) or "<top level>"
 
 
+def _admits_integer(schema: dict) -> bool:
+    types = schema.get("type", [])
+    types = [types] if isinstance(types, str) else types
+    return "integer" in types or any(_admits_integer(s) for s in schema.get("anyOf", []))
+
+
 def _hint(error) -> str:
     if error.validator == "additionalProperties":
         return "unknown key; remove it or check its spelling against config.yaml"
     if error.validator == "required":
         return "required key is missing"
+    value = error.instance
+    if isinstance(value, float) and value.is_integer() and _admits_integer(error.schema):
+        return f"{value} is not an integer; write {int(value)}"
     return error.message
+
+
+def _strict_integers(checker, instance) -> bool:
+    """Integers as Python has them: JSON Schema's integer admits 4.0, which would get a cache key
+    of its own and reach code that counts or slices with it."""
+    return isinstance(instance, int) and not isinstance(instance, bool)
 
 
 def validate(config: dict) -> dict:
     """Check ``config`` against the schema and the cross-field rules; return it unchanged."""
     import jsonschema
 
-    validator = jsonschema.Draft202012Validator(_schema())
+    base = jsonschema.Draft202012Validator
+    checker = base.TYPE_CHECKER.redefine("integer", _strict_integers)
+    validator = jsonschema.validators.extend(base, type_checker=checker)(_schema())
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         error = errors[0]
@@ -205,7 +224,62 @@ def model_settings(config: dict, name: str) -> dict:
         settings[section] = copy.deepcopy(base)
     settings["save_model"] = bool(config.get("save_model", False))
     settings["demo"] = demo_settings(config)
+    _spell_paths_once(settings)
     return settings
+
+
+def _spell_paths_once(settings: dict) -> None:
+    """The model, dataset and task folder paths of ``settings`` in their one spelling."""
+    settings["path"] = local_path(settings["path"])
+    calibration, evaluation = settings["calibration"], settings["evaluation"]
+    if "dataset" in calibration:
+        calibration["dataset"] = dataset_path(calibration["dataset"])
+    if "datasets" in evaluation:
+        evaluation["datasets"] = [dataset_path(d) for d in evaluation["datasets"]]
+    zero_shot = evaluation.get("zero_shot") or {}
+    if zero_shot.get("include_path"):
+        zero_shot["include_path"] = local_path(zero_shot["include_path"])
+
+
+def local_path(path: str) -> str:
+    """One spelling of a local file or folder, so that its cache keys do not depend on how it is
+    written: relative to the working directory when it lies inside it, else absolute; ``~``
+    expanded; no ``.``, ``..`` or trailing ``/``. Symlinks are kept as written, not resolved (a
+    link's target may be mounted elsewhere on a cluster node; the content fingerprint follows the
+    target anyway). A path that names nothing here (a hub id, or a missing file, which is reported
+    before planning) is kept as written; so is one already in this form, and with it its keys."""
+    absolute = os.path.abspath(os.path.expanduser(path))
+    inside = _inside_cwd(absolute)
+    spelled = absolute if inside is None else inside
+    if not (os.path.exists(absolute) or is_workflow_path(spelled)):
+        return path
+    return spelled
+
+
+def _inside_cwd(absolute: str) -> str | None:
+    """``absolute`` relative to the working directory if it lies inside it, also when written
+    through a link to it or to one of its parents (``os.getcwd`` has links resolved)."""
+    cwd = os.getcwd()
+    if absolute == cwd or absolute.startswith(cwd.rstrip(os.sep) + os.sep):
+        return os.path.relpath(absolute, cwd)
+    here = os.stat(cwd)
+    for parent in Path(absolute).parents:
+        try:
+            found = os.stat(parent)
+        except OSError:
+            continue
+        if (found.st_dev, found.st_ino) == (here.st_dev, here.st_ino):
+            return os.path.relpath(absolute, parent)
+    return None
+
+
+def dataset_path(dataset: str) -> str:
+    """A dataset in its one spelling: hub names as they are, a local path by ``local_path``, with
+    ``./`` kept before a local path that would read as a hub name (``./c4``)."""
+    if dataset in HUB_DATASETS:
+        return dataset
+    spelled = local_path(dataset)
+    return f"./{spelled}" if spelled in HUB_DATASETS else spelled
 
 
 def demo_settings(config: dict) -> dict:

@@ -21,11 +21,18 @@ import os
 import struct
 from pathlib import Path
 
-from svnup.io import REBUILD, corrupt, open_h5, read_json
+from svnup.io import REBUILD, CorruptFileError, corrupt, open_h5, read_json
 
 HASH_LIMIT = 64 << 20
 _CHUNK = 1 << 20
 RESTORE = "restore it, or download the model again"
+# What transformers loads a model's weights from: one file, or an index naming the shards.
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 def refold(folder: str | Path, rebuilds: str = "prunes") -> str:
@@ -108,9 +115,14 @@ def check_h5(path: str | Path, fix: str = REBUILD) -> None:
 
 
 def check_model_dir(path: str | Path, fix: str = REBUILD) -> None:
-    """The safetensors weights and JSON files of a Hugging Face model directory are whole, and
-    every shard that an index names is there."""
+    """A Hugging Face model directory holds weights, its safetensors weights and JSON files are
+    whole, and every shard that an index names is there."""
     path = Path(path)
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise CorruptFileError(
+            f"{path} holds no model weights ({', '.join(WEIGHT_FILES[::2])} or a shard index); "
+            f"{fix}"
+        )
     for file in _files(path):
         if file.suffix == ".safetensors":
             check_safetensors(file, fix)

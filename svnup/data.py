@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -36,7 +37,16 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch is imported where tokens are made, so checking a source stays light
     import torch
 
+log = logging.getLogger("svnup")
 HUB_NAMES = ("wikitext2", "ptb", "c4")
+# What load_dataset reads for each hub name: repository, configuration and the text column.
+HUB_SOURCES = {
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "text"),
+    "ptb": ("ptb_text_only", "penn_treebank", "sentence"),
+    "c4": ("allenai/c4", None, "text"),
+}
+HUB_TIMEOUT = 3.0  # seconds the checks before planning wait for the hub to answer
+FIRST_ROWS = 8  # rows of a local file read by check_source
 SUFFIXES = (".jsonl", ".txt", ".parquet")
 SPLIT_ALIASES = {
     "train": ("train",),
@@ -126,22 +136,133 @@ def _load_hub(name: str, split: str) -> list[str]:
     _check_hub_split(name, split)
     from datasets import load_dataset
 
-    if name == "wikitext2":
-        return list(load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"])
-    if name == "ptb":
-        return list(load_dataset("ptb_text_only", "penn_treebank", split=split)["sentence"])
-    return list(
-        load_dataset("allenai/c4", data_files={split: C4_SHARDS[split]}, split=split)["text"]
+    repo, configuration, column = HUB_SOURCES[name]
+    args = (repo,) if configuration is None else (repo, configuration)
+    files = {"data_files": {split: C4_SHARDS[split]}} if name == "c4" else {}
+    return list(load_dataset(*args, **files, split=split)[column])
+
+
+def _check_rows(path: Path) -> None:
+    """The first rows of a local file can be read: UTF-8 text, and for .jsonl and .parquet a
+    string ``text`` field; a file with no rows at all is refused too."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            metadata = pq.read_metadata(path)
+        except Exception as error:  # pyarrow raises its own error types for damaged files
+            raise ValueError(f"{path} is not a readable parquet file ({error})") from None
+        if "text" not in metadata.schema.names:
+            raise ValueError(f"{path} has no 'text' column; each row needs one")
+        if metadata.num_rows == 0:
+            raise ValueError(f"{path} has no rows; give a file with text in it")
+        return
+    rows, number = 0, 0
+    try:
+        with path.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):  # noqa: B007 (read after the loop)
+                if not line.strip():
+                    continue
+                if path.suffix == ".jsonl":
+                    _check_record(path, number, line)
+                rows += 1
+                if rows == FIRST_ROWS:
+                    break
+    except UnicodeDecodeError:
+        raise ValueError(
+            f"{path} is not UTF-8 text (near line {number + 1}); save it as UTF-8"
+        ) from None
+    if not rows:
+        raise ValueError(f"{path} has no rows; give a file with text in it")
+
+
+def _check_record(path: Path, number: int, line: str) -> None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        raise ValueError(f"{path} line {number} is not JSON; write one object a line") from None
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        raise ValueError(f"{path} line {number} has no 'text' string; each row needs one")
+
+
+def _offline() -> bool:
+    """Hugging Face's offline switches, read as ``datasets`` reads them."""
+    value = os.environ.get("HF_DATASETS_OFFLINE", os.environ.get("HF_HUB_OFFLINE", ""))
+    return value.strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _datasets_cache() -> Path:
+    """The folder where ``datasets`` keeps prepared datasets (its HF_DATASETS_CACHE)."""
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface"
     )
+    folder = os.environ.get("HF_DATASETS_CACHE") or os.path.join(home, "datasets")
+    return Path(folder).expanduser()
+
+
+def _hub_cached(name: str, split: str) -> bool:
+    """Whether a load of ``split`` of hub dataset ``name`` left its prepared copy in the datasets
+    cache, where ``load_dataset`` finds it offline: <repo with / as ___>/<configuration>/
+    <version>/<hash>/dataset_info.json naming the split."""
+    repo, configuration, _ = HUB_SOURCES[name]
+    root = _datasets_cache() / repo.replace("/", "___")
+    for info in root.glob(f"{configuration or '*'}/*/*/dataset_info.json"):
+        try:
+            if split in json.loads(info.read_text()).get("splits", {}):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def _hub_answers(name: str) -> str | None:
+    """None when the hub answers about ``name``'s repository within HUB_TIMEOUT seconds (any
+    HTTP status: access and existence are for the load to report), else why not."""
+    import urllib.error
+    import urllib.request
+
+    if _offline():
+        return "offline mode is on (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE)"
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    request = urllib.request.Request(
+        f"{endpoint}/api/datasets/{HUB_SOURCES[name][0]}", method="HEAD"
+    )
+    try:
+        urllib.request.urlopen(request, timeout=HUB_TIMEOUT).close()
+    except urllib.error.HTTPError:
+        return None
+    except (OSError, ValueError) as error:  # URLError and timeouts are OSErrors
+        return f"{endpoint} did not answer in {HUB_TIMEOUT:g} s ({error.__class__.__name__})"
+    return None
+
+
+def check_hub(name: str, split: str) -> None:
+    """Raise a one-line ValueError unless ``split`` of hub dataset ``name`` can be loaded: it is
+    in the local datasets cache, or the hub answers (a short request)."""
+    split = _split_name(split)
+    _check_hub_split(name, split)
+    if _hub_cached(name, split):
+        return
+    why = _hub_answers(name)
+    if why is not None:
+        raise ValueError(
+            f"hub dataset {name} ({split} split) is not in the Hugging Face datasets cache "
+            f"({_datasets_cache()}) and cannot be downloaded: {why}; run once online to cache "
+            "it, or give a local .jsonl/.txt/.parquet file with its text"
+        )
 
 
 def check_source(source: str, split: str) -> None:
     """Raise a one-line ValueError unless ``split`` of ``source`` can be read: a known split name,
-    a split the hub dataset has, an existing file or a directory with one file for the split.
-    Reads no rows, so a workflow can check every source before its first job."""
+    a split the hub dataset has, an existing file or a directory with one file for the split,
+    whose first rows are text (and have a ``text`` field where one is read). Reads at most
+    ``FIRST_ROWS`` rows and does not touch the network, so a workflow can check every source
+    before its first job (``check_hub`` checks that a hub dataset can be had)."""
     split = _split_name(split)
     _check_hub_split(source, split)
-    _locate(source, split)
+    path = _locate(source, split)
+    if path is not None:
+        _check_rows(path)
 
 
 def load_texts(source: str, split: str) -> list[str]:
@@ -211,9 +332,13 @@ def _cache_file(tokenizer, source: str, split: str, protocol: str, seqlen: int, 
         "seqlen": seqlen if protocol == "c4" else None,
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    if cache_dir is None:
-        cache_dir = os.environ.get("SVNUP_CACHE") or Path.home() / ".cache" / "svnup" / "tokens"
-    return Path(cache_dir).expanduser() / f"{protocol}-{split}-{digest}.pt"
+    return Path(cache_dir or svnup_cache()).expanduser() / f"{protocol}-{split}-{digest}.pt"
+
+
+def svnup_cache() -> Path:
+    """svnup's cache of derived files (token streams, the harness's task index), which can be
+    rebuilt at any time: ``$SVNUP_CACHE``, else ``~/.cache/svnup/tokens``."""
+    return Path(os.environ.get("SVNUP_CACHE") or Path.home() / ".cache" / "svnup" / "tokens")
 
 
 def _save_atomic(ids: torch.Tensor, target: Path) -> None:
@@ -230,6 +355,23 @@ def _save_atomic(ids: torch.Tensor, target: Path) -> None:
         raise
 
 
+def _load_cached(target: Path) -> torch.LongTensor | None:
+    """A cached ``[1, T]`` token stream, or None (with a warning naming the file) when the file
+    cannot be one: it is only a cache, so the caller tokenises again and replaces it."""
+    import torch
+
+    try:
+        ids = torch.load(target, weights_only=True)
+    except Exception as error:  # torch reports damage as one of several error types
+        reason = " ".join(f"{error.__class__.__name__}: {error}".split())[:200]
+    else:
+        if isinstance(ids, torch.Tensor) and ids.dtype == torch.long and ids.shape[:1] == (1,):
+            return ids
+        reason = f"holds {type(ids).__name__} {getattr(ids, 'shape', '')}, not a [1, T] stream"
+    log.warning("token cache %s is damaged (%s); tokenising again to rebuild it", target, reason)
+    return None
+
+
 def eval_stream(
     tokenizer,
     source: str,
@@ -241,15 +383,16 @@ def eval_stream(
 
     The cache (``cache_dir``, else ``$SVNUP_CACHE``, else ``~/.cache/svnup/tokens``) is keyed by
     the source (path, size and mtime for files), split, protocol, tokenizer (name, size, vocab
-    hash) and, for c4 only, ``seqlen``; editing a file or changing tokenizer invalidates it.
+    hash) and, for c4 only, ``seqlen``; editing a file or changing tokenizer invalidates it. A
+    damaged cache file is tokenised again and replaced, with a warning that names it.
     """
-    import torch
-
     split = _split_name(split)
     protocol = eval_protocol(source)
     target = _cache_file(tokenizer, source, split, protocol, seqlen, cache_dir)
     if target.exists():
-        return torch.load(target, weights_only=True)
+        ids = _load_cached(target)
+        if ids is not None:
+            return ids
     ids = _tokenize(tokenizer, _eval_text(protocol, load_texts(source, split)))
     if protocol == "c4":
         ids = ids[:, : C4_EVAL_WINDOWS * seqlen].clone()

@@ -1,4 +1,4 @@
-"""Give each concurrent GPU job of a workstation its own device.
+"""Give each concurrent GPU job of a workstation its own device, and tell whether it has one.
 
 Snakemake limits how many jobs declaring ``gpu=1`` run at once but does not say *which* GPU a job
 gets. A job that asks for ``cuda`` while ``CUDA_VISIBLE_DEVICES`` is unset claims the first free
@@ -53,3 +53,24 @@ def claim_gpu(runtime: dict) -> int | None:
         f"all {count} GPUs are claimed by other svnup jobs; run with resources gpu={count} "
         "so Snakemake never starts more GPU jobs than there are GPUs"
     )
+
+
+# Device nodes of the GPU drivers torch can use: NVIDIA, AMD (ROCm), and CUDA under WSL 2.
+DRIVER_NODES = ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
+
+
+def cuda_problem(device: str) -> str | None:
+    """Why jobs on this machine cannot use ``device`` (cuda or cuda:N), or None when they can.
+
+    A machine without a GPU driver is told from its device nodes, without importing torch (which
+    takes seconds); where a driver is present torch itself is asked, as the jobs will ask it."""
+    if not any(os.path.exists(node) for node in DRIVER_NODES):
+        return f"this machine has no GPU driver (none of {', '.join(DRIVER_NODES)})"
+    import torch
+
+    if not torch.cuda.is_available():
+        return f"torch {torch.__version__} finds no usable CUDA device"
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        return f"{device} names GPU {index}, but torch sees {torch.cuda.device_count()}"
+    return None

@@ -4,9 +4,9 @@ Every stage (perplexity, pruning, coalition evaluation) works on the same view o
 input stage (embeddings, positions), decoder blocks mapping hidden states to hidden states,
 and an output stage (final norm, projection, LM head). Model families differ only in where those
 modules live and whether the logits are soft-capped, so a family is a small table entry chosen by
-``config.model_type``. What each block receives besides its hidden states (masks, rotary
-embeddings) is captured from the model's own forward, block by block, so families whose layers
-differ (sliding-window and global attention in Gemma 2/3) need nothing of their own.
+``config.model_type`` (``svnup.families``). What each block receives besides its hidden states
+(masks, rotary embeddings) is captured from the model's own forward, block by block, so families
+whose layers differ (sliding-window and global attention in Gemma 2/3) need nothing of their own.
 """
 
 from __future__ import annotations
@@ -21,73 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from svnup.families import family_of
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class Family:
-    """Where a model family keeps its input stage, blocks and output stage.
-
-    ``softcap``: the model's forward caps its logits, ``c * tanh(logits / c)`` with
-    ``c = config.final_logit_softcapping`` (when that is set). ``attention``: the attention
-    module inside a block; the block's other linear layers form its MLP (``svnup.players``).
-    """
-
-    blocks: str
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-    head: str = "lm_head"
-    softcap: bool = False
-    attention: str = "self_attn"
-
-
-_LLAMA_LIKE = Family(
-    blocks="model.layers",
-    inputs=("model.embed_tokens", "model.rotary_emb"),
-    outputs=("model.norm",),
-)
-_GEMMA = Family(
-    blocks="model.layers",
-    inputs=("model.embed_tokens", "model.rotary_emb"),
-    outputs=("model.norm",),
-    softcap=True,
-)
-FAMILIES: dict[str, Family] = {
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-    "qwen3": _LLAMA_LIKE,
-    "phi3": _LLAMA_LIKE,
-    "gemma2": _GEMMA,
-    "gemma3_text": _GEMMA,
-    # Gemma 3 with its vision tower: the text-only forward of the language model; this model's
-    # forward does not soft-cap its logits (Gemma 3 checkpoints leave the cap unset anyway).
-    "gemma3": Family(
-        blocks="model.language_model.layers",
-        inputs=("model.language_model.embed_tokens", "model.language_model.rotary_emb"),
-        outputs=("model.language_model.norm",),
-    ),
-    "opt": Family(
-        blocks="model.decoder.layers",
-        inputs=(
-            "model.decoder.embed_tokens",
-            "model.decoder.embed_positions",
-            "model.decoder.project_in",
-        ),
-        outputs=("model.decoder.final_layer_norm", "model.decoder.project_out"),
-    ),
-}
-
-
-def family_of(model_type: str) -> Family:
-    """The family for ``config.model_type``, or a one-line error listing the supported ones."""
-    try:
-        return FAMILIES[model_type]
-    except KeyError:
-        supported = ", ".join(sorted(FAMILIES))
-        raise ValueError(
-            f"unsupported model_type {model_type!r}; supported model types: {supported}"
-        ) from None
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:

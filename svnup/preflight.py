@@ -1,9 +1,11 @@
 """Checks that run before the first job, each failing in one line that names the key and the fix.
 
 The schema (``svnup.config.validate``) checks what the config says on its own; this module checks
-it against the world: the model (its block count and context length, read from its config.json
-without loading weights and without the network when it is local, and its weight files), the
-datasets and splits, and the target paths asked for on the command line.
+it against the world: the model (its block count, context length and family, read from its
+config.json without loading weights and without the network when it is local, and its weight
+files), the datasets (their splits and first rows; a hub dataset cached here or the hub
+answering), the device where jobs run on this machine, and the target paths asked for on the
+command line. Each check reads headers and first rows only: Snakemake runs them whenever it plans.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class ModelFacts:
 
     n_blocks: int
     context: int | None  # longest sequence its positions cover; None if its config does not say
+    model_type: str | None = None  # config.model_type, which picks the family (svnup.families)
 
 
 def _first(config: dict, keys: tuple[str, ...]) -> int | None:
@@ -61,9 +64,12 @@ def _first(config: dict, keys: tuple[str, ...]) -> int | None:
 def _hub_facts(path: str, revision: str) -> ModelFacts:
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path, revision=revision).get_text_config()
+    config = AutoConfig.from_pretrained(path, revision=revision)
+    text = config.get_text_config()
     return ModelFacts(
-        int(config.num_hidden_layers), getattr(config, "max_position_embeddings", None)
+        int(text.num_hidden_layers),
+        getattr(text, "max_position_embeddings", None),
+        config.model_type,
     )
 
 
@@ -86,7 +92,9 @@ def model_facts(settings: dict, name: str = "") -> ModelFacts:
         blocks = _first(config, _BLOCK_KEYS)
         if blocks is None:
             raise ConfigError(f"{key}: {config_file} names no block count ({_BLOCK_KEYS[0]})")
-        return ModelFacts(blocks, _first(config, _CONTEXT_KEYS))
+        if not config.get("model_type"):
+            raise ConfigError(f"{key}: {config_file} names no model_type; restore the model folder")
+        return ModelFacts(blocks, _first(config, _CONTEXT_KEYS), config["model_type"])
     if folder.exists() or cfg.is_workflow_path(path) or path.startswith((".", "/", "~")):
         raise ConfigError(f"{key}: {path} is not a model folder; give a local folder or a hub id")
     try:
@@ -126,7 +134,8 @@ def _count_linears(config) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from svnup.models import family_of, linear_layers
+    from svnup.families import family_of
+    from svnup.models import linear_layers
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
@@ -137,23 +146,29 @@ def _count_linears(config) -> int:
 def check_estimator(settings: dict, n_blocks: int, name: str) -> None:
     """The configured Shapley estimator's parameters fit the game's players: the model's blocks,
     or its halves or linear layers (``shapley.players``)."""
+    from svnup.players import players_per_block
     from svnup.shapley import MAX_EXACT_BLOCKS, make_estimator
 
     shapley = settings["shapley"]
     estimator, window, stride = shapley["estimator"], shapley["window"], shapley["stride"]
     where = f"of model '{name}'"
     kind = cfg.players(settings)
-    n_players = n_blocks if kind == "blocks" else cfg.n_players(settings)
-    units = "blocks" if kind == "blocks" else f"players ({kind})"
+    layers = kind == "layers"
+    n_players = cfg.n_players(settings) if layers else n_blocks * players_per_block(kind)
+    if n_players == n_blocks:
+        players = f"the model's {n_blocks} blocks"
+    else:
+        of = "linear layers" if layers else kind
+        players = f"the game's {n_players} players (the {of} of {n_blocks} blocks)"
     if estimator == "swsv" and window > n_players:
         raise ConfigError(
-            f"config key 'shapley.window' {where}: window {window} exceeds the model's "
-            f"{n_players} {units}; use a window <= {n_players}"
+            f"config key 'shapley.window' {where}: window {window} exceeds {players}; "
+            f"use a window <= {n_players}"
         )
     if estimator == "swsv" and stride > window:
         raise ConfigError(
             f"config key 'shapley.stride' {where}: stride {stride} exceeds shapley.window "
-            f"{window}, which would skip blocks; use a stride <= {window}"
+            f"{window}, which would skip players; use a stride <= {window}"
         )
     if estimator == "swsv" and window > MAX_EXACT_BLOCKS:
         raise ConfigError(
@@ -163,7 +178,7 @@ def check_estimator(settings: dict, n_blocks: int, name: str) -> None:
     if estimator == "exact" and n_players > MAX_EXACT_BLOCKS:
         raise ConfigError(
             f"config key 'shapley.estimator' {where}: exact needs 2^{n_players} coalitions for "
-            f"{n_players} {units} (at most {MAX_EXACT_BLOCKS}); use swsv or permutation"
+            f"{players} (at most {MAX_EXACT_BLOCKS}); use swsv or permutation"
         )
     if estimator == "permutation" and shapley["n_permutations"] % 2:
         raise ConfigError(
@@ -178,8 +193,9 @@ def check_estimator(settings: dict, n_blocks: int, name: str) -> None:
 
 
 def check_datasets(settings: dict, name: str) -> None:
-    """Every calibration and evaluation source exists and has the split it is read with."""
-    from svnup.data import SPLIT_ALIASES, check_source
+    """Every calibration and evaluation source exists, has the split it is read with, and its
+    first rows can be read; a hub dataset is cached here or the hub answers."""
+    from svnup.data import HUB_NAMES, SPLIT_ALIASES, check_hub, check_source
 
     split = settings["evaluation"]["split"]
     if not any(split.lower() in aliases for aliases in SPLIT_ALIASES.values()):
@@ -194,15 +210,38 @@ def check_datasets(settings: dict, name: str) -> None:
             continue  # a rule of this workflow builds it
         try:
             check_source(source, wanted)
+            if source in HUB_NAMES:
+                check_hub(source, wanted)
         except ValueError as error:
             raise ConfigError(f"config key '{key}' of model '{name}': {error}") from None
+
+
+def check_device(settings: dict, name: str) -> None:
+    """A model configured for CUDA can run on this machine (call it only when jobs run here: a
+    cluster submits from a login node that may have no GPU)."""
+    from svnup.gpus import cuda_problem
+
+    device = settings["device"]
+    problem = cuda_problem(device) if device.startswith("cuda") else None
+    if problem:
+        raise ConfigError(
+            f"config key 'models.{name}.device': {device}, but {problem}; set device: cpu, or "
+            "run where the GPU is (a GPU machine, or a cluster: --workflow-profile profiles/slurm)"
+        )
 
 
 def check_model(settings: dict, name: str) -> ModelFacts:
     """Everything about model ``name`` that can fail before its first job."""
     from svnup.content import RESTORE, check_model_dir
+    from svnup.families import FAMILIES
 
     facts = model_facts(settings, name)
+    if facts.model_type is not None and facts.model_type not in FAMILIES:
+        raise ConfigError(
+            f"config key 'models.{name}.path': {settings['path']} is a {facts.model_type!r} "
+            f"model, a family svnup does not support; use a model of one of: "
+            f"{', '.join(sorted(FAMILIES))}"
+        )
     path = Path(settings["path"]).expanduser()
     if not cfg.is_workflow_path(settings["path"]) and path.is_dir():
         try:

@@ -32,6 +32,7 @@ class Pruner:
     statistics: str | None
     kernel: str
     reference: str
+    label: str  # how reports name it
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class Allocation:
     mapping: str
     params: dict[str, Param] = field(default_factory=dict)
     reference: str = ""
+    published: str | None = None  # a published allocator's name in its paper; None: svnup's own
 
     @property
     def mapping_params(self) -> tuple[str, ...]:
@@ -98,16 +100,19 @@ PRUNERS: dict[str, Pruner] = {
         None,
         "svnup.pruning:prune_magnitude",
         "magnitude baseline of the SparseGPT and Wanda repositories: one |W| threshold per matrix",
+        "magnitude",
     ),
     "wanda": Pruner(
         "col_norm",
         "svnup.pruning:prune_wanda",
         "Wanda (Sun et al., ICLR 2024; locuslab/wanda): |W| * ||x|| per output row",
+        "Wanda",
     ),
     "sparsegpt": Pruner(
         "hessian",
         "svnup.pruning:prune_sparsegpt",
         "SparseGPT (Frantar & Alistarh, ICML 2023; IST-DASLab/sparsegpt)",
+        "SparseGPT",
     ),
 }
 
@@ -209,12 +214,14 @@ ALLOCATIONS: dict[str, Allocation] = {
             "lambda": _half_width(0.08),
         },
         METRICS["owl"].reference,
+        published="OWL",
     ),
     "dlp": Allocation(
         Source("metric", "dlp"),
         "svnup.allocation:dlp_allocation",
         {"alpha": _half_width(0.15, argument=None)},
         METRICS["dlp"].reference,
+        published="DLP",
     ),
     "alphapruning": Allocation(
         Source("metric", "alphapruning"),
@@ -227,6 +234,7 @@ ALLOCATIONS: dict[str, Allocation] = {
             )
         },
         METRICS["alphapruning"].reference,
+        published="AlphaPruning",
     ),
     "atp": Allocation(
         Source("search", "atp", params=("step", "strategy")),
@@ -244,6 +252,7 @@ ALLOCATIONS: dict[str, Allocation] = {
             ),
         },
         "ATP (Huang et al., ICML 2025; wzhuang-xmu/ATP): arithmetic progression over depth",
+        published="ATP",
     ),
     "evopress": Allocation(
         Source(

@@ -215,10 +215,10 @@ def _game_players(spec: dict, model: dict, masks: Path | None):
 
 
 def _family(model: dict):
-    """The model's family (``svnup.models.FAMILIES``), from its config alone."""
+    """The model's family (``svnup.families.FAMILIES``), from its config alone."""
     from transformers import AutoConfig
 
-    from svnup.models import family_of
+    from svnup.families import family_of
 
     config = AutoConfig.from_pretrained(model["path"], revision=model.get("revision"))
     return family_of(config.model_type)
@@ -908,9 +908,15 @@ def summary(runs: list[Path], out: Path) -> None:
 
 
 def report(
-    results: Path, out_dir: Path, summary: Path, shapley: Path | None, budgets: list[Path]
+    results: Path,
+    out_dir: Path,
+    summary: Path,
+    shapley: Path | None,
+    budgets: list[Path],
+    recommended: str | None = None,
+    note: str | None = None,
 ) -> None:
     """Figures and an HTML page of one model's results."""
     from svnup.report import make_report
 
-    make_report(results, out_dir, summary, shapley, budgets)
+    make_report(results, out_dir, summary, shapley, budgets, recommended, note)

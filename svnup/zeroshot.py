@@ -17,10 +17,12 @@ local files never touch the network.
 from __future__ import annotations
 
 import contextlib
+import difflib
+import hashlib
 import json
 import random
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 
@@ -90,6 +92,73 @@ def task_manager(tasks: Sequence[str], include_path: str | Path | None = None):
             "check evaluation.zero_shot.tasks"
         )
     return manager
+
+
+def _index(include_path: str | None) -> list[str]:
+    """The harness's task names: its own (``include_path`` None) or only those of a folder."""
+    from lm_eval.tasks import TaskManager
+
+    if include_path is None:
+        return sorted(TaskManager().all_tasks)
+    return sorted(TaskManager(include_path=include_path, include_defaults=False).all_tasks)
+
+
+def known_tasks(include_path: str | Path | None = None) -> frozenset[str]:
+    """Every task, group and tag name of the harness (``include_path`` None) or of a folder of
+    task YAMLs. Building the harness's index reads thousands of YAML files (a minute on a slow
+    machine), so each index is kept in svnup's cache, keyed by the harness version and where it
+    is installed, and by the folder's content fingerprint; a damaged entry is built again."""
+    import importlib.util
+
+    from svnup.content import fingerprint
+    from svnup.data import svnup_cache
+    from svnup.io import write_json
+
+    harness = importlib.util.find_spec(HARNESS)
+    identity = {
+        "harness": check_harness(),
+        "location": harness.origin if harness else None,
+        "include_path": None if include_path is None else fingerprint(include_path),
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    cached = svnup_cache().expanduser() / f"lm-eval-tasks-{digest}.json"
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        return frozenset(json.loads(cached.read_text())["tasks"])
+    names = _index(None if include_path is None else str(include_path))
+    write_json(cached, {**identity, "tasks": names})
+    return frozenset(names)
+
+
+def check_tasks(
+    tasks: Sequence[str],
+    include_path: str | None = None,
+    built: Mapping[str, Collection[str]] | None = None,
+) -> None:
+    """A one-line ValueError naming every task that neither ``include_path`` nor the harness
+    defines, with the closest known name. An include path that the workflow builds (``built``:
+    folder -> the task names it will hold) cannot be indexed yet; its names are taken from
+    ``built``. The harness's own index is read only for names the include path lacks."""
+    built = built or {}
+    missing = set(tasks)
+    if include_path in built:
+        missing -= set(built[include_path])
+    elif include_path is not None:
+        missing -= known_tasks(include_path)
+    if not missing:
+        return
+    known = known_tasks()
+    unknown = sorted(missing - known)
+    if unknown:
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, known, n=1)
+            hints.append(f"{name} (did you mean {close[0]}?)" if close else name)
+        where = f"lm-evaluation-harness {check_harness()}"
+        where += f" or of {include_path}" if include_path else ""
+        raise ValueError(
+            f"unknown zero-shot task(s) {', '.join(hints)}: not a task of {where}; "
+            "check the names in evaluation.zero_shot.tasks"
+        )
 
 
 @contextlib.contextmanager

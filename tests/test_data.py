@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
+import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import C4, PTB, STORIES, WIKITEXT, needs_shared
 
-from svnup.data import calibration_samples, eval_protocol, eval_stream, load_texts
+from svnup.data import (
+    calibration_samples,
+    check_hub,
+    check_source,
+    eval_protocol,
+    eval_stream,
+    load_texts,
+)
 
 BOS = 1
 
@@ -122,6 +134,23 @@ def test_cache_skips_tokenising_and_is_written_atomically(tmp_path):
     assert tok.calls == 1
     assert torch.equal(first, second)
     assert [p.suffix for p in cache.iterdir()] == [".pt"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("damage", [b"not a torch file", b""])
+def test_damaged_cache_is_named_in_the_log_and_rebuilt(tmp_path, caplog, damage):
+    source = write_jsonl(tmp_path / "wikitext" / "test.jsonl", ROWS)
+    cache = tmp_path / "cache"
+    tok = CharTokenizer()
+    first = eval_stream(tok, source, cache_dir=cache)
+    (cached,) = cache.iterdir()
+    cached.write_bytes(damage)
+    with caplog.at_level(logging.WARNING, logger="svnup"):
+        again = eval_stream(tok, source, cache_dir=cache)
+    assert torch.equal(first, again) and tok.calls == 2
+    assert f"token cache {cached} is damaged" in caplog.text and "rebuild" in caplog.text
+    assert torch.equal(torch.load(cached, weights_only=True), first)  # replaced, whole
+    torch.save({"ids": first}, cached)  # readable, but not a token stream
+    assert torch.equal(eval_stream(tok, source, cache_dir=cache), first) and tok.calls == 3
 
 
 def test_cache_defaults_to_svnup_cache(tmp_path, monkeypatch):
@@ -269,3 +298,103 @@ def test_shared_fixture_protocols():
     assert eval_protocol(str(C4)) == "c4"
     assert len(load_texts(str(PTB), "validation")) == 3370
     assert len(load_texts(str(C4), "validation")) == 2000
+
+
+def test_first_rows_of_local_sources_are_checked(tmp_path):
+    check_source(write_jsonl(tmp_path / "ok.jsonl", ["a", "b"]), "test")
+    bad = {
+        "empty.jsonl": (b"\n  \n", "empty.jsonl has no rows"),
+        "empty.txt": (b"", "empty.txt has no rows"),
+        "body.jsonl": (b'{"body": "x"}\n', "body.jsonl line 1 has no 'text' string"),
+        "null.jsonl": (b'{"text": "a"}\n{"text": null}\n', "null.jsonl line 2 has no 'text'"),
+        "broken.jsonl": (b'{"text": "a"\n', "broken.jsonl line 1 is not JSON"),
+        "latin1.txt": ("caf\u00e9\n".encode("latin-1"), "latin1.txt is not UTF-8 text"),
+    }
+    for name, (data, message) in bad.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=message):
+            check_source(str(tmp_path / name), "test")
+    folder = tmp_path / "split"
+    (folder / "test.jsonl").parent.mkdir()
+    (folder / "test.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="test.jsonl has no rows"):
+        check_source(str(folder), "test")
+
+
+def test_first_rows_of_parquet_sources_are_checked(tmp_path):
+    pytest.importorskip("pyarrow", reason="pyarrow is not installed, so .parquet cannot be read")
+    import pandas as pd
+
+    pd.DataFrame({"text": ["a"]}).to_parquet(tmp_path / "ok.parquet")
+    check_source(str(tmp_path / "ok.parquet"), "test")
+    pd.DataFrame({"body": ["a"]}).to_parquet(tmp_path / "body.parquet")
+    with pytest.raises(ValueError, match="body.parquet has no 'text' column"):
+        check_source(str(tmp_path / "body.parquet"), "test")
+    pd.DataFrame({"text": []}, dtype=str).to_parquet(tmp_path / "none.parquet")
+    with pytest.raises(ValueError, match="none.parquet has no rows"):
+        check_source(str(tmp_path / "none.parquet"), "test")
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet")
+    with pytest.raises(ValueError, match="junk.parquet is not a readable parquet file"):
+        check_source(str(tmp_path / "junk.parquet"), "test")
+
+
+def _cache_wikitext_test_split(cache: Path, rows: list[str], scratch: Path) -> None:
+    """Lay ``rows`` out in ``cache`` as a load of WikiText-2's test split leaves them:
+    wikitext/wikitext-2-raw-v1/<version>/<hash>/ with the arrow file and dataset_info.json."""
+    from datasets.packaged_modules.json.json import Json
+
+    builder = Json(
+        cache_dir=str(scratch),
+        dataset_name="wikitext",
+        config_name="wikitext-2-raw-v1",
+        data_files={"test": write_jsonl(scratch / "rows.jsonl", rows)},
+    )
+    builder.download_and_prepare()
+    prepared = Path(builder.cache_dir)
+    target = cache / "wikitext" / "wikitext-2-raw-v1" / "0.0.0" / "0123abcd"
+    shutil.copytree(prepared, target)
+    info = json.loads((target / "dataset_info.json").read_text())
+    (target / "dataset_info.json").write_text(
+        json.dumps({**info, "config_name": "wikitext-2-raw-v1"})
+    )
+
+
+def test_hub_dataset_is_found_in_the_local_cache_as_datasets_finds_it_offline(
+    tmp_path, monkeypatch
+):
+    pytest.importorskip("datasets")
+    cache = tmp_path / "hf" / "datasets"
+    offline = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    for name, value in offline.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("HF_DATASETS_CACHE", raising=False)
+    with pytest.raises(ValueError, match=r"wikitext2 \(test split\) is not in the Hugging Face"):
+        check_hub("wikitext2", "test")
+    _cache_wikitext_test_split(cache, ["first row", "second row"], tmp_path / "scratch")
+    check_hub("wikitext2", "test")
+    with pytest.raises(ValueError, match="offline mode is on.*run once online"):
+        check_hub("wikitext2", "validation")  # only the test split was cached
+    # What the check accepts is what datasets loads offline (it reads the flags at import).
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from svnup.data import load_texts; print(load_texts('wikitext2', 'test'))",
+        ],
+        env={**os.environ, **offline},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert loaded.stdout.strip() == "['first row', 'second row']"
+
+
+def test_hub_that_does_not_answer_is_one_line(tmp_path, monkeypatch):
+    with socket.socket() as probe:  # a local port that nobody listens on: no network is touched
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+    with pytest.raises(ValueError, match=r"c4 \(validation split\).*did not answer in 3 s"):
+        check_hub("c4", "validation")

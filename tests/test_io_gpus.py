@@ -74,3 +74,20 @@ def test_no_claim_when_the_scheduler_chose_or_on_cpu(monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert claim_gpu({"device": "cpu"}) is None
     assert claim_gpu({"device": "cuda:1"}) is None
+
+
+def test_cuda_problem_is_told_without_torch_where_no_driver_is(tmp_path, monkeypatch):
+    import svnup.gpus
+
+    monkeypatch.setattr(svnup.gpus, "DRIVER_NODES", (str(tmp_path / "nvidiactl"),))
+    assert svnup.gpus.cuda_problem("cuda") == (
+        f"this machine has no GPU driver (none of {tmp_path / 'nvidiactl'})"
+    )
+    torch = pytest.importorskip("torch")
+    (tmp_path / "nvidiactl").touch()  # a driver node, so torch is asked
+    if torch.cuda.is_available():
+        assert svnup.gpus.cuda_problem("cuda") is None
+        count = torch.cuda.device_count()
+        assert f"cuda:{count} names GPU {count}" in svnup.gpus.cuda_problem(f"cuda:{count}")
+    else:
+        assert "finds no usable CUDA device" in svnup.gpus.cuda_problem("cuda")

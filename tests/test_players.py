@@ -19,8 +19,9 @@ from svnup import export, preflight, stages
 from svnup.allocation import allocate
 from svnup.calibration import dense_statistics, probe_masks, probe_shapes, save_probe
 from svnup.evaluator import CoalitionEvaluator
+from svnup.families import FAMILIES
 from svnup.io import read_json, write_scores
-from svnup.models import FAMILIES, linear_layers, load_model
+from svnup.models import linear_layers, load_model
 from svnup.players import block_sparsities, layer_sparsities, make_players, players_per_block
 from svnup.pruning import prune_model
 
@@ -317,7 +318,8 @@ def test_estimator_is_checked_against_the_layer_count(tiny):
     config = tiny_config(**{"shapley.players": "layers", "shapley.estimator": "exact"})
     config["models"]["tiny"]["path"] = str(path)
     settings = cfg.model_settings(cfg.validate(config), "tiny")
-    with pytest.raises(cfg.ConfigError, match="exact needs 2\\^28 coalitions for 28 players"):
+    message = "exact needs 2\\^28 coalitions for the game's 28 players \\(the linear layers of 4 "
+    with pytest.raises(cfg.ConfigError, match=message):
         preflight.check_estimator(settings, N_BLOCKS, "tiny")
     swsv = {**settings, "shapley": {**settings["shapley"], "estimator": "swsv", "window": 8}}
     preflight.check_estimator(swsv, N_BLOCKS, "tiny")  # 8 of 28 layers: more than the 4 blocks

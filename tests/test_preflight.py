@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 
 import pytest
@@ -76,7 +77,7 @@ def test_truncated_weights_and_missing_shards_are_named(tmp_path):
 def test_model_facts_come_from_config_json_without_loading(tmp_path):
     build_tiny_llama(tmp_path, layers=5)
     facts = preflight.model_facts(_settings(tmp_path))
-    assert facts == preflight.ModelFacts(n_blocks=5, context=256)
+    assert facts == preflight.ModelFacts(n_blocks=5, context=256, model_type="llama")
 
 
 @pytest.mark.parametrize(
@@ -90,6 +91,103 @@ def test_model_facts_come_from_config_json_without_loading(tmp_path):
 def test_estimator_parameters_are_checked_against_the_block_count(shapley, message):
     with pytest.raises(cfg.ConfigError, match=message):
         preflight.check_estimator(_settings("x", **shapley), 5, "tiny")
+
+
+@pytest.mark.parametrize(
+    ("shapley", "message"),
+    [
+        ({"window": 10}, None),  # 5 blocks are 10 half players
+        ({"window": 11}, "window 11 exceeds the game's 10 players (the halves of 5 blocks)"),
+        ({"estimator": "exact"}, None),  # 2^10 coalitions
+    ],
+)
+def test_estimator_parameters_are_checked_against_half_block_players(shapley, message):
+    settings = _settings("x", players="halves", **shapley)
+    if message is None:
+        preflight.check_estimator(settings, 5, "tiny")
+    else:
+        with pytest.raises(cfg.ConfigError, match=re.escape(message)):
+            preflight.check_estimator(settings, 5, "tiny")
+    exact = _settings("x", players="halves", estimator="exact")
+    with pytest.raises(cfg.ConfigError, match=r"exact needs 2\^24 coalitions for the game's 24"):
+        preflight.check_estimator(exact, 12, "tiny")  # c4-llama-12L's halves
+
+
+def test_whole_number_floats_are_refused_where_integers_are_counted():
+    for override, line in [
+        ({"calibration.nsamples": 4.0}, "'calibration.nsamples': 4.0 is not an integer; write 4"),
+        ({"demo": {"n_layers": 8.0}}, "'demo.n_layers': 8.0 is not an integer; write 8"),
+        ({"evaluation.zero_shot": {"tasks": ["t"], "limit": 5.0}}, "limit': 5.0 is not an int"),
+        ({"calibration.nsamples": 4.5}, "'calibration.nsamples': 4.5 is not of type 'integer'"),
+        ({"shapley.window": True}, "'shapley.window': True is not of type 'integer'"),
+    ]:
+        with pytest.raises(cfg.ConfigError, match=re.escape(line)):
+            cfg.validate(tiny_config(**override))
+    cfg.validate(tiny_config(**{"evaluation.zero_shot": {"tasks": ["t"], "limit": 0.5}}))
+
+
+def test_a_local_path_has_one_spelling_and_written_canonically_keeps_its_keys(
+    tmp_path, monkeypatch
+):
+    project, outside = tmp_path / "project", tmp_path / "outside"
+    for folder in (project / "tiny", project / "c4", outside / "model", project / "models"):
+        folder.mkdir(parents=True)
+    (project / "models" / "link").symlink_to(outside / "model")
+    (project / "train.jsonl").write_text('{"text": "a"}\n')
+    monkeypatch.chdir(project)
+    spellings = {
+        "tiny": ["tiny", "tiny/", "./tiny", str(project / "tiny"), f"{project}/../project/tiny"],
+        str(outside / "model"): [str(outside / "model"), f"{outside}/model/", "../outside/model"],
+        "models/link": ["models/link", "./models/link/"],  # a link is kept, not resolved
+        "results/demo/model": ["results/demo/model", "./results/demo/model"],
+        "huggyllama/llama-7b": ["huggyllama/llama-7b"],  # hub ids and missing paths as written
+        "absent/": ["absent/"],
+    }
+    for spelled, written in spellings.items():
+        assert [cfg.local_path(w) for w in written] == [spelled] * len(written), spelled
+    for spelled, written in {
+        "c4": ["c4"],
+        "./c4": ["./c4", "c4/", str(project / "c4")],  # the folder, not the hub dataset
+        "train.jsonl": ["train.jsonl", "./train.jsonl", str(project / "train.jsonl")],
+    }.items():
+        assert [cfg.dataset_path(w) for w in written] == [spelled] * len(written), spelled
+    # Canonical forms reach every spec exactly as written, so existing caches keep their keys.
+    config = tiny_config(**{"calibration.dataset": "./c4", "evaluation.datasets": ["wikitext2"]})
+    config["models"]["tiny"]["path"] = "tiny"
+    config["evaluation"]["zero_shot"] = {"tasks": ["t"], "include_path": "results/demo/tasks"}
+    settings = cfg.model_settings(config, "tiny")
+    assert settings["path"] == config["models"]["tiny"]["path"]
+    assert settings["calibration"]["dataset"] == config["calibration"]["dataset"]
+    assert settings["evaluation"] == config["evaluation"]
+    assert cfg.calibration_spec(settings)["model"]["path"] == "tiny"
+
+
+def test_weightless_and_unsupported_models_are_named(tmp_path):
+    build_tiny_llama(tmp_path / "model", layers=2)
+    (tmp_path / "model" / "model.safetensors").unlink()
+    with pytest.raises(CorruptFileError, match="model holds no model weights .*restore it"):
+        content.check_model_dir(tmp_path / "model", fix=content.RESTORE)
+    with pytest.raises(cfg.ConfigError, match="model 'tiny': .*holds no model weights"):
+        preflight.check_model(_settings(tmp_path / "model"), "tiny")
+    build_tiny_llama(tmp_path / "gpt2", layers=2)
+    config = json.loads((tmp_path / "gpt2" / "config.json").read_text())
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    with pytest.raises(cfg.ConfigError, match="'gpt2' model, a family svnup does not support"):
+        preflight.check_model(_settings(tmp_path / "gpt2"), "tiny")
+    del config["model_type"]
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(cfg.ConfigError, match="names no model_type"):
+        preflight.model_facts(_settings(tmp_path / "gpt2"), "tiny")
+
+
+def test_cuda_without_a_usable_gpu_names_the_device_key(monkeypatch):
+    import svnup.gpus
+
+    settings = {**_settings("x"), "device": "cuda:1"}
+    monkeypatch.setattr(svnup.gpus, "cuda_problem", lambda device: f"{device} is not here")
+    with pytest.raises(cfg.ConfigError, match=r"'models.tiny.device': cuda:1, but cuda:1 is not"):
+        preflight.check_device(settings, "tiny")
+    preflight.check_device({**settings, "device": "cpu"}, "tiny")  # never asks about a GPU
 
 
 @pytest.mark.parametrize(

@@ -143,6 +143,32 @@ def test_snakemake_report_renders_registered_figures(project):
         assert name in page
 
 
+def test_report_marks_the_configured_method_and_prints_the_models_note(project):
+    """The plots rule tells the report the model's allocation.method and its note; changing
+    either re-runs the report, not a single pruning job."""
+    page = (project / "results/tiny/report/report.html").read_text()
+    assert "<b>50% Wanda, heldout.jsonl</b>:" in page and "class='note'" not in page
+    assert "allocation.method</code>): <b>svnup</b>" in page
+    config = tiny_config(**{"allocation.method": "uniform"})
+    config["models"]["tiny"]["note"] = "A tiny random model: it can't rank <allocations>."
+    write_config(project, config)
+    try:
+        plan = planned_jobs(project)
+        assert (
+            plan["plots"] == 1 and not {*MODEL_STAGES, "budget", "prune", "evaluate"} & plan.keys()
+        )
+        snakemake(project, "--cores", "2")
+        page = (project / "results/tiny/report/report.html").read_text()
+        assert "allocation.method</code>): <b>uniform</b>" in page
+        assert (
+            "<p class='note'>A tiny random model: it can&#x27;t rank &lt;allocations&gt;.</p>"
+            in page
+        )
+    finally:
+        write_config(project, tiny_config())
+        snakemake(project, "--cores", "2")
+
+
 def test_new_target_sparsity_plans_no_coalition_jobs(project):
     plan = planned_jobs(project, "results/tiny/s0.6/ppl.json")
     assert plan == {
@@ -252,6 +278,21 @@ def test_edited_local_inputs_are_new_cache_keys(project, tmp_path):
         for path in (heldout, weights):
             shutil.copy2(tmp_path / path.name, path)
     assert not {*MODEL_STAGES, "prune", "evaluate", "evaluate_dense"} & planned_jobs(project).keys()
+
+
+def test_local_paths_written_another_way_plan_nothing(project):
+    """A trailing slash, ./ or an absolute path names the same model and datasets: a finished
+    run plans no job (each spelling used to re-plan every job, coalitions included)."""
+    spelled = {
+        "models.tiny.path": f"{project}/tiny/",
+        "calibration.dataset": "./data/train.jsonl",
+        "evaluation.datasets": [str(project / "data" / "heldout.jsonl")],
+    }
+    write_config(project, tiny_config(**spelled))
+    try:
+        assert planned_jobs(project) == {}
+    finally:
+        write_config(project, tiny_config())
 
 
 def _one_line_error(root: Path, *args: str) -> str:

@@ -240,3 +240,41 @@ def test_task_stage_writes_a_task_folder_that_points_at_itself(tmp_path, passage
     assert len(docs) == 10 and all(len(doc["choices"]) == 3 for doc in docs)
     assert max(len(c.encode()) for doc in docs for c in doc["choices"]) <= 200
     assert sorted(p.name for p in tmp_path.iterdir()) == ["passages.jsonl", "tasks"]  # no tmp
+
+
+def test_task_names_are_checked_against_a_cached_index(tmp_path, monkeypatch):
+    """The harness's index is built once per harness version and folder content, then read from
+    svnup's cache; a workflow-built folder's names come from the workflow, not an index."""
+    monkeypatch.setenv("SVNUP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(zeroshot, "check_harness", lambda: "0.4.test")
+    built = []
+
+    def index(include_path):
+        built.append(include_path)
+        return ["boolq", "arc_easy"] if include_path is None else ["toy_a"]
+
+    monkeypatch.setattr(zeroshot, "_index", index)
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    (folder / "toy_a.yaml").write_text("task: toy_a\n")
+    zeroshot.check_tasks(["toy_a"], str(folder))
+    zeroshot.check_tasks(["demo"], "results/demo/tasks", {"results/demo/tasks": ["demo"]})
+    assert built == [str(folder)], "the harness's own index is read only for names left over"
+    zeroshot.check_tasks(["toy_a", "boolq"], str(folder))
+    zeroshot.check_tasks(["arc_easy"])
+    assert built == [str(folder), None]
+    with pytest.raises(ValueError) as error:
+        zeroshot.check_tasks(["boolqq", "toy_a", "nothing_alike"], str(folder))
+    assert str(error.value) == (
+        "unknown zero-shot task(s) boolqq (did you mean boolq?), nothing_alike: not a task of "
+        f"lm-evaluation-harness 0.4.test or of {folder}; check the names in "
+        "evaluation.zero_shot.tasks"
+    )
+    assert built == [str(folder), None]
+    (folder / "toy_b.yaml").write_text("task: toy_b\n")  # new content: the folder is indexed again
+    zeroshot.check_tasks(["toy_a"], str(folder))
+    assert built == [str(folder), None, str(folder)]
+    for cached in (tmp_path / "cache").glob("lm-eval-tasks-*.json"):
+        cached.write_text('{"tasks": ')  # damaged: only a cache, built again
+    zeroshot.check_tasks(["boolq"])
+    assert built == [str(folder), None, str(folder), None]
