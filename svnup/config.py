@@ -149,10 +149,11 @@ def _check_methods(config: dict, settings: dict, name: str) -> None:
     used = {*config["targets"]["allocations"], settings["allocation"]["method"]}
     if "evopress" in used:
         _check_evopress(method_params(settings["allocation"], "evopress"), settings, name)
-    if "lsa" in used and method_params(settings["allocation"], "lsa")["beta"] is None:
+    lsa = method_params(settings["allocation"], "lsa")
+    if "lsa" in used and lsa["beta"] is None:
         for target in config["targets"]["sparsities"]:
             try:
-                lsa_beta(target)
+                lsa_beta(target, lsa["granularity"])
             except ValueError as error:
                 key = f"config key 'allocation.lsa.beta' of model '{name}'"
                 raise ConfigError(f"{key}: {error}") from None

@@ -71,7 +71,8 @@ class Source:
 class Allocation:
     """A way to turn per-block scores into per-block sparsities with an exact weighted mean.
 
-    ``mapping(scores, params, target, bounds, **mapping_params)`` is in ``svnup.allocation``.
+    ``mapping(scores, params, target, bounds, **mapping_params)`` is in ``svnup.allocation``;
+    ``mapped`` names the parameters of the scores that the mapping reads too.
     """
 
     source: Source | None
@@ -79,11 +80,12 @@ class Allocation:
     params: dict[str, Param] = field(default_factory=dict)
     reference: str = ""
     published: str | None = None  # a published allocator's name in its paper; None: svnup's own
+    mapped: tuple[str, ...] = ()
 
     @property
     def mapping_params(self) -> tuple[str, ...]:
         shared = self.source.params if self.source else ()
-        return tuple(name for name in self.params if name not in shared)
+        return tuple(name for name in self.params if name not in shared or name in self.mapped)
 
 
 def _half_width(default: float, argument: str | None = "lam") -> Param:
@@ -279,8 +281,8 @@ ALLOCATIONS: dict[str, Allocation] = {
             "beta": Param(
                 None,
                 {"type": ["number", "null"], "minimum": 0, "maximum": 1},
-                "half-width of the sparsity range; null: the reference's by target (0.04 at 50%, "
-                "0.1 at 60%, 0.15 at 70%)",
+                "half-width of the sparsity range; null: the reference's (by block: 0.04 at 50%, "
+                "0.1 at 60%, 0.15 at 70%; by projection: 0.08)",
             ),
             "fraction": Param(
                 0.5,
@@ -292,6 +294,7 @@ ALLOCATIONS: dict[str, Allocation] = {
             ),
         },
         METRICS["lsa"].reference,
+        mapped=("granularity",),  # beta null depends on it
     ),
     "uniform": Allocation(None, "svnup.allocation:uniform_allocation", {}, "the same sparsity"),
 }

@@ -11,9 +11,10 @@ from conftest import C4, C4_LLAMA, build_tiny_llama, needs_shared, random_ids
 
 from svnup import stages
 from svnup.allocation import allocate, lsa_beta
-from svnup.io import read_scores
+from svnup.io import read_json, read_scores
 from svnup.metrics import lsa_error, lsa_zeroing_error
 from svnup.models import linear_layers, load_model
+from svnup.registry import ALLOCATIONS
 
 
 def greedy_reference(weight, hessian, fraction: float, group: int) -> float:
@@ -98,25 +99,33 @@ def _plain_hessians(model, ids) -> dict[tuple[int, str], torch.Tensor]:
     return sums
 
 
-def _calibration(path, ids, n_blocks):
-    """A calibration record of ``ids`` (the Hessian metric reads only the tokens)."""
+def _calibration(path, ids, block_params):
+    """A calibration record of ``ids`` (the Hessian metric reads only the tokens, the budget only
+    the blocks' weights)."""
     from svnup.calibration import save_statistics
 
-    save_statistics(path, ids, [{}] * n_blocks, {"spec": {}})
+    meta = {"spec": {}, "block_params": block_params}
+    save_statistics(path, ids, [{}] * len(block_params), meta)
     return path
 
 
 @pytest.mark.parametrize("granularity", ["block", "projection"])
 def test_metric_stage_scores_a_tiny_model_from_its_dense_hessians(tmp_path, granularity):
+    """The scores are the plain greedy errors of each block or linear layer, and the budget maps
+    them with the reference's beta of that granularity (0.1 by block at 60%, 0.08 by projection)."""
     path = build_tiny_llama(tmp_path / "tiny", layers=3)
     ids = random_ids(96, n=4, seqlen=20)
-    calibration = _calibration(tmp_path / "calibration.h5", ids, 3)
+    engine, _ = load_model(path, with_tokenizer=False)
+    numels = [
+        {name: layer.weight.numel() for name, layer in linear_layers(block).items()}
+        for block in engine.blocks
+    ]
+    calibration = _calibration(tmp_path / "calibration.h5", ids, [sum(n.values()) for n in numels])
     spec = {"metric": "lsa", "granularity": granularity, "fraction": 0.5, "group": 16}
     model = {"path": str(path), "dtype": "float32"}
     stages.metric(spec, {"batch_size": 3}, model, calibration, tmp_path / "scores.json")
     values, _, meta = read_scores(tmp_path / "scores.json")
 
-    engine, _ = load_model(path, with_tokenizer=False)
     hessians = _plain_hessians(engine.model, ids)
     errors = {
         key: greedy_reference(linear_layers(engine.blocks[key[0]])[key[1]].weight, h, 0.5, 16)
@@ -131,6 +140,17 @@ def test_metric_stage_scores_a_tiny_model_from_its_dense_hessians(tmp_path, gran
         assert [p["params"] for p in meta["players"][:2]] == [32 * 32, 16 * 32]
         expected = list(errors.values())
     np.testing.assert_allclose(values, expected, rtol=1e-4)
+
+    budget = {"method": "lsa", "min": 0.0, "max": 0.99, "beta": None, "granularity": granularity}
+    assert set(budget) - {"method", "min", "max"} == set(ALLOCATIONS["lsa"].mapping_params)
+    stages.budget(budget, 0.6, calibration, tmp_path / "scores.json", tmp_path / "budget.json")
+    plan = read_json(tmp_path / "budget.json")
+    if granularity == "block":
+        np.testing.assert_allclose(plan["sparsities"], reference_block_map(values, 0.6, 0.1))
+    else:
+        numel = [n for block in numels for n in block.values()]
+        wanted = reference_projection_map(values, numel, 0.6, 0.08)
+        np.testing.assert_allclose(plan["player_sparsities"], wanted)
 
 
 @needs_shared(C4_LLAMA)
@@ -183,9 +203,12 @@ def test_maps_equal_the_reference_formulas():
         np.testing.assert_allclose(got, reference_block_map(errors, target, beta), atol=1e-12)
     numel = np.tile([16.8e6, 16.8e6, 16.8e6, 16.8e6, 45.1e6, 45.1e6, 45.1e6], 4)
     layer_errors = gen.gamma(2.0, 3.0, size=28) * numel / 1e6
-    got = allocate("lsa", layer_errors, numel, 0.7, beta=0.07)
+    got = allocate("lsa", layer_errors, numel, 0.7, beta=0.07, granularity="projection")
     expected = reference_projection_map(layer_errors, numel, 0.7, 0.07)
     np.testing.assert_allclose(got, expected, atol=1e-12)
+    default = allocate("lsa", layer_errors, numel, 0.7, beta=None, granularity="projection")
+    expected_default = reference_projection_map(layer_errors, numel, 0.7, 0.08)
+    np.testing.assert_allclose(default, expected_default, atol=1e-12)
     assert np.dot(got, numel) / numel.sum() == pytest.approx(0.7, abs=1e-12)
     assert np.argmax(got) == np.argmax(expected)  # the largest error prunes most (per weight)
 
@@ -195,6 +218,8 @@ def test_beta_follows_the_reference_table():
     assert lsa_beta(0.65) == 0.1 and lsa_beta(0.3) == 0.04 and lsa_beta(0.05) == 0.08
     with pytest.raises(ValueError, match="set allocation.lsa.beta"):
         lsa_beta(0.9)
+    # by projection (the reference's lsac) the table is not read: its --Lamda default
+    assert {lsa_beta(t, "projection") for t in (0.05, 0.5, 0.6, 0.7, 0.9)} == {0.08}
 
 
 def test_metric_stage_refuses_a_missing_calibration(tmp_path):

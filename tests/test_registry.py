@@ -90,6 +90,8 @@ def test_lsa_beta_is_checked_for_the_targets_it_runs_at():
     config["targets"]["allocations"] = ["uniform", "lsa"]
     with pytest.raises(cfg.ConfigError, match="'allocation.lsa.beta' of model 'demo': .*0.9"):
         cfg.validate(config)
+    config["allocation"]["lsa"] = {"granularity": "projection"}  # one beta at every target
+    cfg.validate(config)
     config["allocation"]["lsa"] = {"beta": 0.1}
     cfg.validate(config)
 
