@@ -15,7 +15,6 @@ configfile: "config.yaml"
 
 include: "rules/common.smk"
 include: "rules/common_zeroshot.smk"
-include: "rules/demo.smk"
 include: "rules/calibration.smk"
 include: "rules/shapley.smk"
 include: "rules/allocation.smk"

@@ -4,8 +4,11 @@ import shlex
 import sys
 from pathlib import Path
 
+from snakemake.logging import logger as snakemake_logger
+
 from svnup import config as cfg
 from svnup import preflight
+from svnup.joblog import report_failed_jobs
 from svnup.registry import ALLOCATIONS, METRICS, PRUNERS
 from svnup.shapley import ESTIMATORS, coalition_jobs, make_estimator
 
@@ -20,6 +23,10 @@ try:
     cfg.validate(config)
 except cfg.ConfigError as error:
     fail(error)
+
+# Each failed job's reason and log path on the console, also where the profile's quiet console
+# drops Snakemake's error block (svnup.joblog).
+report_failed_jobs(snakemake_logger)
 
 
 wildcard_constraints:
@@ -132,7 +139,7 @@ def curve_spec_json(wildcards):
 
 
 def local_inputs(*paths):
-    """Inputs produced by this workflow (the demo model and corpus); hub ids are not files."""
+    """Inputs produced by this workflow (paths under results/); hub ids are not files."""
     return [p for p in paths if cfg.is_workflow_path(p)]
 
 
@@ -429,3 +436,6 @@ def print_outputs():
             print(f"svnup: summary of {model}: {summary.resolve()}")
         if html.exists():
             print(f"svnup: report of {model}: {html.resolve()}")
+        note = model_settings(model).get("note")
+        if note and summary.exists():
+            print(f"svnup: note on {model}: {note}")

@@ -103,8 +103,6 @@ def check_before_planning():
             if jobs_run_here():
                 preflight.check_device(s, model)
             check_zero_shot(model, s)
-            if cfg.is_workflow_path(s["path"]):  # the demo model
-                check_intact(s["path"], refold(s["path"], "trains"))
             for game in cfg.games(s):
                 check_store(f"{store_dir(model, game)}/store")
             for path in intermediates(model, s, sorted(sparsities)):

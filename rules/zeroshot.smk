@@ -4,7 +4,6 @@ rule zeroshot:
         report=ancient(
             "results/{model}/runs/{allocation}/s{sparsity}/{pruner}/{key}/prune.json"
         ),
-        tasks_dir=zeroshot_task_inputs,
     output:
         "results/{model}/runs/{allocation}/s{sparsity}/{pruner}/{key}/zeroshot/{tasks}.json",
     log:
@@ -29,7 +28,6 @@ rule zeroshot:
 rule zeroshot_dense:
     input:
         model=lambda wc: local_inputs(settings(wc)["path"]),
-        tasks_dir=zeroshot_task_inputs,
     output:
         "results/{model}/runs/dense/{key}/zeroshot/{tasks}.json",
     log:
@@ -49,18 +47,3 @@ rule zeroshot_dense:
         "--device {resources.device} --batch-size {resources.batch_size} "
         "--offload {resources.offload} --threads {threads} "
         "--model-dir {params.path:q} --out {output} > {log} 2>&1"
-
-
-rule demo_zeroshot_task:
-    input:
-        DEMO_TASK["source"],
-    output:
-        directory(DEMO_TASKS),
-    log:
-        "results/demo/logs/demo_zeroshot_task.log",
-    conda:
-        "../envs/svnup.yaml"
-    params:
-        spec=as_json(DEMO_TASK),
-    shell:
-        "python -m svnup zeroshot_task --spec {params.spec:q} --out-dir {output} > {log} 2>&1"

@@ -3,21 +3,25 @@
 Structured arguments (``--spec``, ``--model``, ``--estimator``) are JSON strings; paths are plain
 arguments; ``--device``, ``--batch-size``, ``--offload`` and ``--threads`` say how to run, never
 what to compute. Each option is passed to the ``svnup.stages`` function of the same name as the
-parameter of the same name. Errors in the input are reported in one line with exit status 2.
+parameter of the same name; the JSON options are checked against the stage's schema first
+(``svnup.specs``). Every error is one line on stderr, ``svnup STAGE: error: ...``: bad input (a
+file that cannot be read is named first, ``<file>: <what>: <fix>``) with exit status 2, anything
+unexpected with its type and message and exit status 1, its traceback on stdout (the rule's log).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import inspect
 import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
-from svnup import stages
-from svnup.io import CorruptFileError
+from svnup import specs, stages
 
 # stage -> (help, options); "?" marks an optional path, "*" a list of paths
 STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -124,13 +128,35 @@ OPTION_HELP = {
 }
 JSON_OPTIONS = {"spec", "model", "estimator"}
 TEXT_OPTIONS = {"job", "name", "allocation", "pruner", "recommended", "note"}
+PACKAGE = Path(__file__).resolve().parent
+# how to recover from an OSError that names its file, by errno
+OS_FIXES = {
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "check the path (a part of it is a file)",
+    errno.EISDIR: "give a file, not a folder",
+    errno.EACCES: "check its permissions",
+    errno.EPERM: "check its permissions",
+    errno.ENOSPC: "free some disk space and re-run",
+    errno.EROFS: "write to a writable file system",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error in one line, like every other error of the command line."""
+
+    def error(self, message: str):
+        name = self.prog.removeprefix("python -m ")
+        self.exit(2, f"{name}: error: {message}; see {self.prog} --help\n")
 
 
 def _json(text: str):
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({error.msg}): {text[:80]}") from None
+        where = f"line {error.lineno} column {error.colno}"
+        raise argparse.ArgumentTypeError(
+            f"not valid JSON ({error.msg} at {where}): {text[:80]}"
+        ) from None
 
 
 def _add_option(parser: argparse.ArgumentParser, option: str) -> None:
@@ -167,7 +193,7 @@ def _add_runtime(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m svnup", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="python -m svnup", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE", help="one of:")
     for stage, (text, options) in STAGES.items():
@@ -189,9 +215,13 @@ def _runtime(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> None:
-    """Call the stage function with the parsed options as its keyword arguments."""
+    """Check the JSON options, then call the stage function with the parsed options as its
+    keyword arguments."""
     function = getattr(stages, args.stage)
     values = vars(args)
+    for option in ("spec", "model", "estimator"):
+        if option in values:
+            specs.check(args.stage, option, values[option])
     if _uses_model(args.stage):
         from svnup.gpus import claim_gpu
 
@@ -221,9 +251,34 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         run(args)
-    except (ValueError, FileNotFoundError, CorruptFileError) as error:
-        logging.getLogger("svnup").debug("stage failed", exc_info=True)
-        message = error.args[0] if error.args else repr(error)
+    except Exception as error:
+        message, status = describe(error)
+        if status == 2:
+            logging.getLogger("svnup").debug("stage failed", exc_info=True)
+        else:
+            traceback.print_exception(error, file=sys.stdout)
+        sys.stdout.flush()  # the log then ends with the reason, as the console shows it
         print(f"svnup {args.stage}: error: {message}", file=sys.stderr)
-        return 2
+        return status
     return 0
+
+
+def describe(error: Exception) -> tuple[str, int]:
+    """The one line that reports ``error``, and the exit status: 2 for bad input (an error svnup
+    raises about its input, a file that cannot be read), 1 for anything unexpected."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        fix = OS_FIXES.get(error.errno, "check the file and re-run")
+        return f"{error.filename}: {error.strerror}: {fix}", 2
+    if isinstance(error, ValueError | OSError) and _raised_in_svnup(error):
+        return _one_line(error), 2
+    return f"unexpected {type(error).__name__}: {_one_line(error)}; the traceback is in the log", 1
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split()) or repr(error)
+
+
+def _raised_in_svnup(error: Exception) -> bool:
+    """Whether svnup's own code raised ``error`` (a library's ValueError is no message of ours)."""
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(PACKAGE)

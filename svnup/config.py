@@ -3,11 +3,10 @@
 Every intermediate result lives under a path keyed by a hash of exactly the settings it depends on
 (its *spec*), so a config change re-runs only the stages whose spec changed, and reverting a change
 finds the earlier results again. A local model directory or dataset enters its spec with a
-fingerprint of its content (``svnup.content``), a hub model with its revision, and the demo model
-with the settings that train it, so editing an input in place is a change like any other. Local
-paths have one spelling (``local_path``), so writing one another way changes no key.
-Runtime settings (device, batch size, offload) are not part of any spec: moving a run from a
-workstation to a cluster recomputes nothing.
+fingerprint of its content (``svnup.content``) and a hub model with its revision, so editing an
+input in place is a change like any other. Local paths have one spelling (``local_path``), so
+writing one another way changes no key. Runtime settings (device, batch size, offload) are not
+part of any spec: moving a run from a workstation to a cluster recomputes nothing.
 """
 
 from __future__ import annotations
@@ -22,11 +21,8 @@ from pathlib import Path
 
 import yaml
 
-DEMO_MODEL = "results/demo/model"
-DEMO_CORPUS = "results/demo/corpus"
 # shapley.probe_pruner's value for "probe each run's games with the pruner of that run".
 MATCH = "match"
-DEMO_DEFAULTS = {"steps": 400, "n_layers": 8, "seed": 0}
 MODEL_DEFAULTS = {
     "dtype": "float32",
     "seqlen": 2048,
@@ -67,7 +63,8 @@ def _schema() -> dict:
     return schema
 
 
-def _key_of(error) -> str:
+def error_key(error) -> str:
+    """The dotted key a jsonschema error is about (the unknown or missing key itself)."""
     path = [str(p) for p in error.absolute_path]
     if error.validator == "additionalProperties":
         extra = re.findall(r"'([^']+)' was unexpected", error.message)
@@ -89,6 +86,11 @@ def _hint(error) -> str:
         return "unknown key; remove it or check its spelling against config.yaml"
     if error.validator == "required":
         return "required key is missing"
+    return value_hint(error)
+
+
+def value_hint(error) -> str:
+    """What is wrong with the value a jsonschema error is about, with the fix where it is plain."""
     value = error.instance
     if isinstance(value, float) and value.is_integer() and _admits_integer(error.schema):
         return f"{value} is not an integer; write {int(value)}"
@@ -101,17 +103,22 @@ def _strict_integers(checker, instance) -> bool:
     return isinstance(instance, int) and not isinstance(instance, bool)
 
 
-def validate(config: dict) -> dict:
-    """Check ``config`` against the schema and the cross-field rules; return it unchanged."""
+def schema_validator(schema: dict):
+    """A JSON Schema (2020-12) validator of ``schema`` whose integers are Python's."""
     import jsonschema
 
     base = jsonschema.Draft202012Validator
     checker = base.TYPE_CHECKER.redefine("integer", _strict_integers)
-    validator = jsonschema.validators.extend(base, type_checker=checker)(_schema())
+    return jsonschema.validators.extend(base, type_checker=checker)(schema)
+
+
+def validate(config: dict) -> dict:
+    """Check ``config`` against the schema and the cross-field rules; return it unchanged."""
+    validator = schema_validator(_schema())
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         error = errors[0]
-        raise ConfigError(f"config key '{_key_of(error)}': {_hint(error)}")
+        raise ConfigError(f"config key '{error_key(error)}': {_hint(error)}")
     for name in config["targets"]["models"]:
         model_settings(config, name)
     for name in config["models"]:
@@ -224,7 +231,6 @@ def model_settings(config: dict, name: str) -> dict:
             base = _merge(base, entry[section]) if isinstance(base, dict) else entry[section]
         settings[section] = copy.deepcopy(base)
     settings["save_model"] = bool(config.get("save_model", False))
-    settings["demo"] = demo_settings(config)
     _spell_paths_once(settings)
     return settings
 
@@ -283,11 +289,6 @@ def dataset_path(dataset: str) -> str:
     return f"./{spelled}" if spelled in HUB_DATASETS else spelled
 
 
-def demo_settings(config: dict) -> dict:
-    """How the demo model is trained: the ``demo`` section over the defaults."""
-    return {**DEMO_DEFAULTS, **config.get("demo", {})}
-
-
 def key(spec: dict) -> str:
     """A short stable hash of a spec (canonical JSON)."""
     text = json.dumps(spec, sort_keys=True, separators=(",", ":"))
@@ -304,11 +305,9 @@ def model_spec(settings: dict) -> dict:
 
 
 def model_source(settings: dict) -> dict:
-    """What identifies the model's weights beyond its path: the demo's training settings, a local
-    directory's content fingerprint, or a hub id's revision."""
+    """What identifies the model's weights beyond its path: a local directory's content
+    fingerprint, or a hub id's revision."""
     path = settings["path"]
-    if path == DEMO_MODEL:
-        return {"demo": settings["demo"]}
     if is_workflow_path(path):
         return {}
     if Path(path).expanduser().exists():

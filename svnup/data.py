@@ -25,6 +25,7 @@ then its parent directory's name: ``wikitext*`` -> wikitext2, ``ptb``/``penn`` -
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -109,22 +110,41 @@ def _locate(source: str, split: str) -> Path | None:
 
 
 def _read_file(path: Path) -> list[str]:
+    """The rows of a data file; a row that cannot be read is named with its line."""
     if path.suffix == ".txt":
-        return path.read_text(encoding="utf-8").splitlines()
+        return _text(path).splitlines()
     if path.suffix == ".parquet":
         import pandas as pd
 
         return [str(t) for t in pd.read_parquet(path, columns=["text"])["text"]]
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    for number, line in enumerate(io.StringIO(_text(path), newline=None), start=1):
+        if not line.strip():
+            continue
+        try:
             record = json.loads(line)
-            if "text" not in record:
-                raise ValueError(f"{path} line {number} has no 'text' field; each row needs one")
-            rows.append(record["text"])
+        except ValueError as error:
+            raise ValueError(
+                f"{path}: line {number} column {error.colno} is not valid JSON ({error.msg}): "
+                "fix the row or remove it"
+            ) from None
+        if not isinstance(record, dict) or "text" not in record:
+            raise ValueError(f"{path}: line {number} has no 'text' field: give each row one")
+        rows.append(record["text"])
     return rows
+
+
+def _text(path: Path) -> str:
+    """A data file decoded as UTF-8, or a one-line error with the line of the first bad byte."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ValueError(
+            f"{path}: line {line} is not UTF-8 text (byte {data[error.start]:#04x}): save the "
+            "file as UTF-8 (from Latin-1: iconv -f latin1 -t utf-8 FILE > FILE.utf8)"
+        ) from None
 
 
 def _check_hub_split(name: str, split: str) -> None:

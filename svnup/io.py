@@ -105,9 +105,10 @@ def write_json(path: str | Path, data) -> None:
 
 def read_json(path: str | Path, fix: str = REBUILD):
     """Parse a JSON file; a damaged one is a CorruptFileError that names it and says ``fix``."""
-    text = Path(path).read_text()
     try:
-        return json.loads(text)
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise corrupt(path, f"not UTF-8 text at byte {error.start}", fix) from None
     except ValueError as error:
         raise corrupt(path, f"not valid JSON: {error}", fix) from None
 
@@ -137,8 +138,11 @@ def read_scores(path: str | Path) -> tuple[list[float], list[float | None], dict
 class JsonLines:
     """An append-only journal of JSON rows, fsynced per row, for work that must survive a kill.
 
-    A last line without its newline is the torn write of a killed process and is ignored.
+    A last line without its newline is the torn write of a killed process and is ignored; a
+    damaged line before it is a CorruptFileError that names the line.
     """
+
+    FIX = "delete it and re-run: the work it journalled is done again"
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -147,8 +151,18 @@ class JsonLines:
         if not self.path.exists():
             return []
         data = self.path.read_bytes()
-        complete = data[: data.rfind(b"\n") + 1]
-        return [json.loads(line) for line in complete.splitlines() if line.strip()]
+        rows = []
+        for number, line in enumerate(data[: data.rfind(b"\n") + 1].splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                reason = f"line {number} column {error.colno} is not valid JSON: {error.msg}"
+                raise corrupt(self.path, reason, self.FIX) from None
+            except UnicodeDecodeError:
+                raise corrupt(self.path, f"line {number} is not UTF-8 text", self.FIX) from None
+        return rows
 
     def append(self, row: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

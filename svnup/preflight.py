@@ -19,7 +19,6 @@ from pathlib import Path, PurePosixPath
 from svnup import config as cfg
 from svnup.config import ConfigError
 
-DEMO_CONTEXT = 128  # the demo model's max_position_embeddings (train_demo_model's seqlen)
 _BLOCK_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length")
 # Folders under results/<model>/ that hold keyed intermediates or user-facing outputs whose paths
@@ -76,8 +75,6 @@ def _hub_facts(path: str, revision: str) -> ModelFacts:
 def model_facts(settings: dict, name: str = "") -> ModelFacts:
     """Block count and context length, from the model's config.json (a hub model's is fetched)."""
     path, key = settings["path"], f"config key 'models.{name}.path'" if name else "model path"
-    if path == cfg.DEMO_MODEL and not Path(path).exists():
-        return ModelFacts(settings["demo"]["n_layers"], DEMO_CONTEXT)
     folder = Path(path).expanduser()
     if folder.is_dir():
         config_file = folder / "config.json"
@@ -260,11 +257,9 @@ def check_model(settings: dict, name: str) -> ModelFacts:
 
 def target_model(config: dict, target: str) -> str | None:
     """The model a target path under results/ names, after checking the path's form; None for
-    paths outside results/ and for the demo's own files."""
+    paths outside results/."""
     parts = PurePosixPath(target).parts
     if len(parts) < 3 or parts[0] != "results":
-        return None
-    if f"{parts[0]}/{parts[1]}/{parts[2]}" in (cfg.DEMO_MODEL, cfg.DEMO_CORPUS):
         return None
     model, first, rest = parts[1], parts[2], parts[3:]
     settings = cfg.model_settings(config, model)

@@ -70,8 +70,10 @@ def calibrate(spec: dict, runtime: dict, out: Path) -> None:
     """Sample calibration sequences and record the dense model's per-layer input statistics."""
     from svnup.calibration import dense_statistics, save_statistics
     from svnup.data import calibration_samples, check_source
+    from svnup.specs import check_context
 
     check_source(spec["dataset"], "train")  # before the model loads, which can take minutes
+    check_context(spec["model"], spec["seqlen"])
     engine, tokenizer = _load(spec["model"], runtime)
     ids = calibration_samples(
         tokenizer,
@@ -415,8 +417,29 @@ def _atp_search(spec: dict, runtime: dict, model: dict, sparsity: float, calibra
     searches the grid by golden section (the loss falls, then rises with beta: O(log n) prunes
     instead of n); ``strategy: grid`` scans it all. Each candidate is the allocation the budget
     stage would make of it (within the allocation bounds) and is journalled, so a killed search
-    resumes.
+    resumes. One process at a time runs a search: a second one (another workflow run that needs
+    it) waits for the first and keeps its result.
     """
+    from svnup.store import held
+
+    with held(Path(out).with_suffix(".lock")):
+        if _written(out, spec, sparsity):
+            log.info("%s holds this search already (another run wrote it meanwhile)", out)
+            return
+        _search(spec, runtime, model, sparsity, calibration, out)
+
+
+def _written(out: Path, spec: dict, sparsity: float) -> bool:
+    """Whether ``out`` holds the result of this search already."""
+    if not Path(out).exists():
+        return False
+    written = read_json(out)
+    return written.get("spec") == spec and written.get("target") == sparsity
+
+
+def _search(
+    spec: dict, runtime: dict, model: dict, sparsity: float, calibration: Path, out: Path
+) -> None:
     from svnup.allocation import allocate, atp_grid, unimodal_argmin
     from svnup.calibration import load_statistics
     from svnup.pruning import prune_and_score
@@ -750,9 +773,11 @@ def evaluate(spec: dict, runtime: dict, model: dict, model_dir: str, out: Path) 
     """Perplexity of a (pruned or dense) checkpoint on one dataset, with its protocol."""
     from svnup.data import check_source
     from svnup.perplexity import dataset_perplexity
+    from svnup.specs import check_context
 
     check_source(spec["dataset"], spec["split"])  # before the model loads
     _check_checkpoint(model_dir)
+    check_context(model, spec["seqlen"], path=str(model_dir))
     engine, tokenizer = _load(model, runtime, path=model_dir)
     result = dataset_perplexity(
         engine,

@@ -21,16 +21,21 @@ killed job are taken over by whoever waits for them.
 
 A last journal line without its newline is the torn write of a killed job and is ignored.
 Readers read the journals before the published file, and publishing replaces the file before it
-deletes journals, so a reader never misses a record. Tags must be unique among running jobs.
-``publish()`` without tags merges only journals written on this host by processes that have exited
-(``start`` guards against pid reuse); a journal from another host is merged by the next writer with
-its tag or by ``publish(tags=[...])``. HDF5 file locking follows HDF5_USE_FILE_LOCKING; set it to
+deletes journals, so a reader never misses a record. A journal has one writer at a time: a second
+process running the same job (two workflow runs sharing a job, or a re-run after ``snakemake
+--unlock`` while the first still runs) waits until that journal's writer has ended, and takes the
+journal over as soon as it is judged dead, as claims are. ``publish()`` without tags merges only
+journals written on this host by processes that have exited (``start`` guards against pid reuse);
+a journal from another host is merged by the next writer with its tag or by
+``publish(tags=[...])``. HDF5 file locking follows HDF5_USE_FILE_LOCKING; set it to
 FALSE on file systems without flock support. This module never sets it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import random
 import re
@@ -40,8 +45,8 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Iterable
-from contextlib import suppress
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
@@ -68,6 +73,7 @@ DAMAGED_STORE = (
     "evaluated again"
 )
 DAMAGED_JOURNAL = "move it aside and re-run: its coalitions are evaluated again"
+log = logging.getLogger("svnup.store")
 
 
 @dataclass(frozen=True)
@@ -311,8 +317,15 @@ def check_store(root: str | Path) -> None:
 class _DirLock:
     """Inter-process lock that works on NFS, where os.mkdir is atomic but flock often is not."""
 
-    def __init__(self, path: Path, timeout_s: float, stale_s: float) -> None:
+    def __init__(
+        self,
+        path: Path,
+        timeout_s: float,
+        stale_s: float,
+        poll_s: tuple[float, float] = (0.01, 0.05),
+    ) -> None:
         self._path, self._timeout_s, self._stale_s = path, timeout_s, stale_s
+        self._poll_s = poll_s
         self._token = ""
 
     def _owner(self) -> dict[str, Any] | None:
@@ -373,11 +386,20 @@ class _DirLock:
                     f"lock {self._path} not acquired within {self._timeout_s:.0f} s; held by "
                     f"{self._owner()}; if no publisher is running, remove that directory"
                 )
-            time.sleep(random.uniform(0.01, 0.05))
+            self._waiting()
+            time.sleep(random.uniform(*self._poll_s))
         self._token = uuid.uuid4().hex
-        owner = {**_me(), "time": time.time(), "token": self._token}
-        (self._path / "owner.json").write_text(json.dumps(owner))
+        self.beat()
         return self
+
+    def _waiting(self) -> None:
+        """Called before each sleep while another process holds the lock."""
+
+    def beat(self) -> None:
+        """Write the owner file with the current time: a lock held for long stays fresh."""
+        owner = {**_me(), "time": time.time(), "token": self._token}
+        with suppress(FileNotFoundError):  # broken by someone who judged it stale: see __exit__
+            _replace_bytes(self._path / "owner.json", json.dumps(owner).encode())
 
     def __exit__(self, *exc: object) -> None:
         owner = self._owner()
@@ -386,6 +408,45 @@ class _DirLock:
             return
         (self._path / "owner.json").unlink()
         self._path.rmdir()
+
+
+class _JobLock(_DirLock):
+    """A _DirLock held while a whole job runs (see ``held``); it logs once whom it waits for."""
+
+    _told = False
+
+    def _waiting(self) -> None:
+        if not self._told:
+            self._told = True
+            log.info("%s is held by %s, which runs the same job; waiting for it", *self._holder())
+
+    def _holder(self) -> tuple[Path, str]:
+        owner = self._owner() or {}
+        return self._path, f"pid {owner.get('pid')} on {owner.get('host')}"
+
+
+@contextmanager
+def held(path: str | Path, stale_s: float = 600.0, poll_s: float = 0.5) -> Iterator[None]:
+    """Run the block as the only holder of the lock folder ``path``, for jobs that journal their
+    work outside a coalition store (ATP's search). A second process running the same job waits
+    until the first has ended, or has died: on this host its pid has exited, on another host its
+    heartbeat (every ``stale_s / 4`` s, at most a minute) is older than ``stale_s``."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    lock = _JobLock(Path(path), math.inf, stale_s, (poll_s, poll_s))
+    beating = threading.Event()
+
+    def heartbeat() -> None:
+        while not beating.wait(min(60.0, stale_s / 4)):
+            lock.beat()
+
+    with lock:
+        thread = threading.Thread(target=heartbeat, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            beating.set()
+            thread.join()
 
 
 class CoalitionStore:
@@ -508,13 +569,16 @@ class CoalitionStore:
                 todo.append(mask)
         return todo
 
-    def writer(self, tag: str, claim: Iterable[int] | None = None) -> JournalWriter:
-        """A context manager appending to journal/<tag>.jsonl; use one tag per job.
+    def writer(
+        self, tag: str, claim: Iterable[int] | None = None, poll_s: float = 0.5
+    ) -> JournalWriter:
+        """A context manager appending to journal/<tag>.jsonl; use one tag per job (a second
+        writer of a tag waits for the first, see ``JournalWriter``).
 
         With ``claim``, entering claims those masks that are neither recorded nor claimed by a
         live writer (``JournalWriter.claimed``); see ``JournalWriter.take_over`` for the rest.
         """
-        return JournalWriter(self, tag, claim)
+        return JournalWriter(self, tag, claim, poll_s)
 
     def _alive(self, header: dict[str, Any], path: Path) -> bool:
         """Whether a journal's writer still runs: its process on this host, or a heartbeat younger
@@ -588,15 +652,24 @@ class JournalWriter:
     """Appends one job's evaluations to its journal and publishes them when the job ends.
 
     Entering takes over journal/<tag>.jsonl left by a killed job with this tag: its complete lines
-    count as done and the torn tail is dropped. With a claim, entering also claims the masks this
-    writer is to evaluate (``claimed``). While open, a heartbeat refreshes the journal's time so
+    count as done and the torn tail is dropped. While another process's writer of this tag is
+    alive (the same job run twice), entering waits for it to end first, polling every ``poll_s``
+    seconds. With a claim, entering also claims the masks this writer is to evaluate
+    (``claimed``). While open, a heartbeat refreshes the journal's time so
     writers on other hosts see the claim is alive. Leaving normally or by an Exception publishes
     the journal; KeyboardInterrupt, SystemExit and signals leave it for the next writer of this
     tag or ``publish()``.
     """
 
-    def __init__(self, store: CoalitionStore, tag: str, claim: Iterable[int] | None = None) -> None:
+    def __init__(
+        self,
+        store: CoalitionStore,
+        tag: str,
+        claim: Iterable[int] | None = None,
+        poll_s: float = 0.5,
+    ) -> None:
         self._store, self._tag, self._path = store, tag, store._journal(tag)
+        self._poll_s = poll_s
         self._fd: int | None = None
         self._done: set[int] = set()
         self._claim = None if claim is None else self._checked(claim)
@@ -610,15 +683,34 @@ class JournalWriter:
     def __enter__(self) -> JournalWriter:
         if self._fd is not None:
             raise RuntimeError(f"writer {self._tag!r} is already open")
+        if self._path in _ACTIVE:
+            raise RuntimeError(f"journal {self._path} is already open in this process")
+        told = False
+        while (holder := self._open()) is not None:
+            if not told:
+                log.info(
+                    "journal %s is written by pid %s on %s, which runs the same job; waiting for "
+                    "it to end",
+                    self._path,
+                    holder.get("pid"),
+                    holder.get("host"),
+                )
+                told = True
+            time.sleep(self._poll_s)
+        self._beating.clear()
+        interval = min(60.0, self._store._lock_args[1] / 4)
+        threading.Thread(target=self._heartbeat, args=(interval,), daemon=True).start()
+        return self
+
+    def _open(self) -> dict[str, Any] | None:
+        """Open the journal, taking over what a dead writer of this tag left in it; while a live
+        writer in another process still holds it, return that writer's header instead."""
         with self._store._lock():
             kept: list[tuple[int, CoalitionRecord]] = []
             if self._path.exists():
                 header, kept = _read_journal(self._path)
-                if header and _running_here(header, self._path):
-                    raise RuntimeError(
-                        f"journal {self._path} is written by running pid {header['pid']}; "
-                        "give each job its own tag"
-                    )
+                if header and self._store._alive(header, self._path):
+                    return header
             # read under the lock: publishing (which deletes journals) cannot run in between
             self._done = set(self._store.records())  # includes what a killed predecessor wrote
             if self._claim is not None:
@@ -632,10 +724,7 @@ class JournalWriter:
             _replace_bytes(self._path, body)
             self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND)
             _ACTIVE.add(self._path)
-        self._beating.clear()
-        interval = min(60.0, self._store._lock_args[1] / 4)
-        threading.Thread(target=self._heartbeat, args=(interval,), daemon=True).start()
-        return self
+        return None
 
     def _heartbeat(self, interval: float) -> None:
         while not self._beating.wait(interval):

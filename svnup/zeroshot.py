@@ -22,7 +22,7 @@ import hashlib
 import json
 import random
 import re
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 
@@ -129,20 +129,12 @@ def known_tasks(include_path: str | Path | None = None) -> frozenset[str]:
     return frozenset(names)
 
 
-def check_tasks(
-    tasks: Sequence[str],
-    include_path: str | None = None,
-    built: Mapping[str, Collection[str]] | None = None,
-) -> None:
+def check_tasks(tasks: Sequence[str], include_path: str | None = None) -> None:
     """A one-line ValueError naming every task that neither ``include_path`` nor the harness
-    defines, with the closest known name. An include path that the workflow builds (``built``:
-    folder -> the task names it will hold) cannot be indexed yet; its names are taken from
-    ``built``. The harness's own index is read only for names the include path lacks."""
-    built = built or {}
+    defines, with the closest known name. The harness's own index is read only for names the
+    include path lacks."""
     missing = set(tasks)
-    if include_path in built:
-        missing -= set(built[include_path])
-    elif include_path is not None:
+    if include_path is not None:
         missing -= known_tasks(include_path)
     if not missing:
         return

@@ -230,10 +230,27 @@ def test_source_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match=r"split 'train'.*found: test\.jsonl"):
         load_texts(str(tmp_path / "rows"), "train")
     (tmp_path / "bad.jsonl").write_text('{"body": "x"}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match="line 1 has no 'text' field"):
+    with pytest.raises(ValueError, match="bad.jsonl: line 1 has no 'text' field: give each"):
         load_texts(str(tmp_path / "bad.jsonl"), "test")
     with pytest.raises(ValueError, match="not available for c4"):
         load_texts("c4", "test")
+
+
+def test_unreadable_rows_are_named_with_their_file_and_line(tmp_path):
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("first row\nsecond row\ncaf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin.txt: line 3 is not UTF-8 text \(byte 0xe9\)"):
+        load_texts(str(latin), "test")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "a"}\n\n{"text": "b",}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"rows.jsonl: line 3 column 14 is not valid JSON"):
+        load_texts(str(rows), "test")
+    rows.write_bytes(b'{"text": "a"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"rows.jsonl: line 2 is not UTF-8 text.*iconv"):
+        load_texts(str(rows), "test")
+    rows.write_text('{"text": "a"}\n["b"]\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"rows.jsonl: line 2 has no 'text' field"):
+        load_texts(str(rows), "test")
 
 
 def test_hub_names_load_the_papers_datasets(monkeypatch):

@@ -143,3 +143,28 @@ def test_cli_builds_corpus(tmp_path, capsys):
     assert demo.main(["corpus", str(tmp_path / "c"), "--seed", "3"]) == 0
     counts = json.loads(capsys.readouterr().out)
     assert counts["heldout_docs"] == len(_texts(tmp_path / "c" / "heldout.jsonl"))
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "demo"
+SHIPPED_PYTHON = (3, 11, 7)  # the corpus's documentation comes from this Python (demo/README.md)
+
+
+@pytest.mark.skipif(
+    tuple(__import__("sys").version_info[:3]) != SHIPPED_PYTHON,
+    reason="the shipped corpus holds Python 3.11.7's docstrings; other versions differ",
+)
+def test_shipped_corpus_is_what_the_recorded_command_writes(corpus):
+    for name in ("train.jsonl", "heldout.jsonl"):
+        assert (SHIPPED / "corpus" / name).read_bytes() == (corpus / name).read_bytes(), name
+
+
+def test_shipped_model_has_the_heldout_perplexity_of_its_log():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log = json.loads((SHIPPED / "model/train_log.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(SHIPPED / "model", local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(SHIPPED / "model", local_files_only=True)
+    heldout = demo._token_stream(tokenizer, _texts(SHIPPED / "corpus/heldout.jsonl"))
+    seqlen = model.config.max_position_embeddings
+    assert model.config.num_hidden_layers == 8 and log["steps"] == 2000
+    assert demo.perplexity(model, heldout, seqlen) == pytest.approx(log["heldout_perplexity"])

@@ -7,12 +7,25 @@ import sys
 import pytest
 
 from svnup.gpus import claim_gpu
-from svnup.io import atomic_path, write_json
+from svnup.io import CorruptFileError, JsonLines, atomic_path, read_json, write_json
 
 
 def test_overflowing_numbers_are_written_as_null(tmp_path):
     write_json(tmp_path / "ppl.json", {"ppl": float("inf"), "runs": [float("nan"), 2.5]})
     assert json.loads((tmp_path / "ppl.json").read_text()) == {"ppl": None, "runs": [None, 2.5]}
+
+
+def test_unreadable_json_and_journals_name_the_file_and_line(tmp_path):
+    latin = tmp_path / "scores.json"
+    latin.write_bytes('{"name": "caf\u00e9"}'.encode("latin-1"))
+    with pytest.raises(CorruptFileError, match=r"scores.json is truncated or corrupt \(not UTF-8"):
+        read_json(latin)
+    journal = JsonLines(tmp_path / "s0.5.journal")
+    journal.append({"beta": 0.1, "nll": 2.0})
+    with journal.path.open("ab") as f:
+        f.write(b'{"beta": 0.2, "nll"\n{"beta": 0.3, "nll": 1.0}\n{"torn": ')
+    with pytest.raises(CorruptFileError, match=r"journal .*line 2 column 20 is not valid JSON"):
+        journal.rows()
 
 
 @pytest.mark.parametrize("kind", ["file", "directory"])

@@ -116,7 +116,7 @@ def test_estimator_parameters_are_checked_against_half_block_players(shapley, me
 def test_whole_number_floats_are_refused_where_integers_are_counted():
     for override, line in [
         ({"calibration.nsamples": 4.0}, "'calibration.nsamples': 4.0 is not an integer; write 4"),
-        ({"demo": {"n_layers": 8.0}}, "'demo.n_layers': 8.0 is not an integer; write 8"),
+        ({"shapley.window": 3.0}, "'shapley.window': 3.0 is not an integer; write 3"),
         ({"evaluation.zero_shot": {"tasks": ["t"], "limit": 5.0}}, "limit': 5.0 is not an int"),
         ({"calibration.nsamples": 4.5}, "'calibration.nsamples': 4.5 is not of type 'integer'"),
         ({"shapley.window": True}, "'shapley.window': True is not of type 'integer'"),
@@ -225,7 +225,6 @@ def test_good_target_paths_name_their_model():
         "results/m/calibration/0123456789ab/calibration.h5",
     ):
         assert preflight.target_model(config, target) == "m"
-    assert preflight.target_model(config, "results/demo/model") is None
     assert preflight.target_model(config, "report.html") is None
 
 

@@ -173,16 +173,19 @@ def test_hub_dataset_offline_and_not_cached_is_one_line(project, tmp_path):
 
 
 def test_unknown_zero_shot_tasks_are_named_before_planning(project):
-    """Names are checked against the harness's index (built once, then cached) and, for the
-    demo's task folder that the workflow builds, against the task it will hold."""
+    """Names are checked against the harness's index (built once, then cached) and the tasks of
+    the include path."""
     pytest.importorskip("lm_eval", reason=zeroshot.INSTALL_HINT)
-    demo = {"include_path": "./results/demo/tasks/"}
-    asked = {"tasks": ["demo_continuation", "boolqq"], **demo}
+    tasks = project / "tasks"
+    tasks.mkdir(exist_ok=True)
+    (tasks / "toy_a.yaml").write_text("task: toy_a\n")
+    local = {"include_path": "./tasks/"}
+    asked = {"tasks": ["toy_a", "boolqq"], **local}
     line = _one_line_error(project, tiny_config(**{"evaluation.zero_shot": asked}))
     assert "config key 'evaluation.zero_shot.tasks' of model 'tiny'" in line
     assert "unknown zero-shot task(s) boolqq (did you mean boolq?)" in line
-    assert "demo_continuation" not in line
-    (index,) = (project / ".cache").glob("lm-eval-tasks-*.json")
-    built = index.stat().st_mtime_ns
-    _plans(project, tiny_config(**{"evaluation.zero_shot": {"tasks": ["boolq"], **demo}}))
-    assert index.stat().st_mtime_ns == built, "the cached index was built again"
+    assert "toy_a" not in line
+    indexes = {p: p.stat().st_mtime_ns for p in (project / ".cache").glob("lm-eval-tasks-*.json")}
+    assert len(indexes) == 2  # the harness's own and the include path's
+    _plans(project, tiny_config(**{"evaluation.zero_shot": {"tasks": ["boolq"], **local}}))
+    assert {p: p.stat().st_mtime_ns for p in indexes} == indexes, "an index was built again"

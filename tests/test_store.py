@@ -20,6 +20,7 @@ from svnup.store import (
     CoalitionRecord,
     CoalitionStore,
     check_store,
+    held,
     read_records,
     write_records,
 )
@@ -419,3 +420,132 @@ def test_a_damaged_store_is_named_with_how_to_recover(tmp_path):
     journal(tmp_path, "bad").write_text('{"journal": 1}\nnot json\n{"mask": "1"')
     with pytest.raises(OSError, match=r"bad.jsonl line 2.*move it aside"):
         check_store(tmp_path)
+
+
+# --- one writer per journal: the same job run twice waits for, or takes over from, the first ---
+
+
+def _hold_a_tag(root: Path, masks: list[int], second_waits, killed: bool) -> None:
+    """The first run of a job: it claims everything, then records slowly once the second run of
+    the same job (same tag) waits; killed, it records a third and dies holding the rest."""
+    store = CoalitionStore(root, N, IDENTITY)
+    with store.writer("window-000-003", claim=masks) as w:
+        assert second_waits.wait(20)
+        time.sleep(0.3)
+        for mask in w.claimed[: 3 if killed else None]:
+            w.append(mask, rec(mask))
+        if killed:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _second_run(root: Path, masks: list[int], second_waits, killed: bool):
+    """Start the first run in a child, then enter the same job's writer here: (claimed, child)."""
+    CoalitionStore(root, N, IDENTITY)
+    child = CTX.Process(target=_hold_a_tag, args=(root, masks, second_waits, killed))
+    child.start()
+    _wait_until(lambda: journal(root, "window-000-003").exists(), "the first run's journal")
+    store = CoalitionStore(root, N, IDENTITY)
+    second_waits.set()
+    with store.writer("window-000-003", claim=masks, poll_s=0.02) as w:
+        claimed = list(w.claimed)
+        for mask in claimed:
+            w.append(mask, rec(mask))
+    child.join(timeout=20)
+    return claimed, child, store
+
+
+def _wait_until(predicate, what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_the_same_job_run_twice_waits_for_the_first(tmp_path):
+    masks = list(range(1, 9))
+    claimed, child, store = _second_run(tmp_path, masks, CTX.Event(), killed=False)
+    assert child.exitcode == 0  # before: "written by running pid ...; give each job its own tag"
+    assert claimed == [], "the second run evaluated what the first one did"
+    assert read_records(store.path)[0] == {m: rec(m) for m in masks}
+
+
+def test_the_same_job_takes_over_when_the_first_run_dies(tmp_path):
+    masks = list(range(1, 9))
+    claimed, child, store = _second_run(tmp_path, masks, CTX.Event(), killed=True)
+    assert child.exitcode == -signal.SIGKILL
+    assert claimed == masks[3:]  # the dead run's three records count, the rest is claimed
+    assert read_records(store.path)[0] == {m: rec(m) for m in masks}
+
+
+def test_a_journal_of_another_host_is_taken_over_once_its_heartbeat_is_stale(tmp_path):
+    store = CoalitionStore(tmp_path, N, IDENTITY, stale_lock_s=1.0)
+    header = {"journal": 1, "tag": "window-000-003", "pid": 1, "host": "elsewhere", "start": 1}
+    record = {"mask": "1", "nll_sum": rec(1).nll_sum, "n_tokens": rec(1).n_tokens, "seconds": 0}
+    remote = journal(tmp_path, "window-000-003")
+    remote.write_text(json.dumps({**header, "claims": ["1", "2"]}) + "\n" + json.dumps(record))
+    remote.write_text(remote.read_text() + "\n")
+    start = time.monotonic()
+    with store.writer("window-000-003", claim=[1, 2, 3], poll_s=0.02) as w:
+        waited = time.monotonic() - start
+        assert w.claimed == [2, 3]  # its record is kept; its claims died with it
+    assert waited > 0.8, "a journal with a fresh heartbeat was taken over"
+    assert set(read_records(store.path)[0]) == {1}
+
+
+def _hold_then_mark(lock: Path, stale_s: float, holding, marker: Path, seconds: float) -> None:
+    with held(lock, stale_s=stale_s, poll_s=0.02):
+        holding.set()
+        time.sleep(seconds)
+        marker.write_text("done")
+
+
+def test_a_held_job_runs_in_one_process_at_a_time(tmp_path):
+    """The second run of a search waits while the first beats; the heartbeat keeps a lock older
+    than its stale age alive."""
+    lock, marker, holding = tmp_path / "s0.5.lock", tmp_path / "first-done", CTX.Event()
+    child = CTX.Process(target=_hold_then_mark, args=(lock, 0.4, holding, marker, 1.2))
+    child.start()
+    assert holding.wait(20)
+    with held(lock, stale_s=0.4, poll_s=0.02):
+        assert marker.exists(), "entered while the first run held the lock"
+    child.join(timeout=20)
+    assert child.exitcode == 0 and not lock.exists()
+
+
+def test_a_held_lock_of_a_killed_job_is_taken_over(tmp_path):
+    lock, holding = tmp_path / "s0.5.lock", CTX.Event()
+    child = CTX.Process(target=_hold_then_mark, args=(lock, 600, holding, tmp_path / "m", 60))
+    child.start()
+    assert holding.wait(20)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join(timeout=20)
+    with pytest.warns(UserWarning, match="stale lock .*has exited"), held(lock, poll_s=0.02):
+        pass
+    assert not lock.exists()
+
+
+def test_a_search_run_twice_at_once_searches_once(tmp_path, monkeypatch):
+    """ATP's search journals outside the store: a second run of it waits and keeps the result."""
+    from svnup import stages
+    from svnup.io import write_scores
+
+    calls, started = tmp_path / "calls", CTX.Event()
+
+    def slow_search(spec, runtime, model, sparsity, calibration, out) -> None:
+        with calls.open("a") as f:
+            f.write(f"{os.getpid()}\n")
+        started.set()
+        time.sleep(0.5)
+        write_scores(out, [0.0, 1.0], spec=spec, target=sparsity)
+
+    monkeypatch.setattr(stages, "_search", slow_search)
+    out, spec = tmp_path / "s0.5.json", {"search": "atp", "step": 0.05}
+    args = (spec, {}, {"path": "unused"}, 0.5, tmp_path / "calibration.h5", out)
+    first = CTX.Process(target=stages.search, args=args)
+    first.start()
+    assert started.wait(20)
+    stages.search(*args)
+    first.join(timeout=20)
+    assert first.exitcode == 0
+    assert calls.read_text().split() == [str(first.pid)]
+    assert json.loads(out.read_text())["target"] == 0.5

@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -616,6 +617,52 @@ def test_damaged_files_are_named_with_how_to_recover(project, tmp_path, pattern,
         shutil.copy2(tmp_path / path.name, path)
 
 
+def _failure(result, rule: str) -> tuple[str, Path]:
+    """The console line of the failed job of ``rule`` (svnup.joblog): its reason and its log."""
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    lines = [line for line in output.splitlines() if line.startswith(f"svnup: {rule} failed: ")]
+    assert len(lines) == 1, output
+    reason, log = lines[0].removeprefix(f"svnup: {rule} failed: ").rsplit("; log: ", 1)
+    return reason, Path(log)
+
+
+def test_a_row_only_the_job_reads_fails_with_its_reason_on_the_quiet_console(project):
+    """The default profile (quiet: rules) drops Snakemake's error block of a failed job."""
+    rows = (project / "data/train.jsonl").read_text().splitlines()
+    rows[499] = json.dumps({"txt": "the 500th row has no text"})
+    broken = project / "data/broken.jsonl"
+    broken.write_text("\n".join(rows) + "\n")
+    write_config(project, tiny_config(**{"calibration.dataset": "data/broken.jsonl"}))
+    try:
+        result = snakemake(project, "--cores", "1", check=False)
+    finally:
+        write_config(project, tiny_config())
+        broken.unlink()
+    reason, log = _failure(result, "calibrate")
+    assert reason == f"{broken}: line 500 has no 'text' field: give each row one"
+    assert log.parts[:4] == ("results", "tiny", "logs", "calibrate") and log.suffix == ".log"
+    assert reason in (project / log).read_text()
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_a_damaged_input_of_a_quiet_rule_fails_with_its_reason_on_the_console(project, tmp_path):
+    """A rule whose command writes only to its log (no progress bars): before, the console said
+    nothing but ``CalledProcessError ... exit status 1``."""
+    dense = project / "results/tiny/dense/ppl.json"
+    shutil.copy2(dense, tmp_path / "ppl.json")
+    dense.write_text(json.dumps({"model": "tiny"}))  # valid JSON, but not a run's numbers
+    try:
+        result = snakemake(project, "--cores", "1", check=False)
+    finally:
+        shutil.copy2(tmp_path / "ppl.json", dense)
+    reason, log = _failure(result, "summary")
+    assert reason == "unexpected KeyError: 'perplexity'; the traceback is in the log"
+    assert log == Path("results/tiny/logs/summary.log")
+    assert "Traceback (most recent call last)" in (project / log).read_text()
+    snakemake(project, "--cores", "2")  # the failed job's summary was removed: make it again
+
+
 def _wait_for(predicate, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -701,16 +748,39 @@ def test_killed_run_of_two_estimators_evaluates_each_coalition_once(project):
     write_config(project, tiny_config())
 
 
-def test_demo_training_shows_progress_in_the_terminal_and_its_log(project):
-    config = {**tiny_config(), "demo": {"steps": 3, "n_layers": 2}}
-    write_config(project, config)
+def _evaluated(console: str) -> int:
+    """Coalitions a run's jobs evaluated: the total of each evaluation's progress bar."""
+    return sum(int(n) for n in re.findall(r"coalitions:\s+0%\|[^|]*\| 0/(\d+)", console))
+
+
+def test_concurrent_runs_sharing_coalition_jobs_evaluate_each_coalition_once(project):
+    """Two ``--nolock`` runs on different targets need the same new coalition jobs (a new store:
+    more evaluation samples); the second run of each job waits for the first."""
+    write_config(project, tiny_config(**{"shapley.eval_samples": 6}))
+    runs = []
     try:
-        result = snakemake(project, "--cores", "1", "results/demo/model")
+        for sparsity in ("0.5", "0.6"):
+            target = f"results/tiny/s{sparsity}/svnup/wanda/ppl.json"
+            command, env = snakemake_command(project, target, "--cores", "1", "--nolock")
+            runs.append(
+                subprocess.Popen(
+                    command, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+                )
+            )
+        consoles = [run.communicate(timeout=900)[0].decode() for run in runs]
     finally:
+        for run in runs:
+            run.kill()
         write_config(project, tiny_config())
-    assert "train demo model: 100%" in result.stderr
-    log = (project / "results/demo/logs/demo_model.log").read_text()
-    assert "train demo model: 100%" in log and '"steps": 3' in log
+    for run, console in zip(runs, consoles, strict=True):
+        assert run.returncode == 0, console
+        assert "Traceback" not in console and " error: " not in console, console
+    with chdir(project):
+        settings = cfg.model_settings(tiny_config(**{"shapley.eval_samples": 6}), "tiny")
+        store = project / f"results/tiny/coalitions/{cfg.key(cfg.store_spec(settings))}/store"
+    recorded = read_records(store / "coalitions.h5")[0]
+    assert len(recorded) > 0 and not list((store / "journal").iterdir())
+    assert sum(map(_evaluated, consoles)) == len(recorded), "a coalition was evaluated twice"
 
 
 @pytest.mark.parametrize(
