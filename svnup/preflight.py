@@ -111,11 +111,6 @@ def linear_layer_count(settings: dict) -> int:
     are read, but torch and transformers load, so only games on these players pay for it.
     """
     path = settings["path"]
-    if path == cfg.DEMO_MODEL and not Path(path).exists():
-        from transformers import LlamaConfig  # the demo model is a LLaMA (svnup.demo)
-
-        small = {"hidden_size": 8, "intermediate_size": 8, "num_attention_heads": 1}
-        return _count_linears(LlamaConfig(num_hidden_layers=settings["demo"]["n_layers"], **small))
     revision = None if Path(path).expanduser().is_dir() else settings["revision"]
     return _linear_count(path, revision)
 

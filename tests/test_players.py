@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
-from contextlib import chdir
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -299,18 +299,17 @@ def test_players_are_a_store_key_only_when_not_whole_blocks():
     assert len({cfg.key(cfg.store_spec(s)) for s in (settings, halves, layers)}) == 3
 
 
-def test_layer_players_are_counted_from_the_config_without_weights(tiny, tiny_opt_path, tmp_path):
+def test_layer_players_are_counted_from_the_config_without_weights(tiny, tiny_opt_path):
     path, _, _, _ = tiny
     config = tiny_config(**{"shapley.players": "layers"})
     settings = {**config["models"]["tiny"], "path": str(path), "revision": "main"}
-    settings = {**settings, "shapley": config["shapley"], "demo": cfg.DEMO_DEFAULTS}
+    settings = {**settings, "shapley": config["shapley"]}
     assert cfg.n_players(settings) == 7 * N_BLOCKS
     assert cfg.n_players({**settings, "path": str(tiny_opt_path)}) == 6 * 3
     halves = {**settings, "shapley": {**config["shapley"], "players": "halves"}}
     assert cfg.n_players(halves) == 2 * N_BLOCKS
-    with chdir(tmp_path):  # the demo model before it is trained: a LLaMA of demo.n_layers blocks
-        demo = {**settings, "path": cfg.DEMO_MODEL, "demo": {**cfg.DEMO_DEFAULTS, "n_layers": 3}}
-        assert cfg.n_players(demo) == 21
+    demo = {**settings, "path": str(Path(__file__).parents[1] / "demo" / "model")}
+    assert cfg.n_players(demo) == 7 * 8  # the shipped demo model: a LLaMA of 8 blocks
 
 
 def test_estimator_is_checked_against_the_layer_count(tiny):
