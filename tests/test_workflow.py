@@ -472,6 +472,8 @@ def test_evopress_and_lsa_by_projection_give_each_linear_layer_its_sparsity(proj
     targets = [f"results/tiny/s0.5/{m}/{p}/ppl.json" for m in ("evopress", "lsa") for p in PRUNERS]
     plan = planned_jobs(project, *targets)
     assert plan["levels"] == 3 and plan["search"] == 3 and plan["metric"] == 1, plan
+    searches, databases = "results/tiny/search/evopress/*/s0.5.json", "results/tiny/levels/evopress"
+    before = set(project.glob(searches)), set(project.glob(f"{databases}/*/s0.5.h5"))
     snakemake(project, "--cores", "2", *targets)
     names = [f"{b}.{layer}" for b in range(6) for layer in LLAMA_LAYERS]
     for target in targets:
@@ -483,13 +485,15 @@ def test_evopress_and_lsa_by_projection_give_each_linear_layer_its_sparsity(proj
         for block, layers in zip(run["pruning"]["blocks"], budget["layer_sparsities"], strict=True):
             for layer in block["layers"]:
                 assert layer["sparsity"] == pytest.approx(layers[layer["name"]], abs=1 / 32)
-    for path in project.glob("results/tiny/search/evopress/*/s0.5.json"):
+    new_searches = set(project.glob(searches)) - before[0]  # not the every-method test's
+    assert len(new_searches) == 3
+    for path in new_searches:
         search = json.loads(path.read_text())
         assert [h["generation"] for h in search["history"]] == [0, 1, 2]
         assert not path.with_suffix(".journal").exists()
         levels = search["chosen_levels"]
         assert sum(levels) == 0 and any(levels), levels
-    assert len(list(project.glob("results/tiny/levels/evopress/*/s0.5.h5"))) == 3
+    assert len(set(project.glob(f"{databases}/*/s0.5.h5")) - before[1]) == 3
     write_config(project, tiny_config(**{"allocation.evopress": {**evopress, "generations": 4}}))
     plan = planned_jobs(project, *targets[:3])
     assert plan["search"] == 3 and "levels" not in plan and "metric" not in plan, plan
