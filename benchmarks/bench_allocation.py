@@ -75,6 +75,8 @@ NAMES = {
     "dlp": "DLP",
     "alphapruning": "AlphaPruning",
     "atp": "ATP",
+    "evopress": "EvoPress",
+    "lsa": "LSA",
     "loo": "LOO",
     "svnup": "SV-NUP",
     "svnup-swsv": "SV-NUP (SWSV)",

@@ -29,10 +29,37 @@ rule metric:
         "{params.calibration} --out {output} > {log} 2>&1"
 
 
+rule levels:
+    input:
+        calibration=lambda wc: calibration_path(wc.model, settings(wc)),
+        model=lambda wc: local_inputs(model_path(wc)),
+    output:
+        "results/{model}/levels/{allocation}/{key}/s{sparsity}.h5",
+    log:
+        "results/{model}/logs/levels/{allocation}/{key}/s{sparsity}.log",
+    benchmark:
+        "results/{model}/benchmarks/levels/{allocation}/{key}/s{sparsity}.tsv"
+    conda:
+        "../envs/svnup.yaml"
+    resources:
+        **runtime_resources(),
+    params:
+        spec=levels_spec_json,
+        target=target,
+        model=lambda wc: as_json(cfg.model_spec(settings(wc))),
+    shell:
+        "python -m svnup levels --spec {params.spec:q} --model {params.model:q} "
+        "--sparsity {params.target} "
+        "--device {resources.device} --batch-size {resources.batch_size} "
+        "--offload {resources.offload} --threads {threads} "
+        "--calibration {input.calibration} --out {output} > {log} 2>&1"
+
+
 rule search:
     input:
         calibration=lambda wc: calibration_path(wc.model, settings(wc)),
         model=lambda wc: local_inputs(model_path(wc)),
+        database=search_database,
     output:
         "results/{model}/search/{allocation}/{key}/s{sparsity}.json",
     log:
@@ -47,12 +74,15 @@ rule search:
         spec=search_spec_json,
         target=target,
         model=lambda wc: as_json(cfg.model_spec(settings(wc))),
+        database=lambda wc, input: (
+            f"--database {input.database}" if input.database else ""
+        ),
     shell:
         "python -m svnup search --spec {params.spec:q} --model {params.model:q} "
         "--sparsity {params.target} "
         "--device {resources.device} --batch-size {resources.batch_size} "
         "--offload {resources.offload} --threads {threads} "
-        "--calibration {input.calibration} --out {output} > {log} 2>&1"
+        "--calibration {input.calibration} {params.database} --out {output} > {log} 2>&1"
 
 
 rule budget:

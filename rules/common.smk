@@ -215,6 +215,14 @@ def scores_path(model, s, allocation, sparsity, pruner):
     return f"results/{model}/search/{allocation}/{key}/s{sparsity}.json"
 
 
+def database_path(model, s, allocation, sparsity, pruner):
+    """The level database a search of ``allocation`` reads (None for a method without one)."""
+    spec = cfg.database_spec(s, allocation, pruner)
+    if spec is None:
+        return None
+    return f"results/{model}/levels/{allocation}/{cfg.key(spec)}/s{sparsity}.h5"
+
+
 def budget_path(model, s, allocation, sparsity, pruner):
     key = cfg.key(cfg.budget_spec(s, allocation, pruner))
     return f"results/{model}/budget/{allocation}/{key}/s{sparsity}.json"
@@ -354,6 +362,30 @@ def search_spec_json(wildcards):
         wildcards,
         [cfg.score_spec(s, wildcards.allocation, p) for p in PRUNERS],
         "search",
+    )
+
+
+def search_database(wildcards):
+    """The level database of a search (none for a search that reads none)."""
+    s = settings(wildcards)
+    for pruner in PRUNERS:
+        if cfg.key(cfg.score_spec(s, wildcards.allocation, pruner)) == wildcards.key:
+            path = database_path(
+                wildcards.model, s, wildcards.allocation, wildcards.sparsity, pruner
+            )
+            return [] if path is None else path
+    fail(
+        f"search key {wildcards.key} does not match the current config; "
+        "request the user-facing targets instead"
+    )
+
+
+def levels_spec_json(wildcards):
+    s = settings(wildcards)
+    return _spec_with_key(
+        wildcards,
+        [cfg.database_spec(s, wildcards.allocation, p) for p in PRUNERS],
+        "levels",
     )
 
 

@@ -39,6 +39,7 @@ def intermediates(model, s, sparsities):
     ):
         folder = run_dir(model, s, allocation, sparsity, pruner)
         paths += [
+            database_path(model, s, allocation, sparsity, pruner),
             scores_path(model, s, allocation, sparsity, pruner),
             budget_path(model, s, allocation, sparsity, pruner),
             f"{folder}/prune.json",

@@ -161,6 +161,52 @@ def offset_allocation(
     return _shift_to_mean(target + scores, weights, target, lo, hi)
 
 
+# LSA's half-width beta by target, indexed by int(10 * target) as the reference's table is; below
+# 10% the reference takes its --Lamda (default 0.08), and it has no entry from 90% up. Its
+# per-projection allocation (lsac) reads no table: it takes --Lamda at every target.
+LSA_BETAS = (0.08, 0.06, 0.02, 0.04, 0.02, 0.04, 0.1, 0.15, 0.12)
+LSA_PROJECTION_BETA = 0.08
+
+
+def lsa_beta(target: float, granularity: str = "block") -> float:
+    """The reference's beta for ``target``: by block 0.04 at 50%, 0.1 at 60%, 0.15 at 70%; by
+    projection 0.08 (its --Lamda default) at every target."""
+    if granularity == "projection":
+        return LSA_PROJECTION_BETA
+    index = int(target * 10)
+    if not 0 <= index < len(LSA_BETAS):
+        raise ValueError(
+            f"LSA's reference has no beta for target sparsity {target} (its table ends below "
+            f"{len(LSA_BETAS) / 10:g}); set allocation.lsa.beta"
+        )
+    return LSA_BETAS[index]
+
+
+def lsa_allocation(
+    scores: np.ndarray,
+    params: np.ndarray,
+    target: float,
+    bounds: Bounds = (0.0, 0.99),
+    beta: float | None = None,
+    granularity: str = "block",
+) -> np.ndarray:
+    """LSA: each player's (block's or linear layer's) zeroing error, min-max normalised to z and
+    mapped to an importance 2 beta (1 - z); a player prunes (mean importance - its importance)
+    x the mean player's weights more than the target's share, so a larger error means a sparser
+    player, the weighted mean is exact and, with players of equal size, the sparsity is
+    S + mean(imp) - imp (the reference's block map). ``beta`` None is
+    ``lsa_beta(target, granularity)``.
+    """
+    scores, weights, target, lo, hi = _inputs(scores, params, target, bounds)
+    beta = lsa_beta(target, granularity) if beta is None else float(beta)
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"lsa beta must be in [0, 1], got {beta}")
+    importance = 2.0 * beta * (1.0 - _min_max(scores))
+    sizes = np.asarray(params, dtype=np.float64)
+    sparsity = target + (importance.mean() - importance) * sizes.mean() / sizes
+    return _shift_to_mean(sparsity, weights, target, lo, hi)
+
+
 DAMAGE_CURVATURES = np.geomspace(0.5, 50.0, 400)
 
 

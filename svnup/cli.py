@@ -42,9 +42,13 @@ STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
         "a per-block metric of the dense model (OWL, DLP, AlphaPruning)",
         ("spec", "model", "calibration?", "out"),
     ),
-    "search": (
-        "search an allocation for one target (ATP)",
+    "levels": (
+        "every linear layer pruned at levels around one target (EvoPress's database)",
         ("spec", "model", "sparsity", "calibration", "out"),
+    ),
+    "search": (
+        "search an allocation for one target (ATP, EvoPress)",
+        ("spec", "model", "sparsity", "calibration", "out", "database?"),
     ),
     "budget": (
         "per-block sparsities for one target",
@@ -102,6 +106,7 @@ OPTION_HELP = {
     "job": "which of the estimator's coalition jobs to run (e.g. window-000-004)",
     "calibration": "calibration record (HDF5) written by the calibrate stage",
     "masks": "probe masks (HDF5) written by the probe stage; needed by the prune ablation",
+    "database": "linear layers pruned at levels (HDF5) written by the levels stage (EvoPress)",
     "store": "coalition store folder shared by every job of this model and calibration",
     "out": "output file",
     "jobs": "coalition job files (HDF5) to aggregate",

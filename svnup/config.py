@@ -207,6 +207,7 @@ def validate(config: dict) -> dict:
                 "listed twice (written two ways); list each dataset once"
             )
         _check_levels(settings, name)
+        _check_methods(config, settings, name)
     return config
 
 
@@ -250,7 +251,10 @@ def _check_nm(settings: dict, name: str, config: dict) -> None:
         raise ConfigError(f"config key 'nm' of model '{name}': {error}") from None
     methods = {"allocation.method": [settings["allocation"]["method"]]}
     if name in config["targets"]["models"]:
-        methods["targets.allocations"] = config["targets"]["allocations"]
+        own = "allocations" in config["models"][name].get("targets", {})
+        methods[f"models.{name}.targets.allocations" if own else "targets.allocations"] = settings[
+            "targets"
+        ]["allocations"]
     for key_name, chosen in methods.items():
         for method in chosen:
             check_allocation(settings, method, f"config key '{key_name}' of model '{name}'")
@@ -268,6 +272,25 @@ def check_allocation(settings: dict, method: str, key: str) -> None:
         )
 
 
+def _check_methods(config: dict, settings: dict, name: str) -> None:
+    """Parameters of the allocation methods a model's runs use that only fail for some models or
+    targets (a method the config never runs is not held to them)."""
+    from svnup.allocation import lsa_beta
+    from svnup.registry import method_params
+
+    used = {*settings["targets"]["allocations"], settings["allocation"]["method"]}
+    if "evopress" in used:
+        _check_evopress(method_params(settings["allocation"], "evopress"), settings, name)
+    lsa = method_params(settings["allocation"], "lsa")
+    if "lsa" in used and lsa["beta"] is None:
+        for target in settings["targets"]["sparsities"]:
+            try:
+                lsa_beta(target, lsa["granularity"])
+            except ValueError as error:
+                key = f"config key 'allocation.lsa.beta' of model '{name}'"
+                raise ConfigError(f"{key}: {error}") from None
+
+
 def _check_levels(settings: dict, name: str) -> None:
     from svnup.registry import ALLOCATIONS, method_params
 
@@ -279,6 +302,23 @@ def _check_levels(settings: dict, name: str) -> None:
                     f"config key 'allocation.{method}.levels' of model '{name}': {levels} must "
                     "increase strictly; list each probe sparsity once, in order"
                 )
+
+
+def _check_evopress(params: dict, settings: dict, name: str) -> None:
+    where = f"of model '{name}'"
+    steps, counts = params["survivors"], params["tokens"]
+    if len(steps) != len(counts):
+        raise ConfigError(
+            f"config key 'allocation.evopress.tokens' {where}: {len(counts)} token counts for "
+            f"{len(steps)} selection steps (survivors {steps}); give one per step"
+        )
+    available = settings["calibration"]["nsamples"] * settings["seqlen"]
+    if max(counts) > available:
+        raise ConfigError(
+            f"config key 'allocation.evopress.tokens' {where}: {max(counts)} tokens exceed the "
+            f"{settings['calibration']['nsamples']} x {settings['seqlen']} calibration tokens; "
+            "lower them or raise calibration.nsamples"
+        )
 
 
 def check_target(settings: dict, target: float, key: str = "sparsity") -> None:
@@ -489,6 +529,10 @@ def n_players(settings: dict) -> int:
     """Players of the coalition game, from the model's config (no weights are loaded)."""
     from svnup.players import players_per_block
 
+    if players(settings) == "layers":
+        from svnup.preflight import linear_layer_count
+
+        return linear_layer_count(settings)
     return n_blocks(settings) * players_per_block(players(settings))
 
 
@@ -592,7 +636,30 @@ def score_spec(settings: dict, method: str, pruner: str) -> dict | None:
     params = {name: values[name] for name in source.params}
     if source.kind == "metric":
         return metric_spec(settings, source.name, params)
-    return search_spec(settings, method, params, pruner)
+    return search_spec(settings, method, params, search_pruner(values, pruner))
+
+
+def search_pruner(values: dict, pruner: str | None) -> str | None:
+    """The pruner a search prunes its candidates with: its ``probe_pruner`` where it has one,
+    else (and for ``match``) the run's."""
+    chosen = values.get("probe_pruner", MATCH)
+    return pruner if chosen == MATCH else chosen
+
+
+def database_spec(settings: dict, method: str, pruner: str) -> dict | None:
+    """What a search's level database depends on (the target is in the path); None for a method
+    that reads none."""
+    from svnup.registry import ALLOCATIONS, method_params
+
+    source = ALLOCATIONS[method].source
+    if source is None or not source.database:
+        return None
+    values = method_params(settings["allocation"], method)
+    return {
+        "calibration": key(calibration_spec(settings)),
+        "pruner": search_pruner(values, pruner),
+        **{name: values[name] for name in source.database},
+    }
 
 
 def budget_spec(settings: dict, method: str, pruner: str) -> dict:

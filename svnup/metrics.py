@@ -1,11 +1,13 @@
 """Per-block metrics of the dense model that published allocators map to sparsities.
 
-Each function scores one decoder block from ``layers = {name: (weight, col_norm_sq)}``, where
-``col_norm_sq`` is the sum over calibration tokens of each squared input feature of that linear
-layer (None for metrics of the weights alone). The statistics come from the dense model, as in the
-reference code, which propagates the calibration data through unpruned blocks. Scale does not
-matter: every metric here is invariant to a common factor on ``col_norm_sq``, so normalising by
-tokens (svnup) or by sequences (the references) gives the same value.
+Each function scores one decoder block from ``layers = {name: (weight, statistic)}``, where the
+statistic of a linear layer is what its metric reads (``svnup.registry.METRICS``): ``col_norm_sq``,
+the sum over calibration tokens of each squared input feature, the Hessian ``2/n X^T X`` of its
+inputs, or None for metrics of the weights alone. The statistics come from the dense model, as in
+the reference code, which propagates the calibration data through unpruned blocks. Scale does not
+matter: every allocation made from these metrics is invariant to a common factor on the
+statistics, so normalising by tokens (svnup) or by sequences (the references) gives the same
+sparsities. A metric returns one score per block, or one per linear layer (a dict by layer name).
 """
 
 from __future__ import annotations
@@ -84,3 +86,62 @@ def alphapruning_alpha(layers: Layers) -> float:
     """AlphaPruning's block-wise metric: the mean alpha_peak of the block's linear layers."""
     alphas = [_hill_alpha_at_peak(weight) for weight, _ in layers.values()]
     return sum(alphas) / len(alphas)
+
+
+def lsa_zeroing_error(
+    weight: torch.Tensor, hessian: torch.Tensor, fraction: float = 0.5, group: int = 128
+) -> float:
+    """LSA's reconstruction error of a linear layer: the output error ||X (W - W')^T||^2 (up to
+    the Hessian's scale) when each row zeroes ``fraction`` of every group of ``group`` input
+    columns, the columns chosen greedily and nothing else updated.
+
+    Zeroing a set S of a row's weights costs w_S^T H_SS w_S. Greedily, each row adds the column
+    whose marginal cost w_j^2 H_jj + 2 w_j sum_{k in S} w_k H_kj is lowest, ``int(fraction * g)``
+    times within each group of g columns, left to right, with the columns zeroed in earlier
+    groups part of S; the sum of the marginal costs is the layer's error. As in the reference, a
+    group takes ``int(fraction * group)`` columns; a shorter last group (or a layer narrower than
+    ``group``) takes ``int(fraction * its width)``, where the reference would take more columns
+    than it has. Arithmetic is float32, as there; the sum is accumulated in float64.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"lsa fraction must be in (0, 1), got {fraction}")
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+        raise ValueError(f"lsa group must be a positive integer, got {group!r}")
+    w = weight.detach().float()
+    h = hessian.detach().to(w.device, torch.float32)
+    rows, cols = w.shape
+    if h.shape != (cols, cols):
+        raise ValueError(f"hessian must have shape [{cols}, {cols}], got {tuple(h.shape)}")
+    every_row = torch.arange(rows, device=w.device)
+    marginal = w.square() * torch.diagonal(h)  # the cost of zeroing each weight alone
+    total = 0.0
+    for start in range(0, cols, group):
+        end = min(start + group, cols)
+        cost, kept = marginal[:, start:end], w[:, start:end]  # views: updates reach ``marginal``
+        zeroed = torch.zeros_like(kept)
+        for _ in range(int(fraction * (end - start))):
+            column = cost.argmin(dim=1)
+            total += float(cost[every_row, column].double().sum())
+            value = kept[every_row, column]
+            cost += 2.0 * kept * value.unsqueeze(1) * h[start + column, start:end]
+            cost[every_row, column] = torch.inf
+            zeroed[every_row, column] = value
+        if end < cols:
+            marginal[:, end:] += 2.0 * w[:, end:] * (zeroed @ h[start:end, end:])
+    return total
+
+
+def lsa_error(
+    layers: Layers, granularity: str = "block", fraction: float = 0.5, group: int = 128
+) -> float | dict[str, float]:
+    """LSA's score of a block from ``{name: (weight, hessian)}``: the mean of its linear layers'
+    zeroing errors (``lsa_zeroing_error``), or with ``granularity: projection`` each layer's."""
+    errors = {
+        name: lsa_zeroing_error(weight, hessian, fraction, group)
+        for name, (weight, hessian) in layers.items()
+    }
+    if granularity == "projection":
+        return errors
+    if granularity != "block":
+        raise ValueError(f"lsa granularity must be block or projection, got {granularity!r}")
+    return sum(errors.values()) / len(errors)

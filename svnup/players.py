@@ -1,4 +1,5 @@
-"""The players of the coalition game: whole blocks, or each block's attention and MLP halves.
+"""The players of the coalition game: whole blocks, each block's attention and MLP halves, or
+every linear layer.
 
 With ``shapley.players: halves`` a block's attention layers and its MLP layers are two players:
 a coalition prunes (at the probe sparsity) exactly the halves it names, each allocation method
@@ -6,6 +7,9 @@ gives every half its own sparsity, and pruning sets each linear layer to its hal
 Player ``2b`` is block b's attention and ``2b + 1`` its MLP, so a mask over halves reads like a
 mask over blocks with each bit doubled. The halves are told apart by the family's attention
 module (``Family.attention``): every linear layer under it is attention, every other one MLP.
+With ``layers`` every linear layer is a player of its own, block by block in the order the block
+holds them (q, k, v, o, gate, up, down in a LLaMA block): 224 players for LLaMA-7B. The same
+players carry per-linear allocations that do not come from a game (EvoPress, LSA by projection).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
-KINDS = ("blocks", "halves")
+KINDS = ("blocks", "halves", "layers")
 HALVES = ("attention", "mlp")
 
 
@@ -31,9 +35,17 @@ class Player:
         return {**asdict(self), "layers": list(self.layers)}
 
 
-def players_per_block(kind: str) -> int:
+def _check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise ValueError(f"unknown players {kind!r}; choose one of {', '.join(KINDS)}")
+
+
+def players_per_block(kind: str) -> int:
+    """Players a block holds, for the kinds whose count does not depend on the model (for
+    ``layers`` it is the block's linear layer count: ``svnup.preflight.linear_layer_count``)."""
+    _check_kind(kind)
+    if kind == "layers":
+        raise ValueError("players 'layers' are a model's linear layers; count them on the model")
     return 1 if kind == "blocks" else len(HALVES)
 
 
@@ -42,12 +54,15 @@ def make_players(
 ) -> list[Player]:
     """The players of ``kind`` for blocks whose linear layers have ``layer_shapes[b]``
     (name -> weight shape); ``attention`` is the attention module's name inside a block."""
-    per_block = players_per_block(kind)
+    _check_kind(kind)
     players = []
     for block, shapes in enumerate(layer_shapes):
         params = {name: math.prod(shape) for name, shape in shapes.items()}
-        if per_block == 1:
+        if kind == "blocks":
             players.append(Player(block, tuple(shapes), sum(params.values()), str(block)))
+            continue
+        if kind == "layers":
+            players += [Player(block, (n,), params[n], f"{block}.{n}") for n in shapes]
             continue
         groups = {
             half: tuple(n for n in shapes if n.startswith(f"{attention}.") == (half == "attention"))

@@ -142,20 +142,58 @@ def _gguf_facts(path: str, key: str) -> ModelFacts:
     return ModelFacts(header["block_count"], header["context_length"], header["model_type"])
 
 
+def linear_layer_count(settings: dict) -> int:
+    """Linear layers in the model's decoder blocks: the players of ``shapley.players: layers``.
+
+    Counted on an empty copy of the model that its config builds on the meta device: no weights
+    are read, but torch and transformers load, so only games on these players pay for it.
+    """
+    path = settings["path"]
+    if gguf_files.is_gguf(path):
+        file = gguf_files.locate(path)
+        return _linear_count(str(file.parent), None, file.name)
+    revision = None if Path(path).expanduser().is_dir() else settings["revision"]
+    return _linear_count(path, revision)
+
+
+@functools.lru_cache(maxsize=64)
+def _linear_count(path: str, revision: str | None, gguf_file: str | None = None) -> int:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, revision=revision, gguf_file=gguf_file)
+    return _count_linears(config)
+
+
+def _count_linears(config) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from svnup.families import family_of
+    from svnup.models import linear_layers
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    blocks = model.get_submodule(family_of(config.model_type).blocks)
+    return sum(len(linear_layers(block)) for block in blocks)
+
+
 def check_estimator(settings: dict, n_blocks: int, name: str) -> None:
     """The configured Shapley estimator's parameters fit the game's players: the model's blocks,
-    or twice as many halves with ``shapley.players: halves``."""
+    or its halves or linear layers (``shapley.players``)."""
     from svnup.players import players_per_block
     from svnup.shapley import MAX_EXACT_BLOCKS, make_estimator
 
     shapley = settings["shapley"]
     estimator, window, stride = shapley["estimator"], shapley["window"], shapley["stride"]
     where = f"of model '{name}'"
-    n_players = n_blocks * players_per_block(cfg.players(settings))
+    kind = cfg.players(settings)
+    layers = kind == "layers"
+    n_players = cfg.n_players(settings) if layers else n_blocks * players_per_block(kind)
     if n_players == n_blocks:
         players = f"the model's {n_blocks} blocks"
     else:
-        players = f"the game's {n_players} players (the halves of {n_blocks} blocks)"
+        of = "linear layers" if layers else kind
+        players = f"the game's {n_players} players (the {of} of {n_blocks} blocks)"
     if estimator == "swsv" and window > n_players:
         raise ConfigError(
             f"config key 'shapley.window' {where}: window {window} exceeds {players}; "

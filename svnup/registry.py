@@ -37,12 +37,14 @@ class Pruner:
 
 @dataclass(frozen=True)
 class Metric:
-    """A per-block score of the dense model, from its weights and (if ``statistics``) the summed
-    squared inputs of each linear layer. ``function(layers, **params) -> float`` gets
-    ``{name: (weight, col_norm_sq or None)}`` for one block."""
+    """A score of the dense model, from its weights and (if ``statistics``) each linear layer's
+    calibration inputs: None, ``col_norm`` (summed squared inputs per column, from the calibration
+    record) or ``hessian`` (2/n X^T X, from a pass over the calibration tokens).
+    ``function(layers, **params)`` gets ``{name: (weight, statistic or None)}`` for one block and
+    returns its score, or a dict of one score per linear layer (each layer is then a player)."""
 
     function: str
-    statistics: bool
+    statistics: str | None
     reference: str
 
 
@@ -54,19 +56,23 @@ class Source:
     one), ``levels`` (the same at each of the probe sparsities in the method's ``levels``, as one
     [level, block] table), ``metric`` (a Metric of the dense model) or ``search`` (a search over
     allocations for one target and pruner). ``params`` names the method's parameters that the
-    scores depend on; the others only affect the mapping from scores to sparsities.
+    scores depend on; the others only affect the mapping from scores to sparsities. A search
+    with ``database`` reads the linear layers pruned at levels around its target (the levels
+    stage), which depend on the calibration, the pruner and these of its parameters.
     """
 
     kind: str
     name: str | None = None
     params: tuple[str, ...] = ()
+    database: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class Allocation:
     """A way to turn per-block scores into per-block sparsities with an exact weighted mean.
 
-    ``mapping(scores, params, target, bounds, **mapping_params)`` is in ``svnup.allocation``.
+    ``mapping(scores, params, target, bounds, **mapping_params)`` is in ``svnup.allocation``;
+    ``mapped`` names the parameters of the scores that the mapping reads too.
     """
 
     source: Source | None
@@ -74,11 +80,12 @@ class Allocation:
     params: dict[str, Param] = field(default_factory=dict)
     reference: str = ""
     published: str | None = None  # a published allocator's name in its paper; None: svnup's own
+    mapped: tuple[str, ...] = ()
 
     @property
     def mapping_params(self) -> tuple[str, ...]:
         shared = self.source.params if self.source else ()
-        return tuple(name for name in self.params if name not in shared)
+        return tuple(name for name in self.params if name not in shared or name in self.mapped)
 
 
 def _half_width(default: float, argument: str | None = "lam") -> Param:
@@ -114,19 +121,57 @@ PRUNERS: dict[str, Pruner] = {
 METRICS: dict[str, Metric] = {
     "owl": Metric(
         "svnup.metrics:owl_outlier_ratio",
-        statistics=True,
+        statistics="col_norm",
         reference="OWL (Yin et al., ICML 2024; luuyin/OWL): layerwise outlier distribution",
     ),
     "dlp": Metric(
         "svnup.metrics:dlp_mean_score",
-        statistics=True,
+        statistics="col_norm",
         reference="DLP (Chen et al., ICML 2025, arXiv 2505.23807; ironartisan/DLP)",
     ),
     "alphapruning": Metric(
         "svnup.metrics:alphapruning_alpha",
-        statistics=False,
+        statistics=None,
         reference="AlphaPruning (Lu et al., NeurIPS 2024; haiquanlu/AlphaPruning): alpha_peak",
     ),
+    "lsa": Metric(
+        "svnup.metrics:lsa_error",
+        statistics="hessian",
+        reference="LSA (Yang et al., ICLR 2026; BeiYazi0/LSA): least error of zeroing half the "
+        "inputs",
+    ),
+}
+
+
+def _counts(default: list[int], help_text: str) -> Param:
+    schema = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 1}}
+    return Param(default, schema, help_text)
+
+
+# EvoPress's parameters, with the reference's defaults (svnup.evopress says where svnup departs).
+EVOPRESS: dict[str, Param] = {
+    "probe_pruner": Param(
+        "sparsegpt",
+        {"enum": [*PRUNERS, "match"]},  # match: config.MATCH, each run's own pruner
+        "pruner of the level database (match: each run's pruner)",
+    ),
+    "num_levels": Param(
+        8, {"type": "integer", "minimum": 1}, "levels each side of the target: 17 in all"
+    ),
+    "weights_diff": Param(
+        0.03459,
+        {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "weights one level step moves, as a fraction of the mean linear layer's weights "
+        "(LLaMA-7B: 1,000,000)",
+    ),
+    "generations": Param(400, {"type": "integer", "minimum": 1}, "generations of the search"),
+    "offspring": Param(64, {"type": "integer", "minimum": 1}, "offspring per generation"),
+    "survivors": _counts([8, 2, 1], "candidates kept by each selection step"),
+    "tokens": _counts([2048, 16384, 65536], "calibration tokens each selection step scores on"),
+    "fitness": Param(
+        "kl", {"enum": ["kl", "ppl"]}, "kl: KL divergence from the dense model; ppl: perplexity"
+    ),
+    "seed": Param(0, {"type": "integer", "minimum": 0}, "seed of the mutations and minibatches"),
 }
 
 ALLOCATIONS: dict[str, Allocation] = {
@@ -210,6 +255,46 @@ ALLOCATIONS: dict[str, Allocation] = {
         },
         "ATP (Huang et al., ICML 2025; wzhuang-xmu/ATP): arithmetic progression over depth",
         published="ATP",
+    ),
+    "evopress": Allocation(
+        Source(
+            "search",
+            "evopress",
+            params=tuple(EVOPRESS),
+            database=("num_levels", "weights_diff"),
+        ),
+        "svnup.allocation:offset_allocation",
+        EVOPRESS,
+        "EvoPress (Sieberling et al., ICML 2025; IST-DASLab/EvoPress): evolutionary search over "
+        "the SparseGPT level of every linear layer",
+    ),
+    "lsa": Allocation(
+        Source("metric", "lsa", params=("granularity", "fraction", "group")),
+        "svnup.allocation:lsa_allocation",
+        {
+            "granularity": Param(
+                "block",
+                {"enum": ["block", "projection"]},
+                "block: one sparsity per block (the reference's lsa); projection: one per linear "
+                "layer (its lsac)",
+            ),
+            "beta": Param(
+                None,
+                {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+                "half-width of the sparsity range; null: the reference's (by block: 0.04 at 50%, "
+                "0.1 at 60%, 0.15 at 70%; by projection: 0.08)",
+            ),
+            "fraction": Param(
+                0.5,
+                {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+                "share of each group's input columns a row zeroes to measure the error",
+            ),
+            "group": Param(
+                128, {"type": "integer", "minimum": 1}, "input columns per group of the error"
+            ),
+        },
+        METRICS["lsa"].reference,
+        mapped=("granularity",),  # beta null depends on it
     ),
     "uniform": Allocation(None, "svnup.allocation:uniform_allocation", {}, "the same sparsity"),
 }

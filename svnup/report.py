@@ -124,26 +124,27 @@ def plot_shapley(
     players: list[dict] | None = None,
 ) -> None:
     """Per-block Shapley values with one standard error where the estimator has one; with
-    ``players`` (a game of block halves) one bar per half, side by side at its block."""
+    ``players`` (a game of block halves or linear layers) one bar per player, side by side at its
+    block, one colour per kind of player (attention and MLP, or q, k, v, ...)."""
     fig, ax = plt.subplots(figsize=(7, 3.5), layout="constrained")
     err = np.where(np.isfinite(stderr), stderr, 0.0)
     if players is None:
         ax.bar(np.arange(len(values)), values, yerr=err, capsize=3, color="tab:blue")
     else:
-        halves = [p["name"].split(".", 1)[1] for p in players]
-        for offset, (half, color) in zip((-0.2, 0.2), HALF_COLORS.items(), strict=True):
-            rows = [i for i, h in enumerate(halves) if h == half]
-            x = [players[i]["block"] + offset for i in rows]
-            ax.bar(x, values[rows], 0.4, yerr=err[rows], capsize=2, color=color, label=half)
-        ax.legend(fontsize=8)
+        kinds = [p["name"].split(".", 1)[1] for p in players]
+        order = list(dict.fromkeys(kinds))
+        width = 0.8 / len(order)
+        for slot, kind in enumerate(order):
+            rows = [i for i, k in enumerate(kinds) if k == kind]
+            x = [players[i]["block"] - 0.4 + width * (slot + 0.5) for i in rows]
+            color = f"C{slot % 10}"
+            ax.bar(x, values[rows], width, yerr=err[rows], capsize=2, color=color, label=kind)
+        ax.legend(fontsize=8 if len(order) <= 2 else 6, ncol=1 if len(order) <= 2 else 2)
     ax.set_xlabel("block")
     ax.set_ylabel("Shapley value (-mean NLL)")
     ax.set_title(title)
     plain_ticks(ax)
     _save(fig, path)
-
-
-HALF_COLORS = {"attention": "tab:blue", "mlp": "tab:orange"}
 
 
 def plot_sparsity(budgets: list[dict], path: Path, recommended: str | None = None) -> Figure:

@@ -55,10 +55,22 @@ def _schemas() -> dict:
     metric["properties"]["metric"]["enum"] = list(METRICS)
     metric["properties"].update(params("metric"))
     search = stages["search"]["spec"]
-    methods = [m for m, e in ALLOCATIONS.items() if e.source and e.source.kind == "search"]
-    search["properties"]["search"]["enum"] = methods
+    searches = {m: e for m, e in ALLOCATIONS.items() if e.source and e.source.kind == "search"}
+    search["properties"]["search"]["enum"] = list(searches)
     search["properties"].update(params("search"))
-    search["required"] += list(params("search"))
+    search["allOf"] = [
+        {
+            "if": {"properties": {"search": {"const": method}}},
+            "then": {"required": list(entry.source.params)},
+        }
+        for method, entry in searches.items()
+    ]
+    levels = stages["levels"]["spec"]
+    for entry in searches.values():
+        levels["properties"].update(
+            {name: copy.deepcopy(entry.params[name].schema) for name in entry.source.database}
+        )
+        levels["required"] += [n for n in entry.source.database if n not in levels["required"]]
     budget = stages["budget"]["spec"]
     budget["properties"]["method"]["enum"] = list(ALLOCATIONS)
     budget["allOf"] = []

@@ -361,11 +361,15 @@ def curve(spec: dict, scores: list[Path], out: Path) -> None:
 
 
 def metric(spec: dict, runtime: dict, model: dict, calibration: Path | None, out: Path) -> None:
-    """A per-block metric of the dense model (``svnup.registry.METRICS``), from its weights and,
-    where the metric needs them, the dense calibration statistics."""
+    """A metric of the dense model (``svnup.registry.METRICS``) for every block, or every linear
+    layer, from its weights and, where the metric needs them, the dense calibration statistics:
+    the recorded column norms, or Hessians from one pass of the calibration tokens through the
+    dense blocks."""
     from tqdm.auto import tqdm
 
+    from svnup.calibration import block_statistics, load_statistics
     from svnup.models import linear_layers
+    from svnup.players import make_players
     from svnup.registry import METRICS, choices, resolve
 
     name = spec["metric"]
@@ -376,34 +380,60 @@ def metric(spec: dict, runtime: dict, model: dict, calibration: Path | None, out
         raise ValueError(f"metric {name!r} needs --calibration (dense input statistics)")
     function = resolve(entry.function)
     params = {k: v for k, v in spec.items() if k not in ("metric", "calibration", "model")}
-    stats = None
+    ids, stats = None, None
     if entry.statistics:
-        from svnup.calibration import load_statistics
-
-        _, stats, _ = load_statistics(calibration)
+        ids, stats, _ = load_statistics(calibration)
     engine, _ = _load(model, runtime, with_tokenizer=False)
     start = time.perf_counter()
-    values = []
+    if entry.statistics == "hessian":
+        hidden, kwargs = engine.embed(ids)
+    scores = []
     for index, block in enumerate(tqdm(engine.blocks, desc=name)):
         with engine.on_device(block):
-            layers = {
-                layer_name: (layer.weight.data, stats[index][layer_name] if stats else None)
-                for layer_name, layer in linear_layers(block).items()
-            }
-            values.append(function(layers, **params))
-    write_scores(
-        out,
-        values,
-        source=f"metric:{name}",
-        spec=spec,
-        seconds=time.perf_counter() - start,
-        versions=versions(),
-    )
+            layers = linear_layers(block)
+            if entry.statistics == "hessian":
+                inputs, hidden = block_statistics(engine, index, hidden, kwargs, hessian=True)
+                statistic = {layer_name: s.pop_hessian() for layer_name, s in inputs.items()}
+            else:
+                statistic = stats[index] if stats else dict.fromkeys(layers)
+            scores.append(
+                function(
+                    {n: (layer.weight.data, statistic[n]) for n, layer in layers.items()},
+                    **params,
+                )
+            )
+    meta = {"source": f"metric:{name}", "spec": spec, "versions": versions()}
+    if isinstance(scores[0], dict):  # one score per linear layer: each layer is a player
+        shapes = [
+            {n: tuple(layer.weight.shape) for n, layer in linear_layers(block).items()}
+            for block in engine.blocks
+        ]
+        players = make_players("layers", shapes, engine.family.attention)
+        scores = [scores[p.block][p.layers[0]] for p in players]
+        meta["players"] = [p.to_dict() for p in players]
+    write_scores(out, scores, seconds=time.perf_counter() - start, **meta)
 
 
 def search(
-    spec: dict, runtime: dict, model: dict, sparsity: float, calibration: Path, out: Path
+    spec: dict,
+    runtime: dict,
+    model: dict,
+    sparsity: float,
+    calibration: Path,
+    out: Path,
+    database: Path | None = None,
 ) -> None:
+    """A search over allocations for one target and pruner: ATP's common difference over depth,
+    or EvoPress's per-linear levels (from the level ``database`` of the levels stage)."""
+    if spec["search"] == "evopress":
+        if database is None:
+            raise ValueError("evopress searches a level database: pass --database (stage levels)")
+        _evopress_search(spec, runtime, model, sparsity, calibration, database, Path(out))
+    else:
+        _atp_search(spec, runtime, model, sparsity, calibration, Path(out))
+
+
+def _atp_search(spec: dict, runtime: dict, model: dict, sparsity: float, calibration: Path, out):
     """ATP's search: the common difference beta of per-block sparsities S + beta * (b - (L-1)/2)
     with the lowest calibration loss after pruning with the run's pruner, on the reference's grid
     beta = step, 2 * step, ... up to the largest beta that keeps every block in [0, 1].
@@ -480,6 +510,150 @@ def _search(
         grid=grid,
         candidates=candidates,
         seconds=sum(c["seconds"] for c in candidates),
+        versions=versions(),
+    )
+    journal.remove()
+
+
+def levels(spec: dict, runtime: dict, model: dict, sparsity: float, calibration: Path, out: Path):
+    """EvoPress's level database for one target: every linear layer pruned at each level around
+    it (``svnup.evopress``), from the dense model's inputs, with the pruner ``spec`` names."""
+    from svnup.calibration import load_statistics
+    from svnup.evopress import (
+        Unit,
+        check_movable,
+        database_weights,
+        level_range,
+        save_database,
+        weights_per_step,
+    )
+    from svnup.models import linear_layers
+
+    ids, stats, _ = load_statistics(calibration)
+    engine, _ = _load(model, runtime, with_tokenizer=False)
+    shapes = [
+        (index, name, tuple(layer.weight.shape))
+        for index, block in enumerate(engine.blocks)
+        for name, layer in linear_layers(block).items()
+    ]
+    step = weights_per_step(spec["weights_diff"], [rows * cols for _, _, (rows, cols) in shapes])
+    check_movable(  # before any pruning
+        [
+            Unit(b, n, shape, *level_range(sparsity, shape[0] * shape[1], step, spec["num_levels"]))
+            for b, n, shape in shapes
+        ]
+    )
+    start = time.perf_counter()
+    units = database_weights(engine, ids, stats, spec["pruner"], sparsity, step, spec["num_levels"])
+    meta = {"spec": spec, "target": sparsity, "step": step, "dtype": str(engine.dtype)}
+    save_database(out, units, {**meta, "versions": versions()})
+    log.info(
+        "levels %s at %g: %d linear layers, %d weights a step, %.1f s",
+        spec["pruner"],
+        sparsity,
+        len(shapes),
+        step,
+        time.perf_counter() - start,
+    )
+
+
+def _evopress_search(
+    spec: dict,
+    runtime: dict,
+    model: dict,
+    sparsity: float,
+    calibration: Path,
+    database: Path,
+    out: Path,
+) -> None:
+    """EvoPress's evolutionary search (``svnup.evopress``) over the levels of ``database``, each
+    generation journalled, so a killed search resumes after its last finished generation. The
+    scores are each linear layer's sparsity offset from the target (a player per layer)."""
+    from svnup.calibration import load_statistics
+    from svnup.evopress import (
+        LevelDatabase,
+        LevelScorer,
+        check_movable,
+        generation,
+        generation_rng,
+        within_bounds,
+    )
+    from svnup.players import Player
+
+    ids, _, _ = load_statistics(calibration)
+    n_rows, seqlen = ids.shape
+    if len(spec["survivors"]) != len(spec["tokens"]):
+        raise ValueError(
+            f"allocation.evopress: {len(spec['survivors'])} selection steps in survivors but "
+            f"{len(spec['tokens'])} in tokens; give one token count per step"
+        )
+    if max(spec["tokens"]) > n_rows * seqlen:
+        raise ValueError(
+            f"allocation.evopress.tokens {max(spec['tokens'])} exceeds the {n_rows} x {seqlen} "
+            "calibration tokens; lower it or raise calibration.nsamples"
+        )
+    journal = JsonLines(out.with_suffix(".journal"))
+    history = journal.rows()
+    db = LevelDatabase(database)
+    try:
+        step = db.meta["step"]
+        if db.meta["target"] != sparsity:
+            raise ValueError(f"{database} holds levels around {db.meta['target']}, not {sparsity}")
+        bounds = (spec["min"], spec["max"])
+        units = [within_bounds(unit, sparsity, step, bounds) for unit in db.units]
+        check_movable(units)
+        parent = history[-1]["parent"] if history else [0] * len(units)
+        if history:
+            log.info("evopress: resuming after generation %d", len(history))
+        scorer = None
+        for index in range(len(history), spec["generations"]):
+            if scorer is None:
+                engine, _ = _load(model, runtime, with_tokenizer=False)
+                scorer = LevelScorer(engine, ids, db, units, spec["fitness"])
+            start, before = time.perf_counter(), scorer.evaluations
+            parent, fitness = generation(
+                parent,
+                units,
+                generation_rng(spec["seed"], index),
+                scorer,
+                spec["offspring"],
+                spec["survivors"],
+                spec["tokens"],
+                n_rows,
+                seqlen,
+            )
+            row = {
+                "generation": index,
+                "parent": parent,
+                "fitness": fitness,
+                "evaluations": scorer.evaluations - before,
+                "seconds": time.perf_counter() - start,
+            }
+            journal.append(row)
+            history.append(row)
+            log.info(
+                "evopress generation %d/%d: %s %.6g (%d candidates scored, %.1f s)",
+                index + 1,
+                spec["generations"],
+                spec["fitness"],
+                fitness,
+                row["evaluations"],
+                row["seconds"],
+            )
+    finally:
+        db.close()
+    players = [Player(u.block, (u.name,), u.numel, f"{u.block}.{u.name}") for u in units]
+    write_scores(
+        out,
+        [level * step / unit.numel for level, unit in zip(parent, units, strict=True)],
+        source="search:evopress",
+        spec=spec,
+        target=sparsity,
+        step=step,
+        chosen_levels=parent,
+        players=[player.to_dict() for player in players],
+        history=[{k: v for k, v in row.items() if k != "parent"} for row in history],
+        seconds=sum(row["seconds"] for row in history),
         versions=versions(),
     )
     journal.remove()

@@ -154,6 +154,8 @@ def test_an_unexpected_error_is_one_line_and_its_traceback_goes_to_the_log(tmp_p
 
 
 EVAL = {"dataset": "data.jsonl", "split": "test", "seqlen": 16}
+SEARCH = {"calibration": "0" * 12, "search": "atp", "pruner": "wanda", "min": 0, "max": 0.9}
+LEVELS = {"calibration": "0" * 12, "pruner": "wanda", "num_levels": 8, "weights_diff": 0.03}
 
 
 @pytest.mark.parametrize(
@@ -172,6 +174,9 @@ EVAL = {"dataset": "data.jsonl", "split": "test", "seqlen": 16}
         ("coalitions", "estimator", {"estimator": "swsv", "width": 0}, "key 'width': 0 is less"),
         ("coalitions", "estimator", {"estimator": "nope"}, "key 'estimator': 'nope' is not one"),
         ("search", "spec", {"search": "atp", "step": 0.5}, "key 'calibration': required key"),
+        ("search", "spec", {**SEARCH, "search": "evopress"}, "key 'probe_pruner': required"),
+        ("levels", "spec", {"calibration": "0" * 12, "pruner": "wanda"}, "key 'num_levels': req"),
+        ("levels", "spec", {**LEVELS, "weights_diff": 0}, "key 'weights_diff': 0 is less than or"),
         ("budget", "spec", {"method": "svnup", "min": 0, "max": 0.9}, "key 'calibration'"),
         (
             "budget",
@@ -251,6 +256,7 @@ def test_the_specs_the_workflow_builds_fit_the_stage_schemas():
             "evaluation.protocols": {"data/heldout.jsonl": "ptb"},
             "calibration.protocol": "ptb",
         },
+        {"shapley.players": "layers", "allocation.lsa": {"granularity": "projection"}},
         {"evaluation.zero_shot": {"tasks": ["toy_a"], "include_path": "tasks", "limit": 0.5}},
     ]
     for overrides in variants:
@@ -276,3 +282,5 @@ def test_the_specs_the_workflow_builds_fit_the_stage_schemas():
                 stage = {"levels": "curve", "metric": "metric", "search": "search"}.get(kind)
                 if stage:
                     check(stage, "spec", cfg.score_spec(s, method, pruner))
+                if cfg.database_spec(s, method, pruner) is not None:
+                    check("levels", "spec", cfg.database_spec(s, method, pruner))

@@ -1,26 +1,28 @@
-"""Attention and MLP halves as players: the evaluator against plain HF forwards, the budget per
-half, pruning per layer, the recipe, and the config's cache keys."""
+"""Attention and MLP halves, and single linear layers, as players: the evaluator against plain HF
+forwards, the budget per half, pruning per layer, the recipe, and the config's cache keys."""
 
 from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import build_tiny_llama, random_ids
+from workflow_fixture import tiny_config
 
 from svnup import config as cfg
-from svnup import export, stages
+from svnup import export, preflight, stages
 from svnup.allocation import allocate
 from svnup.calibration import dense_statistics, probe_masks, probe_shapes, save_probe
 from svnup.evaluator import CoalitionEvaluator
 from svnup.families import FAMILIES
 from svnup.io import read_json, write_scores
 from svnup.models import linear_layers, load_model
-from svnup.players import block_sparsities, layer_sparsities, make_players
+from svnup.players import block_sparsities, layer_sparsities, make_players, players_per_block
 from svnup.pruning import prune_model
 
 N_BLOCKS = 4
@@ -103,6 +105,45 @@ def test_half_coalitions_equal_plain_forwards_with_those_layers_masked(tiny):
         expected = _naive_nll(engine, ids, ablated, probes)
         assert got[mask] == pytest.approx(expected, rel=1e-5), hex(mask)
     assert evaluator.block_forwards < len(masks) * N_BLOCKS  # prefixes are shared
+
+
+def test_layers_are_each_linear_layer_of_each_block_in_block_order(tiny, tiny_opt_path):
+    _, engine, _, _ = tiny
+    players = make_players("layers", _shapes(engine), "self_attn")
+    assert [p.name for p in players] == [
+        f"{b}.{n}" for b in range(N_BLOCKS) for n in ATTENTION + MLP
+    ]
+    assert [p.layers for p in players[:2]] == [(ATTENTION[0],), (ATTENTION[1],)]
+    assert [p.params for p in players[:7]] == [32 * 32, 16 * 32, 16 * 32, 32 * 32, *[64 * 32] * 3]
+    assert sum(p.params for p in players) == sum(engine.block_params())
+    opt, _ = load_model(tiny_opt_path, with_tokenizer=False)
+    opt_players = make_players("layers", _shapes(opt), opt.family.attention)
+    assert len(opt_players) == 6 * opt.n_blocks
+    with pytest.raises(ValueError, match="count them on the model"):
+        players_per_block("layers")
+
+
+def test_layer_coalitions_equal_plain_forwards_with_those_layers_masked(tiny):
+    _, engine, calibration, probes = tiny
+    ids = calibration[:4]
+    players = make_players("layers", _shapes(engine), "self_attn")
+    evaluator = CoalitionEvaluator(engine, ids, probes=probes, players=players)
+    every = (1 << len(players)) - 1
+    # dense; q of block 0; k and down of block 1; one layer in each block; all of block 2 layer by
+    # layer; every layer but one; every layer
+    masks = [0, 1, (1 << 8) | (1 << 13), sum(1 << (7 * b + b) for b in range(N_BLOCKS))]
+    masks += [0b1111111 << 14, every ^ (1 << 20), every]
+    got = _evaluate(evaluator, masks)
+    for mask in masks:
+        ablated = {}
+        for bit, player in enumerate(players):
+            if (mask >> bit) & 1:
+                ablated.setdefault(player.block, []).extend(player.layers)
+        expected = _naive_nll(engine, ids, ablated, probes)
+        assert got[mask] == pytest.approx(expected, rel=1e-5), hex(mask)
+    blocks = _evaluate(CoalitionEvaluator(engine, ids, probes=probes), [0b0100])
+    assert got[0b1111111 << 14] == pytest.approx(blocks[0b0100], rel=1e-6)
+    assert evaluator.block_forwards < len(masks) * N_BLOCKS
 
 
 def test_both_halves_of_a_block_are_the_whole_block(tiny):
@@ -253,3 +294,31 @@ def test_players_are_a_store_key_only_when_not_whole_blocks():
     halves = {**settings, "shapley": {**settings["shapley"], "players": "halves"}}
     assert cfg.store_spec(halves) == {**blocks, "players": "halves"}
     assert cfg.key(cfg.store_spec(halves)) != cfg.key(blocks)
+    layers = {**settings, "shapley": {**settings["shapley"], "players": "layers"}}
+    assert cfg.store_spec(layers) == {**blocks, "players": "layers"}
+    assert len({cfg.key(cfg.store_spec(s)) for s in (settings, halves, layers)}) == 3
+
+
+def test_layer_players_are_counted_from_the_config_without_weights(tiny, tiny_opt_path):
+    path, _, _, _ = tiny
+    config = tiny_config(**{"shapley.players": "layers"})
+    settings = {**config["models"]["tiny"], "path": str(path), "revision": "main"}
+    settings = {**settings, "shapley": config["shapley"]}
+    assert cfg.n_players(settings) == 7 * N_BLOCKS
+    assert cfg.n_players({**settings, "path": str(tiny_opt_path)}) == 6 * 3
+    halves = {**settings, "shapley": {**config["shapley"], "players": "halves"}}
+    assert cfg.n_players(halves) == 2 * N_BLOCKS
+    demo = {**settings, "path": str(Path(__file__).parents[1] / "demo" / "model")}
+    assert cfg.n_players(demo) == 7 * 8  # the shipped demo model: a LLaMA of 8 blocks
+
+
+def test_estimator_is_checked_against_the_layer_count(tiny):
+    path, _, _, _ = tiny
+    config = tiny_config(**{"shapley.players": "layers", "shapley.estimator": "exact"})
+    config["models"]["tiny"]["path"] = str(path)
+    settings = cfg.model_settings(cfg.validate(config), "tiny")
+    message = "exact needs 2\\^28 coalitions for the game's 28 players \\(the linear layers of 4 "
+    with pytest.raises(cfg.ConfigError, match=message):
+        preflight.check_estimator(settings, N_BLOCKS, "tiny")
+    swsv = {**settings, "shapley": {**settings["shapley"], "estimator": "swsv", "window": 8}}
+    preflight.check_estimator(swsv, N_BLOCKS, "tiny")  # 8 of 28 layers: more than the 4 blocks

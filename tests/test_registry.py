@@ -75,3 +75,37 @@ def test_names_outside_the_registries_are_config_errors(path, value, message):
     node[path[-1]] = value
     with pytest.raises(cfg.ConfigError, match=message.replace(".", r"\.")):
         cfg.validate(config)
+
+
+def _config(**allocation) -> dict:
+    config = copy.deepcopy(yaml.safe_load((REPO / "config.yaml").read_text()))
+    config["allocation"].update(allocation)
+    return config
+
+
+def test_lsa_beta_is_checked_for_the_targets_it_runs_at():
+    config = _config()
+    config["targets"].update(sparsities=[0.5, 0.9], allocations=["uniform"])
+    cfg.validate(config)  # lsa is not run
+    config["targets"]["allocations"] = ["uniform", "lsa"]
+    with pytest.raises(cfg.ConfigError, match="'allocation.lsa.beta' of model 'demo': .*0.9"):
+        cfg.validate(config)
+    config["allocation"]["lsa"] = {"granularity": "projection"}  # one beta at every target
+    cfg.validate(config)
+    config["allocation"]["lsa"] = {"beta": 0.1}
+    cfg.validate(config)
+
+
+def test_evopress_selection_steps_are_checked_against_the_calibration():
+    config = _config()
+    config["targets"]["allocations"] = ["evopress"]
+    with pytest.raises(cfg.ConfigError, match="65536 tokens exceed the 32 x 128 calibration"):
+        cfg.validate(config)
+    config["allocation"]["evopress"] = {"tokens": [256, 4096], "survivors": [8, 2, 1]}
+    with pytest.raises(cfg.ConfigError, match="2 token counts for 3 selection steps"):
+        cfg.validate(config)
+    config["allocation"]["evopress"]["survivors"] = [8, 1]
+    cfg.validate(config)
+    config["targets"]["allocations"] = ["uniform"]  # a method the config never runs
+    config["allocation"]["evopress"] = {"tokens": [10**6]}
+    cfg.validate(config)

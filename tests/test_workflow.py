@@ -39,9 +39,28 @@ from svnup import zeroshot
 from svnup.registry import ALLOCATIONS, PRUNERS
 from svnup.store import read_records
 
+LLAMA_LAYERS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+
 pytestmark = pytest.mark.workflow
 
-MODEL_STAGES = {"calibrate", "probe", "coalitions", "shapley", "metric", "search"}
+MODEL_STAGES = {"calibrate", "probe", "coalitions", "shapley", "metric", "levels", "search"}
+# EvoPress at the size of the tiny project (8 calibration sequences of 48 tokens), on a Wanda
+# database (no Hessian pass)
+EVOPRESS = {
+    "probe_pruner": "wanda",
+    "generations": 2,
+    "offspring": 4,
+    "survivors": [2, 1],
+    "tokens": [96, 192],
+}
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +111,11 @@ def test_default_console_is_quiet(project):
 def test_every_registered_allocation_method_runs(project):
     """The registry, the schema, the wildcards and the rules agree: every method runs, and a
     method that searches with the run's pruner gets one search and one budget per pruner."""
-    overrides = {"allocation.atp": {"step": 0.05}, "allocation.svnup-fit": {"levels": [0.3, 0.5]}}
+    overrides = {
+        "allocation.atp": {"step": 0.05},
+        "allocation.svnup-fit": {"levels": [0.3, 0.5]},
+        "allocation.evopress": EVOPRESS,
+    }
     write_config(project, tiny_config(**overrides))
     targets = {method: f"results/tiny/s0.5/{method}/wanda/ppl.json" for method in ALLOCATIONS}
     targets["atp-magnitude"] = "results/tiny/s0.5/atp/magnitude/ppl.json"
@@ -442,6 +465,46 @@ def test_halves_play_a_game_of_their_own_and_prune_each_layer(project):
     assert max(masks) < 1 << 12 and any(m.bit_count() == 1 and m & 0xAAA for m in masks)
     write_config(project, tiny_config())
     assert not {"coalitions", "shapley", "budget", "prune"} & planned_jobs(project).keys()
+
+
+def test_evopress_and_lsa_by_projection_give_each_linear_layer_its_sparsity(project):
+    """EvoPress's level database is built once per target and pruner, its search journals and
+    resumes, and both per-linear methods reach pruning through the budget's layer players;
+    more generations re-run the search on the same database."""
+    evopress = {**EVOPRESS, "probe_pruner": "match", "generations": 3, "weights_diff": 0.05}
+    config = tiny_config(
+        **{"allocation.evopress": evopress, "allocation.lsa": {"granularity": "projection"}}
+    )
+    write_config(project, config)
+    targets = [f"results/tiny/s0.5/{m}/{p}/ppl.json" for m in ("evopress", "lsa") for p in PRUNERS]
+    plan = planned_jobs(project, *targets)
+    assert plan["levels"] == 3 and plan["search"] == 3 and plan["metric"] == 1, plan
+    searches, databases = "results/tiny/search/evopress/*/s0.5.json", "results/tiny/levels/evopress"
+    before = set(project.glob(searches)), set(project.glob(f"{databases}/*/s0.5.h5"))
+    snakemake(project, "--cores", "2", *targets)
+    names = [f"{b}.{layer}" for b in range(6) for layer in LLAMA_LAYERS]
+    for target in targets:
+        run = _ppl(project, target)
+        budget = run["budget"]
+        assert [p["name"] for p in budget["players"]] == names, target
+        assert budget["achieved"] == pytest.approx(0.5, abs=1e-9)
+        assert len(set(budget["player_sparsities"])) > 1, target
+        for block, layers in zip(run["pruning"]["blocks"], budget["layer_sparsities"], strict=True):
+            for layer in block["layers"]:
+                assert layer["sparsity"] == pytest.approx(layers[layer["name"]], abs=1 / 32)
+    new_searches = set(project.glob(searches)) - before[0]  # not the every-method test's
+    assert len(new_searches) == 3
+    for path in new_searches:
+        search = json.loads(path.read_text())
+        assert [h["generation"] for h in search["history"]] == [0, 1, 2]
+        assert not path.with_suffix(".journal").exists()
+        levels = search["chosen_levels"]
+        assert sum(levels) == 0 and any(levels), levels
+    assert len(set(project.glob(f"{databases}/*/s0.5.h5")) - before[1]) == 3
+    write_config(project, tiny_config(**{"allocation.evopress": {**evopress, "generations": 4}}))
+    plan = planned_jobs(project, *targets[:3])
+    assert plan["search"] == 3 and "levels" not in plan and "metric" not in plan, plan
+    write_config(project, tiny_config())
 
 
 def test_match_probe_is_each_pruners_own_game():
