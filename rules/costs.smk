@@ -139,9 +139,7 @@ def announce_gpu_time():
     if args is not None and (args.unlock or args.lint or args.cleanup_metadata):
         return
     paths = list(getattr(args, "targets", None) or [])
-    named = {
-        p.split("/")[1] for p in paths if p.startswith("results/") and "/" in p[8:]
-    }
+    named = {m for m in map(costs.result_model, paths) if m is not None}
     for model in sorted(named or config["targets"]["models"]):
         s = model_settings(model)
         if not s["device"].startswith("cuda") or cfg.is_workflow_path(s["path"]):

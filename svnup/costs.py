@@ -254,6 +254,12 @@ def summary(name: str, shape: Shape, jobs: Sequence[Job], dtype_bytes: int = 2) 
     )
 
 
+def result_model(target: str) -> str | None:
+    """The model a requested output belongs to (``results/MODEL/...``), if it is one."""
+    parts = target.split("/")
+    return parts[1] if len(parts) > 2 and parts[0] == "results" else None
+
+
 def model_config(path: str, revision: str | None = None) -> dict:
     """A model's config.json, from its folder or the hub (through the hub's cache; no torch)."""
     import json

@@ -441,3 +441,9 @@ def test_gpu_script_plans_the_reduced_protocol_and_prices_each_job(tmp_path):
     planned = costs.Job("coalitions", 8, 2048, forwards=1088, coalitions=65)
     assert rows[2]["predicted_s"] == costs.gpu_seconds(planned, seven_b)
     assert rows[2]["flops"] > rows[0]["flops"] > 0
+
+
+def test_the_gpu_time_is_announced_for_the_models_of_the_requested_outputs():
+    assert costs.result_model("results/llama-7b/s0.7/ppl.json") == "llama-7b"
+    assert costs.result_model("results/llama-7b") is None  # a folder, not an output of a model
+    assert costs.result_model("report/index.html") is None
