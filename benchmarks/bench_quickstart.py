@@ -6,7 +6,8 @@ recommended allocation ahead of uniform, OWL and ATP. This runs exactly what a u
     snakemake --cores all results/smollm2-135m/summary.csv
 
 in a fresh project folder (``benchmarks/.cache/quickstart/project``: this checkout's workflow and
-its config.yaml, with ``../shared`` beside it as the entry's data paths expect, and an empty token
+its config.yaml, the entry's hub datasets c4 and wikitext2 replaced by their local copies in
+``../shared/data`` with the same protocols, since the machine is offline, and an empty token
 cache), so the wall time includes the GGUF conversion and the tokenisation. It samples the
 machine's load while the run lasts (other processes share the cores), then writes the perplexity
 per allocation, the recommended allocation's margins, the wall time and the CPU seconds of each
@@ -55,13 +56,24 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def fresh_project(workdir: Path, shared: Path) -> Path:
-    """An empty project that runs this checkout's workflow and config, ``shared`` beside it."""
+    """An empty project that runs this checkout's workflow and config, the entry's hub datasets
+    read from their copies in ``shared``."""
     if workdir.exists():
         shutil.rmtree(workdir)
     project = workdir / "project"
     project.mkdir(parents=True)
-    (workdir / "shared").symlink_to(shared.resolve(), target_is_directory=True)
-    shutil.copy(REPO / "config.yaml", project / "config.yaml")
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    entry = config["models"][MODEL]
+    assert entry["calibration"]["dataset"] == "c4" and entry["evaluation"]["datasets"] == [
+        "wikitext2"
+    ], "the quick start entry's datasets changed; update the local copies below"
+    wikitext = str((shared / "data" / "wikitext-2-raw-v1").resolve())
+    entry["calibration"] |= {
+        "dataset": str((shared / "data" / "c4" / "c4-validation-2k.jsonl").resolve()),
+        "protocol": "c4",
+    }
+    entry["evaluation"] |= {"datasets": [wikitext], "protocols": {wikitext: "wikitext2"}}
+    (project / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return project
 
 
@@ -140,7 +152,7 @@ def _margin(value: float, other: float) -> str:
 
 def report(project: Path, wall: float, cpu: float, loads: list[float]) -> str:
     ppl = perplexities(project)
-    entry = yaml.safe_load((REPO / "config.yaml").read_text())["models"][MODEL]
+    entry = yaml.safe_load((project / "config.yaml").read_text())["models"][MODEL]
     recommended = entry["allocation"]["method"]
     stages = stage_seconds(project)
     jobs_cpu = sum(s[2] for s in stages.values())
@@ -148,8 +160,8 @@ def report(project: Path, wall: float, cpu: float, loads: list[float]) -> str:
         f"# Quick start: {MODEL}",
         "",
         f"- command: `time snakemake --cores all {TARGET}` in a fresh project (made by "
-        "`python benchmarks/bench_quickstart.py`: this checkout's config.yaml, empty results/ "
-        "and token cache)",
+        "`python benchmarks/bench_quickstart.py`: this checkout's config.yaml with the local "
+        "copies of c4 and wikitext2, empty results/ and token cache)",
         f"- date: {datetime.now(UTC).isoformat(timespec='seconds')}",
         f"- machine: {platform.machine()}, {os.cpu_count()} cores; 1-minute load average during "
         f"the run: mean {sum(loads) / len(loads):.1f}, min {min(loads):.1f}, max {max(loads):.1f} "

@@ -222,7 +222,8 @@ def _inputs(tmp_path):
         ]
     ).to_csv(summary, index=False)
     budget = tmp_path / "budget.json"
-    write_json(budget, {"target": 0.5, "spec": {"method": "svnup"}, "sparsities": [0.4, 0.6]})
+    plan = {"target": 0.5, "achieved": 0.5, "spec": {"method": "svnup"}, "sparsities": [0.4, 0.6]}
+    write_json(budget, plan | {"block_params": [10, 10], "importance": [1, 0], "scores": [1, 0]})
     shapley = tmp_path / "scores.json"
     write_scores(shapley, [0.1, -0.2], [0.01, None])
     return summary, budget, shapley
