@@ -63,6 +63,8 @@ VARIANTS = {
         "svnup-fit",
         {"shapley": {"players": "halves", "probe_pruner": "match", "targets": "dense"}},
     ),
+    "svnup-fit-layers": ("svnup-fit", {"shapley": {"players": "layers", "probe_pruner": "match"}}),
+    "lsa-projection": ("lsa", {"allocation": {"lsa": {"granularity": "projection"}}}),
 }
 # The recommended allocation (README "Allocation on real models"): SV-NUP-fit on half-block players,
 # each pruner's games probed with that pruner. Where that variant did not run, the block games with
@@ -88,7 +90,12 @@ NAMES = {
     "svnup-fit-kl-sparsegpt": "SV-NUP-fit (KL games, SparseGPT probe)",
     "svnup-fit-halves": "SV-NUP-fit (halves, matched probe)",
     "svnup-fit-halves-kl": "SV-NUP-fit (halves, KL games, matched probe)",
+    "svnup-fit-layers": "SV-NUP-fit (linear layers, matched probe)",
+    "lsa-projection": "LSA (by projection)",
 }
+# Methods that search once per target (ATP also once per pruner); EvoPress's cost includes its
+# level database.
+PER_TARGET = {"atp": "once per target and pruner", "evopress": "once per target"}
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -244,6 +251,12 @@ def probe_seconds(folder: Path, settings: dict, model: str, method: str, pruner:
     return total
 
 
+def level_seconds(folder: Path, model: str, method: str, target: float) -> float:
+    """Seconds of the level database that ``method``'s search at ``target`` reads (EvoPress's)."""
+    records = sorted(folder.glob(f"results/{model}/benchmarks/levels/{method}/*/s{target}.tsv"))
+    return sum(float(pd.read_csv(tsv, sep="\t")["s"].iloc[0]) for tsv in records)
+
+
 def collect(args: argparse.Namespace, config: dict, folders: dict[str, tuple[Path, dict]]) -> dict:
     grid, model = config["targets"], args.model
     rows, allocations = [], {}
@@ -254,6 +267,7 @@ def collect(args: argparse.Namespace, config: dict, folders: dict[str, tuple[Pat
             probes = probe_seconds(folder, settings, model, method, pruner)
             for target in grid["sparsities"]:
                 run = _run(folder, model, target, method, pruner)
+                database = level_seconds(folder, model, method, target)
                 ((dataset, ppl),) = run["perplexity"].items()
                 rows.append(
                     {
@@ -264,7 +278,7 @@ def collect(args: argparse.Namespace, config: dict, folders: dict[str, tuple[Pat
                         "windows": run["evaluations"][dataset]["windows"],
                         "prune_seconds": run["pruning"]["seconds"],
                         "coalitions": run["budget"]["scores"]["n_coalitions"] or 0,
-                        "seconds": (run["budget"]["scores"]["seconds"] or 0.0) + probes,
+                        "seconds": (run["budget"]["scores"]["seconds"] or 0.0) + probes + database,
                     }
                 )
                 allocations[(label, pruner, target)] = run["budget"]["sparsities"]
@@ -378,8 +392,8 @@ def report(args: argparse.Namespace, config: dict, numbers: dict, wall: dict) ->
     lines += _header("method", "coalitions", "seconds", "x SparseGPT pass", "computed")
     for method in methods:
         runs = table[table["method"] == method]
-        per_run = "once per target and pruner" if method == "atp" else "once"
-        seconds = runs["seconds"].mean() if method == "atp" else runs["seconds"].max()
+        per_run = PER_TARGET.get(method, "once")
+        seconds = runs["seconds"].mean() if method in PER_TARGET else runs["seconds"].max()
         lines.append(
             _row(
                 NAMES.get(method, method),
@@ -391,9 +405,9 @@ def report(args: argparse.Namespace, config: dict, numbers: dict, wall: dict) ->
         )
     lines += [
         "",
-        f"One SparseGPT pass: {reference:.0f} s. ATP searches for every target and pruner (its "
-        "row is the mean search); the other scores are computed once and reused for every target "
-        "and pruner.",
+        f"One SparseGPT pass: {reference:.0f} s. ATP searches for every target and pruner, "
+        "EvoPress for every target (its level database included); their rows are the mean "
+        "search. The other scores are computed once and reused for every target and pruner.",
         "",
         f"## Per-block sparsity at the middle target ({shown})",
         "",

@@ -2,6 +2,7 @@
 and the time per stage come from the files of the run it timed."""
 
 import importlib.util
+import shutil
 from pathlib import Path
 
 import yaml
@@ -40,6 +41,7 @@ def test_report_tabulates_the_timed_run(tmp_path):
         "convert_gguf": (1, 60.0, 45.0),
         "prune": (2, 90.0, 65.0),
     }
+    shutil.copy(bench.REPO / "config.yaml", tmp_path / "config.yaml")
     text = bench.report(tmp_path, wall=600.0, cpu=180.0, loads=[2.0, 4.0])
     entry = yaml.safe_load((bench.REPO / "config.yaml").read_text())["models"][bench.MODEL]
     assert entry["allocation"]["method"] == "svnup-fit"
@@ -51,3 +53,16 @@ def test_report_tabulates_the_timed_run(tmp_path):
     assert "of which the jobs' own 2.1 min" in text
     assert "mean 3.0, min 2.0, max 4.0" in text
     assert "| prune | 2 | 90 | 65 |" in text
+
+
+def test_the_project_reads_the_local_copies_of_the_hub_datasets(tmp_path):
+    bench = _script()
+    project = bench.fresh_project(tmp_path / "work", tmp_path / "shared")
+    entry = yaml.safe_load((project / "config.yaml").read_text())["models"][bench.MODEL]
+    wikitext = str((tmp_path / "shared/data/wikitext-2-raw-v1").resolve())
+    assert entry["calibration"]["dataset"] == str(
+        (tmp_path / "shared/data/c4/c4-validation-2k.jsonl").resolve()
+    )
+    assert entry["calibration"]["protocol"] == "c4"
+    assert entry["evaluation"]["datasets"] == [wikitext]
+    assert entry["evaluation"]["protocols"] == {wikitext: "wikitext2"}
