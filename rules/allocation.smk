@@ -60,6 +60,7 @@ rule search:
         calibration=lambda wc: calibration_path(wc.model, settings(wc)),
         model=lambda wc: local_inputs(model_path(wc)),
         database=search_database,
+        start=search_start,
     output:
         "results/{model}/search/{allocation}/{key}/s{sparsity}.json",
     log:
@@ -77,12 +78,14 @@ rule search:
         database=lambda wc, input: (
             f"--database {input.database}" if input.database else ""
         ),
+        start=lambda wc, input: f"--start {input.start}" if input.start else "",
     shell:
         "python -m svnup search --spec {params.spec:q} --model {params.model:q} "
         "--sparsity {params.target} "
         "--device {resources.device} --batch-size {resources.batch_size} "
         "--offload {resources.offload} --threads {threads} "
-        "--calibration {input.calibration} {params.database} --out {output} > {log} 2>&1"
+        "--calibration {input.calibration} {params.database} {params.start} "
+        "--out {output} > {log} 2>&1"
 
 
 rule budget:

@@ -365,19 +365,37 @@ def search_spec_json(wildcards):
     )
 
 
-def search_database(wildcards):
-    """The level database of a search (none for a search that reads none)."""
+def search_pruner_of(wildcards):
+    """The run pruner whose search spec has the path's key."""
     s = settings(wildcards)
     for pruner in PRUNERS:
         if cfg.key(cfg.score_spec(s, wildcards.allocation, pruner)) == wildcards.key:
-            path = database_path(
-                wildcards.model, s, wildcards.allocation, wildcards.sparsity, pruner
-            )
-            return [] if path is None else path
+            return pruner
     fail(
         f"search key {wildcards.key} does not match the current config; "
         "request the user-facing targets instead"
     )
+
+
+def search_database(wildcards):
+    """The level database of a search (none for a search that reads none)."""
+    path = database_path(
+        wildcards.model,
+        settings(wildcards),
+        wildcards.allocation,
+        wildcards.sparsity,
+        search_pruner_of(wildcards),
+    )
+    return [] if path is None else path
+
+
+def search_start(wildcards):
+    """The budget a search starts from (none for a search from uniform)."""
+    s = settings(wildcards)
+    start = cfg.search_start(s, wildcards.allocation, search_pruner_of(wildcards))
+    if start is None:
+        return []
+    return budget_path(wildcards.model, s, start[0], wildcards.sparsity, start[1])
 
 
 def levels_spec_json(wildcards):

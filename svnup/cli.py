@@ -48,7 +48,7 @@ STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
     "search": (
         "search an allocation for one target (ATP, EvoPress)",
-        ("spec", "model", "sparsity", "calibration", "out", "database?"),
+        ("spec", "model", "sparsity", "calibration", "out", "database?", "start?"),
     ),
     "budget": (
         "per-block sparsities for one target",
@@ -107,6 +107,7 @@ OPTION_HELP = {
     "calibration": "calibration record (HDF5) written by the calibrate stage",
     "masks": "probe masks (HDF5) written by the probe stage; needed by the prune ablation",
     "database": "linear layers pruned at levels (HDF5) written by the levels stage (EvoPress)",
+    "start": "budget (JSON) a search starts from (EvoPress's start: svnup-fit)",
     "store": "coalition store folder shared by every job of this model and calibration",
     "out": "output file",
     "jobs": "coalition job files (HDF5) to aggregate",

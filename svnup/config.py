@@ -619,7 +619,7 @@ def probe_levels(settings: dict) -> list[float]:
 
 def score_spec(settings: dict, method: str, pruner: str) -> dict | None:
     """What allocation ``method``'s per-block scores depend on; None if it reads none."""
-    from svnup.registry import ALLOCATIONS, method_params
+    from svnup.registry import ALLOCATIONS, keyed_params, method_params
 
     source = ALLOCATIONS[method].source
     if source is None:
@@ -633,10 +633,26 @@ def score_spec(settings: dict, method: str, pruner: str) -> dict | None:
         levels = values["levels"]
         games = [key(shapley_spec(at_probe(settings, p), source.name)) for p in levels]
         return {"levels": levels, "shapley": games}
-    params = {name: values[name] for name in source.params}
+    params = keyed_params(method, values, source.params)
     if source.kind == "metric":
         return metric_spec(settings, source.name, params)
-    return search_spec(settings, method, params, search_pruner(values, pruner))
+    spec = search_spec(settings, method, params, search_pruner(values, pruner))
+    start = search_start(settings, method, pruner)
+    if start is not None:
+        spec["start_budget"] = key(budget_spec(settings, *start))
+    return spec
+
+
+def search_start(settings: dict, method: str, pruner: str | None) -> tuple[str, str] | None:
+    """The (allocation, pruner) of the budget a search starts from: the method's ``start``
+    allocation for the target, pruned with the search's pruner; None for a search from uniform."""
+    from svnup.registry import ALLOCATIONS, method_params
+
+    source = ALLOCATIONS[method].source
+    values = method_params(settings["allocation"], method)
+    if source is None or source.kind != "search" or values.get("start", "uniform") == "uniform":
+        return None
+    return values["start"], search_pruner(values, pruner)
 
 
 def search_pruner(values: dict, pruner: str | None) -> str | None:

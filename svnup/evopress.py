@@ -199,6 +199,41 @@ def generation_rng(seed: int, index: int) -> random.Random:
     return random.Random(f"evopress:{seed}:{index}")
 
 
+def nearest_levels(
+    units: Sequence[Unit], sparsities: Sequence[float], target: float, step: int
+) -> Levels:
+    """The allocation nearest per-unit ``sparsities`` whose levels sum to 0: each unit at its
+    nearest level within its range, then, while the sum is off, the unit rounded furthest the
+    wrong way (within range) moved a level toward its exact level, one level at a time."""
+    exact = [(s - target) * u.numel / step for u, s in zip(units, sparsities, strict=True)]
+    levels = [
+        min(max(round(x), u.lowest), u.highest) for u, x in zip(units, exact, strict=True)
+    ]
+    while (total := sum(levels)) != 0:
+        move = -1 if total > 0 else 1
+        movable = [
+            i for i, u in enumerate(units) if u.lowest <= levels[i] + move <= u.highest
+        ]  # never empty: every range holds 0, so the sum can reach 0
+        index = max(movable, key=lambda i: (levels[i] - exact[i]) * -move)
+        levels[index] += move
+    return levels
+
+
+def plateaued(fitness: Sequence[float], patience: int | None, tolerance: float) -> bool:
+    """Whether the last ``patience`` generations' fitness (lower is better) all failed to fall
+    below the best before them by more than ``tolerance`` of it; never with ``patience`` None.
+    A fall within the tolerance is not an improvement and leaves the best where it was."""
+    if patience is None or not fitness:
+        return False
+    best, stale = fitness[0], 0
+    for value in fitness[1:]:
+        if value < best - tolerance * abs(best):
+            best, stale = value, 0
+        else:
+            stale += 1
+    return stale >= patience
+
+
 # --- the level database -------------------------------------------------------------------
 
 

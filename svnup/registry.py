@@ -22,6 +22,9 @@ class Param:
     schema: dict[str, Any]
     help: str
     argument: str | None = None  # the mapping's keyword, where the config key is not a valid one
+    # added after results were cached: enters a cache key only when set to another value than
+    # its default, so the keys of configurations that leave it alone do not change
+    optional: bool = False
 
 
 @dataclass(frozen=True)
@@ -172,6 +175,27 @@ EVOPRESS: dict[str, Param] = {
         "kl", {"enum": ["kl", "ppl"]}, "kl: KL divergence from the dense model; ppl: perplexity"
     ),
     "seed": Param(0, {"type": "integer", "minimum": 0}, "seed of the mutations and minibatches"),
+    # svnup's own, beyond the reference (svnup.evopress)
+    "start": Param(
+        "uniform",
+        {"enum": ["uniform", "svnup-fit"]},
+        "allocation the search starts from: uniform (the reference's) or svnup-fit's for the "
+        "same target and the database's pruner",
+        optional=True,
+    ),
+    "patience": Param(
+        None,
+        {"type": ["integer", "null"], "minimum": 1},
+        "stop after this many generations without improving the best fitness (null: run every "
+        "generation, the reference's)",
+        optional=True,
+    ),
+    "tolerance": Param(
+        0.0,
+        {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
+        "relative fall of the best fitness that counts as an improvement (with patience)",
+        optional=True,
+    ),
 }
 
 ALLOCATIONS: dict[str, Allocation] = {
@@ -311,6 +335,17 @@ def method_params(section: dict, method: str) -> dict[str, float]:
     entry = ALLOCATIONS[method]
     given = section.get(method) or {}
     return {name: given.get(name, param.default) for name, param in entry.params.items()}
+
+
+def keyed_params(method: str, values: dict, names) -> dict:
+    """The parameters ``names`` of ``method`` that enter a cache key: each optional one only
+    where ``values`` sets it to another value than its default."""
+    params = ALLOCATIONS[method].params
+    return {
+        name: values[name]
+        for name in names
+        if not (params[name].optional and values[name] == params[name].default)
+    }
 
 
 def choices(table: dict) -> str:

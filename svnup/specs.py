@@ -61,7 +61,9 @@ def _schemas() -> dict:
     search["allOf"] = [
         {
             "if": {"properties": {"search": {"const": method}}},
-            "then": {"required": list(entry.source.params)},
+            "then": {
+                "required": [n for n in entry.source.params if not entry.params[n].optional]
+            },
         }
         for method, entry in searches.items()
     ]

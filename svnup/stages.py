@@ -422,13 +422,19 @@ def search(
     calibration: Path,
     out: Path,
     database: Path | None = None,
+    start: Path | None = None,
 ) -> None:
     """A search over allocations for one target and pruner: ATP's common difference over depth,
-    or EvoPress's per-linear levels (from the level ``database`` of the levels stage)."""
+    or EvoPress's per-linear levels (from the level ``database`` of the levels stage), from
+    uniform or from the ``start`` budget its spec names."""
     if spec["search"] == "evopress":
         if database is None:
             raise ValueError("evopress searches a level database: pass --database (stage levels)")
-        _evopress_search(spec, runtime, model, sparsity, calibration, database, Path(out))
+        if "start_budget" in spec and start is None:
+            raise ValueError(
+                f"this search starts from {spec['start']}'s allocation: pass --start (its budget)"
+            )
+        _evopress_search(spec, runtime, model, sparsity, calibration, database, Path(out), start)
     else:
         _atp_search(spec, runtime, model, sparsity, calibration, Path(out))
 
@@ -565,10 +571,13 @@ def _evopress_search(
     calibration: Path,
     database: Path,
     out: Path,
+    start: Path | None = None,
 ) -> None:
     """EvoPress's evolutionary search (``svnup.evopress``) over the levels of ``database``, each
-    generation journalled, so a killed search resumes after its last finished generation. The
-    scores are each linear layer's sparsity offset from the target (a player per layer)."""
+    generation journalled, so a killed search resumes after its last finished generation. It
+    starts from uniform, or from the ``start`` budget's per-layer sparsities at their nearest
+    levels with the exact total, and with ``patience`` stops early on a plateau. The scores
+    are each linear layer's sparsity offset from the target (a player per layer)."""
     from svnup.calibration import load_statistics
     from svnup.evopress import (
         LevelDatabase,
@@ -576,6 +585,8 @@ def _evopress_search(
         check_movable,
         generation,
         generation_rng,
+        nearest_levels,
+        plateaued,
         within_bounds,
     )
     from svnup.players import Player
@@ -602,11 +613,18 @@ def _evopress_search(
         bounds = (spec["min"], spec["max"])
         units = [within_bounds(unit, sparsity, step, bounds) for unit in db.units]
         check_movable(units)
-        parent = history[-1]["parent"] if history else [0] * len(units)
+        first = [0] * len(units)
+        if "start_budget" in spec:
+            sparsities = _start_sparsities(start, spec["start_budget"], sparsity, units)
+            first = nearest_levels(units, sparsities, sparsity, step)
+        parent = history[-1]["parent"] if history else first
         if history:
             log.info("evopress: resuming after generation %d", len(history))
         scorer = None
+        patience, tolerance = spec.get("patience"), spec.get("tolerance", 0.0)
         for index in range(len(history), spec["generations"]):
+            if plateaued([row["fitness"] for row in history], patience, tolerance):
+                break
             if scorer is None:
                 engine, _ = _load(model, runtime, with_tokenizer=False)
                 scorer = LevelScorer(engine, ids, db, units, spec["fitness"])
@@ -651,12 +669,35 @@ def _evopress_search(
         target=sparsity,
         step=step,
         chosen_levels=parent,
+        start_levels=first,
         players=[player.to_dict() for player in players],
+        generations_run=len(history),
+        stopped="plateau" if len(history) < spec["generations"] else "generations",
         history=[{k: v for k, v in row.items() if k != "parent"} for row in history],
         seconds=sum(row["seconds"] for row in history),
         versions=versions(),
     )
     journal.remove()
+
+
+def _start_sparsities(path: Path | None, budget_key: str, target: float, units) -> list[float]:
+    """Each unit's sparsity in the budget a search starts from: its linear layer's, or where the
+    budget's players are blocks, its block's."""
+    from svnup.config import key
+
+    plan = read_json(path)
+    if key(plan["spec"]) != budget_key or plan["target"] != target:
+        raise ValueError(
+            f"{path} is not the budget this search starts from (key {budget_key}, target "
+            f"{target}); pass the one the workflow builds for it"
+        )
+    layers = plan.get("layer_sparsities")
+    try:
+        if layers is None:
+            return [float(plan["sparsities"][u.block]) for u in units]
+        return [float(layers[u.block][u.name]) for u in units]
+    except (IndexError, KeyError):
+        raise corrupt(path, "its sparsities do not name every linear layer of the model") from None
 
 
 def _linear_weights(engine) -> list[dict]:
