@@ -65,6 +65,8 @@ VARIANTS = {
     ),
     "svnup-fit-layers": ("svnup-fit", {"shapley": {"players": "layers", "probe_pruner": "match"}}),
     "lsa-projection": ("lsa", {"allocation": {"lsa": {"granularity": "projection"}}}),
+    # the search starts where svnup-fit's games end: its folder plays them too (a search input)
+    "evopress-seeded": ("evopress", {"allocation": {"evopress": {"start": "svnup-fit"}}}),
 }
 # The recommended allocation (README "Allocation on real models"): SV-NUP-fit on half-block players,
 # each pruner's games probed with that pruner. Where that variant did not run, the block games with
@@ -92,6 +94,7 @@ NAMES = {
     "svnup-fit-halves-kl": "SV-NUP-fit (halves, KL games, matched probe)",
     "svnup-fit-layers": "SV-NUP-fit (linear layers, matched probe)",
     "lsa-projection": "LSA (by projection)",
+    "evopress-seeded": "EvoPress seeded by SV-NUP-fit",
 }
 # Methods that search once per target (ATP also once per pruner); EvoPress's cost includes its
 # level database.
@@ -257,6 +260,22 @@ def level_seconds(folder: Path, model: str, method: str, target: float) -> float
     return sum(float(pd.read_csv(tsv, sep="\t")["s"].iloc[0]) for tsv in records)
 
 
+def start_cost(folder: Path, settings: dict, model: str, method: str, pruner: str, target) -> tuple:
+    """(seconds, coalitions) of the allocation a search of ``method`` starts from (EvoPress's
+    start: svnup-fit): its games and probes, which a seeded search's cost includes."""
+    start = cfg.search_start(settings, method, pruner)
+    if start is None:
+        return 0.0, 0
+    with contextlib.chdir(folder):
+        key = cfg.key(cfg.budget_spec(settings, *start))
+    budget = json.loads(
+        (folder / f"results/{model}/budget/{start[0]}/{key}/s{target}.json").read_text()
+    )
+    scores = budget["scores"]
+    probes = probe_seconds(folder, settings, model, start[0], start[1])
+    return (scores["seconds"] or 0.0) + probes, scores["n_coalitions"] or 0
+
+
 def collect(args: argparse.Namespace, config: dict, folders: dict[str, tuple[Path, dict]]) -> dict:
     grid, model = config["targets"], args.model
     rows, allocations = [], {}
@@ -268,6 +287,9 @@ def collect(args: argparse.Namespace, config: dict, folders: dict[str, tuple[Pat
             for target in grid["sparsities"]:
                 run = _run(folder, model, target, method, pruner)
                 database = level_seconds(folder, model, method, target)
+                seeded, seed_coalitions = start_cost(
+                    folder, settings, model, method, pruner, target
+                )
                 ((dataset, ppl),) = run["perplexity"].items()
                 rows.append(
                     {
@@ -277,8 +299,12 @@ def collect(args: argparse.Namespace, config: dict, folders: dict[str, tuple[Pat
                         "ppl": ppl,
                         "windows": run["evaluations"][dataset]["windows"],
                         "prune_seconds": run["pruning"]["seconds"],
-                        "coalitions": run["budget"]["scores"]["n_coalitions"] or 0,
-                        "seconds": (run["budget"]["scores"]["seconds"] or 0.0) + probes + database,
+                        "coalitions": (run["budget"]["scores"]["n_coalitions"] or 0)
+                        + seed_coalitions,
+                        "seconds": (run["budget"]["scores"]["seconds"] or 0.0)
+                        + probes
+                        + database
+                        + seeded,
                     }
                 )
                 allocations[(label, pruner, target)] = run["budget"]["sparsities"]

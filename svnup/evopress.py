@@ -206,9 +206,7 @@ def nearest_levels(
     nearest level within its range, then, while the sum is off, the unit rounded furthest the
     wrong way (within range) moved a level toward its exact level, one level at a time."""
     exact = [(s - target) * u.numel / step for u, s in zip(units, sparsities, strict=True)]
-    levels = [
-        min(max(round(x), u.lowest), u.highest) for u, x in zip(units, exact, strict=True)
-    ]
+    levels = [min(max(round(x), u.lowest), u.highest) for u, x in zip(units, exact, strict=True)]
     while (total := sum(levels)) != 0:
         move = -1 if total > 0 else 1
         movable = [

@@ -61,9 +61,7 @@ def _schemas() -> dict:
     search["allOf"] = [
         {
             "if": {"properties": {"search": {"const": method}}},
-            "then": {
-                "required": [n for n in entry.source.params if not entry.params[n].optional]
-            },
+            "then": {"required": [n for n in entry.source.params if not entry.params[n].optional]},
         }
         for method, entry in searches.items()
     ]

@@ -6,6 +6,8 @@ scores candidates with full HF forwards; the level database; the exact total; re
 from __future__ import annotations
 
 import copy
+import itertools
+import json
 import random
 
 import numpy as np
@@ -14,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from conftest import build_tiny_llama, random_ids
 
+from svnup import config as cfg
 from svnup import stages
 from svnup.calibration import dense_statistics, probe_masks, save_statistics, sparsegpt_probe
 from svnup.evopress import (
@@ -24,7 +27,9 @@ from svnup.evopress import (
     generation_rng,
     level_range,
     level_sparsity,
+    nearest_levels,
     offspring,
+    plateaued,
     weights_per_step,
     within_bounds,
 )
@@ -171,6 +176,50 @@ def test_selection_is_the_references_multi_step_selection():
     assert parent != [0] * 10 and sum(parent) == 0
 
 
+def test_nearest_levels_are_the_l1_nearest_allocation_with_the_exact_total():
+    """Against every allocation of small random instances: the levels sum to 0 within each
+    unit's range and lie as near the exact levels as any that do; unrepaired ones are rounded."""
+    rng = np.random.default_rng(0)
+    step, target, unrepaired = 50, 0.5, 0
+    for _ in range(300):
+        units = [
+            Unit(0, str(i), (10, int(rng.integers(5, 40))), -int(rng.integers(0, 4)), 0)
+            for i in range(5)
+        ]
+        units = [Unit(0, u.name, u.shape, u.lowest, int(rng.integers(0, 4))) for u in units]
+        sparsities = rng.uniform(0.0, 1.0, size=5)
+        exact = np.array(
+            [(x - target) * u.numel / step for u, x in zip(units, sparsities, strict=True)]
+        )
+        got = nearest_levels(units, sparsities.tolist(), target, step)
+        assert sum(got) == 0
+        assert all(u.lowest <= g <= u.highest for u, g in zip(units, got, strict=True))
+        ranges = [range(u.lowest, u.highest + 1) for u in units]
+        best = min(
+            np.abs(np.array(c) - exact).sum() for c in itertools.product(*ranges) if sum(c) == 0
+        )
+        assert np.abs(np.array(got) - exact).sum() == pytest.approx(best, abs=1e-9)
+        rounded = [
+            int(np.clip(np.rint(x), u.lowest, u.highest)) for u, x in zip(units, exact, strict=True)
+        ]
+        if sum(rounded) == 0:
+            unrepaired += 1
+            assert got == rounded
+    assert unrepaired > 10
+
+
+def test_a_plateau_is_patience_generations_without_a_better_best():
+    assert not plateaued([3.0, 2.0, 2.5, 2.1], None, 0.0)  # off by default
+    assert not plateaued([], 1, 0.0)
+    assert plateaued([3.0, 2.0, 2.5, 2.1], 2, 0.0)
+    assert not plateaued([3.0, 2.0, 2.5, 1.9], 2, 0.0)
+    assert not plateaued([3.0, 2.0, 2.5], 2, 0.0)
+    # within the tolerance a fall is no improvement, and the best stays where it was
+    assert plateaued([3.0, 2.9, 2.86], 2, 0.05)  # neither falls below 2.85
+    assert not plateaued([3.0, 2.9, 2.84], 2, 0.05)  # the second, two falls within it, does
+    assert not plateaued([3.0, 2.9, 2.86], 2, 0.01)
+
+
 # --- on a tiny random model -----------------------------------------------------------------
 
 
@@ -306,6 +355,8 @@ def test_search_is_the_plain_loop_with_full_hf_forwards(tiny):
     # svnup's KL is the cross-entropy less the dense entropy: float32 cancellation, ~1e-7 nats
     np.testing.assert_allclose([h["fitness"] for h in result["history"]], history, atol=5e-7)
     assert history[-1] < history[0]
+    assert result["generations_run"] == 3 and result["stopped"] == "generations"
+    assert result["start_levels"] == [0] * len(parent)
     assert not out.with_suffix(".journal").exists()
 
 
@@ -437,3 +488,98 @@ def test_database_keeps_values_in_the_models_dtype(tmp_path, dtype):
     with pytest.raises(ValueError, match="has no level 2"):
         db.weight(unit, 2, dense)
     db.close()
+
+
+def _start_budget(root, engine, name, per_layer):
+    """A budget to start from, written by hand: blocks at 0.45, 0.6 and 0.75, or (per_layer) the
+    attention of each block 0.1 below and the MLP 0.1 above its block's."""
+    blocks = [0.45, 0.6, 0.75]
+    plan = {"spec": {"method": "svnup-fit", "name": name}, "target": TARGET, "sparsities": blocks}
+    if per_layer:
+        plan["layer_sparsities"] = [
+            {n: s + (0.1 if n.startswith("mlp") else -0.1) for n in linear_layers(block)}
+            for block, s in zip(engine.blocks, blocks, strict=True)
+        ]
+    path = root / f"start-{name}.json"
+    path.write_text(json.dumps(plan))
+    return path, cfg.key(plan["spec"])
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_a_seeded_search_starts_at_the_budgets_nearest_levels(tiny, per_layer):
+    root, model, engine, _, calibration, databases = tiny
+    start, budget_key = _start_budget(root, engine, f"seed-{per_layer}", per_layer)
+    spec = search_spec(generations=2, start="svnup-fit", start_budget=budget_key)
+    out = root / f"seeded-{per_layer}.json"
+    stages.search(
+        spec, {"batch_size": 4}, model, TARGET, calibration, out, databases["magnitude"], start
+    )
+    result = read_json(out)
+    db = LevelDatabase(databases["magnitude"])
+    units = [within_bounds(u, TARGET, db.meta["step"], (0.0, 0.99)) for u in db.units]
+    db.close()
+    plan = read_json(start)
+    if per_layer:
+        sparsities = [plan["layer_sparsities"][u.block][u.name] for u in units]
+    else:
+        sparsities = [plan["sparsities"][u.block] for u in units]
+    expected = nearest_levels(units, sparsities, TARGET, db.meta["step"])
+    assert result["start_levels"] == expected and sum(expected) == 0
+    assert sum(abs(level) for level in expected) > 4 * 2 * 3  # far from uniform
+    # two generations of at most three switches each from the start
+    moved = sum(abs(a - b) for a, b in zip(result["chosen_levels"], expected, strict=True))
+    assert moved <= 2 * 2 * 3
+    assert sum(result["chosen_levels"]) == 0 and result["stopped"] == "generations"
+
+
+def test_a_seeded_search_needs_its_own_start_budget(tiny, tmp_path):
+    root, model, engine, _, calibration, databases = tiny
+    start, budget_key = _start_budget(root, engine, "own", False)
+    spec = search_spec(start="svnup-fit", start_budget=budget_key)
+    run = lambda spec, start: stages.search(  # noqa: E731
+        spec, {}, model, TARGET, calibration, tmp_path / "s.json", databases["magnitude"], start
+    )
+    with pytest.raises(ValueError, match="pass --start"):
+        run(spec, None)
+    with pytest.raises(ValueError, match="is not the budget this search starts from"):
+        run({**spec, "start_budget": "0" * 12}, start)
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_a_search_stops_on_a_plateau_and_resumes_to_the_same_stop(tiny, monkeypatch):
+    """With patience 1 and a 90% tolerance the second generation cannot improve enough: the search
+    stops after it, says so, and a search killed while journalling it resumes to the same end."""
+    root, model, engine, _, calibration, databases = tiny
+    start, budget_key = _start_budget(root, engine, "plateau", True)
+    spec = search_spec(
+        generations=6, patience=1, tolerance=0.9, start="svnup-fit", start_budget=budget_key
+    )
+    args = ({"batch_size": 4}, model, TARGET, calibration)
+    whole = root / "plateau.json"
+    stages.search(spec, *args, whole, databases["wanda"], start)
+    result = read_json(whole)
+    assert result["generations_run"] == len(result["history"]) == 2
+    assert result["stopped"] == "plateau"
+    full = root / "no-plateau.json"
+    unstopped = {**spec, "generations": 2, "patience": None}
+    stages.search(unstopped, *args, full, databases["wanda"], start)
+    assert read_json(full)["chosen_levels"] == result["chosen_levels"]
+
+    append = JsonLines.append
+
+    def killed(journal, row):
+        if row["generation"] == 1:
+            raise KeyboardInterrupt
+        append(journal, row)
+
+    resumed = root / "plateau-resumed.json"
+    monkeypatch.setattr(JsonLines, "append", killed)
+    with pytest.raises(KeyboardInterrupt):
+        stages.search(spec, *args, resumed, databases["wanda"], start)
+    monkeypatch.setattr(JsonLines, "append", append)
+    stages.search(spec, *args, resumed, databases["wanda"], start)
+    again = read_json(resumed)
+    assert again["chosen_levels"] == result["chosen_levels"]
+    assert again["start_levels"] == result["start_levels"] != [0] * len(result["start_levels"])
+    assert [h["fitness"] for h in again["history"]] == [h["fitness"] for h in result["history"]]
+    assert again["stopped"] == "plateau"

@@ -109,3 +109,42 @@ def test_evopress_selection_steps_are_checked_against_the_calibration():
     config["targets"]["allocations"] = ["uniform"]  # a method the config never runs
     config["allocation"]["evopress"] = {"tokens": [10**6]}
     cfg.validate(config)
+
+
+def test_evopress_options_beyond_the_reference_enter_the_search_key_only_when_set():
+    """The default search keeps the key it had before start, patience and tolerance existed; a
+    seeded search depends on the budget it starts from, for the search's pruner."""
+    s = cfg.model_settings(cfg.validate(_config()), "demo")
+    before = ("probe_pruner", "num_levels", "weights_diff", "generations", "offspring")
+    before += ("survivors", "tokens", "fitness", "seed")
+    default = {
+        "calibration": cfg.key(cfg.calibration_spec(s)),
+        "search": "evopress",
+        "pruner": "sparsegpt",
+        "min": s["allocation"]["min"],
+        "max": s["allocation"]["max"],
+        **{name: ALLOCATIONS["evopress"].params[name].default for name in before},
+    }
+    for pruner in PRUNERS:
+        assert cfg.score_spec(s, "evopress", pruner) == default
+        assert cfg.search_start(s, "evopress", pruner) is None
+
+    def spec(pruner, **evopress):
+        settings = cfg.model_settings(cfg.validate(_config(evopress=evopress)), "demo")
+        return settings, cfg.score_spec(settings, "evopress", pruner)
+
+    _, tolerant = spec("wanda", tolerance=0.0, patience=None, start="uniform")
+    assert tolerant == default
+    _, patient = spec("wanda", patience=5, tolerance=0.01)
+    assert patient == {**default, "patience": 5, "tolerance": 0.01}
+    seeded_s, seeded = spec("wanda", start="svnup-fit")
+    assert cfg.search_start(seeded_s, "evopress", "wanda") == ("svnup-fit", "sparsegpt")
+    start = cfg.key(cfg.budget_spec(seeded_s, "svnup-fit", "sparsegpt"))
+    assert seeded == {**default, "start": "svnup-fit", "start_budget": start}
+    matched_s, matched = spec("wanda", start="svnup-fit", probe_pruner="match")
+    assert cfg.search_start(matched_s, "evopress", "wanda") == ("svnup-fit", "wanda")
+    assert matched["pruner"] == "wanda"
+    config = _config(evopress={"start": "svnup-fit"})
+    config["allocation"]["svnup-fit"] = {"levels": [0.5, 0.7]}  # another start budget
+    other = cfg.score_spec(cfg.model_settings(cfg.validate(config), "demo"), "evopress", "wanda")
+    assert other["start_budget"] != start

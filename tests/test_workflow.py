@@ -509,7 +509,44 @@ def test_evopress_and_lsa_by_projection_give_each_linear_layer_its_sparsity(proj
     write_config(project, tiny_config(**{"allocation.evopress": {**evopress, "generations": 4}}))
     plan = planned_jobs(project, *targets[:3])
     assert plan["search"] == 3 and "levels" not in plan and "metric" not in plan, plan
+    _seeded_search_starts_at_svnup_fits_allocation(project, evopress)
     write_config(project, tiny_config())
+
+
+def _seeded_search_starts_at_svnup_fits_allocation(project: Path, evopress: dict) -> None:
+    """``start: svnup-fit``: the search reads svnup-fit's budget for its pruner (the run's, with
+    ``probe_pruner: match``) from the same database, and starts at its nearest levels."""
+    from svnup.evopress import LevelDatabase, nearest_levels, within_bounds
+
+    config = tiny_config(**{"allocation.evopress": {**evopress, "start": "svnup-fit"}})
+    write_config(project, config)
+    target = "results/tiny/s0.5/evopress/wanda/ppl.json"
+    plan = planned_jobs(project, target)
+    assert plan["search"] == 1 and "levels" not in plan, plan
+    snakemake(project, "--cores", "2", target)
+    with chdir(project):
+        s = cfg.model_settings(config, "tiny")
+        search_key = cfg.key(cfg.score_spec(s, "evopress", "wanda"))
+        budget_key = cfg.key(cfg.budget_spec(s, "svnup-fit", "wanda"))
+        database_key = cfg.key(cfg.database_spec(s, "evopress", "wanda"))
+    search = json.loads(
+        (project / f"results/tiny/search/evopress/{search_key}/s0.5.json").read_text()
+    )
+    budget = json.loads(
+        (project / f"results/tiny/budget/svnup-fit/{budget_key}/s0.5.json").read_text()
+    )
+    assert search["spec"]["start_budget"] == budget_key
+    db = LevelDatabase(project / f"results/tiny/levels/evopress/{database_key}/s0.5.h5")
+    step = db.meta["step"]
+    units = [
+        within_bounds(u, 0.5, step, (s["allocation"]["min"], s["allocation"]["max"]))
+        for u in db.units
+    ]
+    db.close()
+    sparsities = [budget["sparsities"][u.block] for u in units]  # block players
+    assert search["start_levels"] == nearest_levels(units, sparsities, 0.5, step)
+    assert any(search["start_levels"]), "svnup-fit's allocation is not uniform"
+    assert _ppl(project, target)["budget"]["spec"]["scores"] == search_key
 
 
 def test_match_probe_is_each_pruners_own_game():
