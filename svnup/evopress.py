@@ -25,6 +25,12 @@ Where svnup departs from the reference code, and why:
 - The search scores the database's weights, as the reference does; the run is then pruned by the
   prune stage at the found per-layer sparsities, sequentially like every other allocation.
 - The reference's limits on a level and on the total deviation (off by default) are not offered.
+
+Beyond the reference, off by default (``allocation.evopress``): ``start: svnup-fit`` starts the
+search from svnup-fit's allocation of the same target, at the nearest levels whose sum is 0
+(``nearest_levels``), instead of uniform; ``patience`` stops the search once the best fitness has
+not improved (by more than ``tolerance`` of itself) for that many generations (``plateaued``).
+Prefix sharing (``LevelScorer``) changes the time of a search, never its result.
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ from svnup.models import BlockModel, linear_layers
 # Decoded level weights kept for reuse (a candidate differs from its parent in a few units, and
 # every candidate returns the units the previous one changed to the parent's levels).
 LEVEL_CACHE_BYTES = 1 << 31
+# The base allocation's hidden states of a minibatch kept for prefix sharing (LevelScorer).
+PREFIX_CACHE_BYTES = 1 << 31
 # Consecutive duplicate offspring after which a model is taken to have too few distinct ones.
 MAX_DUPLICATES = 10_000
 
@@ -359,6 +367,13 @@ class LevelScorer:
     outputs of every calibration row are computed once; the dense distributions of a minibatch
     are kept while its candidates are scored when they fit ``reference_bytes``, else recomputed
     per candidate (the time changes, not the result).
+
+    Prefix sharing: with a ``base`` allocation (the generation's parent, of which every candidate
+    is a few switches), the base's states entering the blocks are kept for the current minibatch,
+    within ``prefix_bytes`` (every block's, else evenly spaced ones), and a candidate's forward
+    starts at the last kept block at or before the block of its first unit that differs from the
+    base. The blocks before it hold the base's weights, so the states are the ones a full forward
+    computes, bit for bit; only the time changes.
     """
 
     def __init__(
@@ -370,6 +385,7 @@ class LevelScorer:
         fitness: str = "kl",
         cache_bytes: int = LEVEL_CACHE_BYTES,
         reference_bytes: int | None = None,
+        prefix_bytes: int = PREFIX_CACHE_BYTES,
     ) -> None:
         from svnup.evaluator import REFERENCE_CACHE_BYTES
 
@@ -388,7 +404,11 @@ class LevelScorer:
         self._cache: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
         self._cached_bytes = 0
         self._batch: tuple[Minibatch, list[dict]] | None = None
+        self.prefix_bytes = prefix_bytes
+        self.base: Levels | None = None
+        self._prefix: tuple[Minibatch, Levels, list[dict[int, torch.Tensor]]] | None = None
         self.evaluations = 0
+        self.blocks_run = 0  # block forwards of the minibatches' parts, the base's included
         with torch.no_grad():
             hidden, kwargs = model.embed(calibration)
             self._dense_last = model.forward_blocks(hidden, kwargs)
@@ -452,14 +472,50 @@ class LevelScorer:
             hidden, part["ids"], reference=part.get("dense"), reference_probs=part.get("probs")
         )
 
+    def _forward(self, part: dict, start: int, hidden: torch.Tensor) -> torch.Tensor:
+        """The last block's output from ``hidden`` entering block ``start``."""
+        n_blocks = self.model.n_blocks
+        self.blocks_run += n_blocks - start
+        return self.model.forward_blocks(hidden, part["inputs"][1], range(start, n_blocks))
+
+    def _base_states(self, batch: Minibatch, parts: list[dict]) -> list[dict[int, torch.Tensor]]:
+        """Per part, the base's kept states by the block they enter (``n_blocks``: the output)."""
+        if self._prefix is not None and self._prefix[:2] == (batch, self.base):
+            return self._prefix[2]
+        self._prefix = None  # the old states go before the new ones are made
+        n_blocks = self.model.n_blocks
+        state_bytes = sum(p["inputs"][0].numel() * p["inputs"][0].element_size() for p in parts)
+        fit = self.prefix_bytes // max(state_bytes, 1)
+        if not fit:  # no state fits: every forward starts at block 0
+            return [{} for _ in parts]
+        stride = -(-n_blocks // fit)
+        self.load(self.base)
+        states = []
+        for part in parts:
+            hidden, kept = part["inputs"][0], {}
+            for index in range(n_blocks):
+                hidden = self.model.forward_block(index, hidden, part["inputs"][1])
+                if (index + 1) % stride == 0:
+                    kept[index + 1] = hidden
+            self.blocks_run += n_blocks
+            states.append(kept)
+        self._prefix = (batch, list(self.base), states)
+        return states
+
     @torch.no_grad()
     def __call__(self, levels: Levels, batch: Minibatch) -> float:
         parts = self._parts(batch)
+        start, states = 0, [{} for _ in parts]
+        if self.base is not None:
+            states = self._base_states(batch, parts)
+            changed = [i for i, (a, b) in enumerate(zip(levels, self.base, strict=True)) if a != b]
+            start = self.units[changed[0]].block if changed else self.model.n_blocks
         self.load(levels)
         self.evaluations += 1
         total, predictions = 0.0, 0
-        for part in parts:
-            hidden = self.model.forward_blocks(*part["inputs"])
+        for part, kept in zip(parts, states, strict=True):
+            entry = max((b for b in kept if b <= start), default=0)
+            hidden = self._forward(part, entry, kept[entry] if entry else part["inputs"][0])
             if self.fitness == "kl":
                 total += float(self._cross_entropy(hidden, part).sum()) - part["entropy"]
             else:

@@ -629,6 +629,7 @@ def _evopress_search(
                 engine, _ = _load(model, runtime, with_tokenizer=False)
                 scorer = LevelScorer(engine, ids, db, units, spec["fitness"])
             start, before = time.perf_counter(), scorer.evaluations
+            scorer.base = parent  # every candidate is a few switches of it: prefix sharing
             parent, fitness = generation(
                 parent,
                 units,

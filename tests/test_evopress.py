@@ -583,3 +583,36 @@ def test_a_search_stops_on_a_plateau_and_resumes_to_the_same_stop(tiny, monkeypa
     assert again["start_levels"] == result["start_levels"] != [0] * len(result["start_levels"])
     assert [h["fitness"] for h in again["history"]] == [h["fitness"] for h in result["history"]]
     assert again["stopped"] == "plateau"
+
+
+@pytest.mark.parametrize("fitness", ["kl", "ppl"])
+def test_prefix_sharing_gives_the_full_forwards_scores_bit_for_bit(tiny, fitness):
+    """Candidates a few switches from a base score exactly as with full forwards, whether every
+    block's base states fit, only some or none; the shared ones run fewer blocks."""
+    from svnup.evopress import LevelScorer, mutate
+
+    _, _, engine, ids, _, databases = tiny
+    db = LevelDatabase(databases["sparsegpt"])
+    rng = random.Random(3)
+    base = [0] * len(db.units)
+    for _ in range(4):
+        base = mutate(base, db.units, rng)
+    candidates = [*offspring(base, db.units, 8, rng), base]
+    batches = [draw_minibatch(rng, 6, 24, tokens) for tokens in (30, 100)]
+    hidden = engine.model.config.hidden_size
+    one_state = sum(n for _, n in batches[1]) * hidden * 4  # rows of the larger minibatch
+    try:
+        full = LevelScorer(engine, ids, db, db.units, fitness)
+        expected = [[full(c, batch) for c in candidates] for batch in batches]
+        full.restore()
+        for prefix_bytes, fewer in ((1 << 30, True), (2 * one_state, True), (0, False)):
+            shared = LevelScorer(engine, ids, db, db.units, fitness, prefix_bytes=prefix_bytes)
+            shared.base = base
+            got = [[shared(c, batch) for c in candidates] for batch in batches]
+            assert got == expected, prefix_bytes
+            assert (shared.blocks_run < full.blocks_run) == fewer, prefix_bytes
+            shared.restore()
+    finally:
+        db.close()
+    dense = [layer.weight.data for b in engine.blocks for layer in linear_layers(b).values()]
+    assert all(int((w == 0).sum()) == 0 for w in dense)  # restored
