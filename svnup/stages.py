@@ -628,7 +628,7 @@ def _evopress_search(
             if scorer is None:
                 engine, _ = _load(model, runtime, with_tokenizer=False)
                 scorer = LevelScorer(engine, ids, db, units, spec["fitness"])
-            start, before = time.perf_counter(), scorer.evaluations
+            began, before = time.perf_counter(), scorer.evaluations
             scorer.base = parent  # every candidate is a few switches of it: prefix sharing
             parent, fitness = generation(
                 parent,
@@ -646,7 +646,7 @@ def _evopress_search(
                 "parent": parent,
                 "fitness": fitness,
                 "evaluations": scorer.evaluations - before,
-                "seconds": time.perf_counter() - start,
+                "seconds": time.perf_counter() - began,
             }
             journal.append(row)
             history.append(row)
