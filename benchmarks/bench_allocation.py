@@ -66,7 +66,14 @@ VARIANTS = {
     "svnup-fit-layers": ("svnup-fit", {"shapley": {"players": "layers", "probe_pruner": "match"}}),
     "lsa-projection": ("lsa", {"allocation": {"lsa": {"granularity": "projection"}}}),
     # the search starts where svnup-fit's games end: its folder plays them too (a search input)
-    "evopress-seeded": ("evopress", {"allocation": {"evopress": {"start": "svnup-fit"}}}),
+    # seeded by the recommended SV-NUP-fit (halves, games probed by the search's pruner)
+    "evopress-seeded": (
+        "evopress",
+        {
+            "allocation": {"evopress": {"start": "svnup-fit"}},
+            "shapley": {"players": "halves", "probe_pruner": "match"},
+        },
+    ),
 }
 # The recommended allocation (README "Allocation on real models"): SV-NUP-fit on half-block players,
 # each pruner's games probed with that pruner. Where that variant did not run, the block games with
@@ -94,7 +101,7 @@ NAMES = {
     "svnup-fit-halves-kl": "SV-NUP-fit (halves, KL games, matched probe)",
     "svnup-fit-layers": "SV-NUP-fit (linear layers, matched probe)",
     "lsa-projection": "LSA (by projection)",
-    "evopress-seeded": "EvoPress seeded by SV-NUP-fit",
+    "evopress-seeded": "EvoPress seeded by SV-NUP-fit (halves)",
 }
 # Methods that search once per target (ATP also once per pruner); EvoPress's cost includes its
 # level database.
