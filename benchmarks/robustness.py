@@ -30,6 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from svnup.config import key as cache_key
+
 REPO = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO / "Snakefile"
 RESULTS = REPO / "benchmarks" / "results" / "robustness.md"
@@ -121,7 +123,14 @@ _SHAPLEY_SPEC = json.dumps(
     {"store": KEY, "estimator": "swsv", "width": 3, "stride": 1, "value": "neg_nll"}
 )
 _EVAL_SPEC = json.dumps({"dataset": "data/heldout.jsonl", "split": "test", "seqlen": 16})
-_PRUNE_SPEC = {"budget": KEY, "sparsity": 0.5, "pruner": "wanda", "calibration": KEY}
+# the key of the budget spec the probe's budgets are made with, so that prune's check of the
+# budget's spec passes and a case meets the check it is about
+_PRUNE_SPEC = {
+    "budget": cache_key(json.loads(_BUDGET_SPEC)),
+    "sparsity": 0.5,
+    "pruner": "wanda",
+    "calibration": KEY,
+}
 
 
 def _budget(spec: str, *args: str, calibration="bad/calibration.h5", scores="bad/scores.json"):
