@@ -499,12 +499,14 @@ def test_evopress_and_lsa_by_projection_give_each_linear_layer_its_sparsity(proj
     assert any(moved[t] for t in targets if "/evopress/" in t), moved
     new_searches = set(project.glob(searches)) - before[0]  # not the every-method test's
     assert len(new_searches) == 3
+    chosen = []
     for path in new_searches:
         search = json.loads(path.read_text())
         assert [h["generation"] for h in search["history"]] == [0, 1, 2]
         assert not path.with_suffix(".journal").exists()
-        levels = search["chosen_levels"]
-        assert sum(levels) == 0 and any(levels), levels
+        chosen.append(search["chosen_levels"])
+        assert sum(chosen[-1]) == 0, chosen[-1]
+    assert any(any(levels) for levels in chosen), chosen  # as above: not every search stays put
     assert len(set(project.glob(f"{databases}/*/s0.5.h5")) - before[1]) == 3
     write_config(project, tiny_config(**{"allocation.evopress": {**evopress, "generations": 4}}))
     plan = planned_jobs(project, *targets[:3])
