@@ -165,7 +165,7 @@ def report(project: Path, wall: float, cpu: float, loads: list[float]) -> str:
         f"- date: {datetime.now(UTC).isoformat(timespec='seconds')}",
         f"- machine: {platform.machine()}, {os.cpu_count()} cores; 1-minute load average during "
         f"the run: mean {sum(loads) / len(loads):.1f}, min {min(loads):.1f}, max {max(loads):.1f} "
-        "(other processes shared the cores)",
+        "(the run's own jobs included)",
         f"- svnup {metadata.version('svnup')}, torch {metadata.version('torch')}, transformers "
         f"{metadata.version('transformers')}, gguf {metadata.version('gguf')}, snakemake "
         f"{metadata.version('snakemake')}",
