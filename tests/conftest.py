@@ -41,9 +41,7 @@ def build_tiny_llama(path: Path, layers: int = 4, seed: int = 0, **overrides) ->
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        **{"vocab_size": 96, **overrides},
-        hidden_size=32,
-        intermediate_size=64,
+        **{"vocab_size": 96, "hidden_size": 32, "intermediate_size": 64, **overrides},
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -44,26 +44,6 @@ def _ids(n: int, seqlen: int, seed: int = 0, vocab: int = 96) -> torch.Tensor:
     return torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(seed))
 
 
-def _build(path: Path, hidden: int, intermediate: int, layers: int, vocab: int = 96, **extra):
-    """A random LLaMA of a given width (4 heads, 2 KV heads)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        **extra,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def tiny6(tmp_path_factory):
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-6"), layers=BLOCKS)
@@ -122,7 +102,7 @@ def test_probe_level_disk_is_the_formula_of_scale_md(tmp_path):
     """One SparseGPT level of a known shape in bfloat16: its kept weights take exactly
     ``costs.probe_bytes``'s values, the file at most the formula plus HDF5's bookkeeping (about
     2 KB a dataset, two datasets a layer)."""
-    path = _build(tmp_path / "model", hidden=128, intermediate=352, layers=2)
+    path = build_tiny_llama(tmp_path / "model", layers=2, hidden_size=128, intermediate_size=352)
     engine, _ = load_model(path, dtype="bfloat16", with_tokenizer=False)
     config = json.loads((path / "config.json").read_text())
     shape = costs.Shape.from_config(config)
@@ -281,7 +261,9 @@ def large_checkpoint(tmp_path_factory) -> tuple[Path, Path, Path]:
     texts = [" ".join(words[i : i + 200]) for i in range(0, len(words), 200)]
     (root / "text.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     tokenizer = train_tokenizer(texts, 300)
-    model = _build(root / "model", 1024, 2048, 6, vocab=len(tokenizer))
+    model = build_tiny_llama(
+        root / "model", 6, hidden_size=1024, intermediate_size=2048, vocab_size=len(tokenizer)
+    )
     tokenizer.save_pretrained(model)
     return model, root / "text.jsonl", build_tiny_llama(root / "tiny", layers=2)
 
