@@ -117,6 +117,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="WikiText-2 test windows evaluated (0: all; default: the config's)",
     )
+    p.add_argument(
+        "--evopress-generations",
+        type=int,
+        default=None,
+        help="instead of the config's allocation.evopress.generations (a longer search continues "
+        "the finished shorter one in the same folder)",
+    )
     p.add_argument("--cores", type=int, default=2, help="snakemake --cores (1 thread per job)")
     p.add_argument("--pruners", nargs="+", help="a subset of the config's targets.pruners")
     p.add_argument("--sparsities", nargs="+", type=float, help="instead of targets.sparsities")
@@ -467,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     config = yaml.safe_load((HERE / "configs" / f"allocation-{args.model}.yaml").read_text())
     if args.windows is not None:
         config["evaluation"]["windows"] = args.windows or None
+    if args.evopress_generations is not None:
+        config["allocation"]["evopress"]["generations"] = args.evopress_generations
     grid = config["targets"]
     for key in ("pruners", "sparsities", "allocations"):
         chosen = getattr(args, key)

@@ -605,6 +605,10 @@ def _evopress_search(
         )
     journal = JsonLines(out.with_suffix(".journal"))
     history = journal.rows()
+    if not history:
+        history = _shorter_search(out, spec)
+        for row in history:
+            journal.append(row)
     db = LevelDatabase(database)
     try:
         step = db.meta["step"]
@@ -679,6 +683,33 @@ def _evopress_search(
         versions=versions(),
     )
     journal.remove()
+
+
+def _shorter_search(out: Path, spec: dict) -> list[dict]:
+    """The generations of the longest finished search beside ``out`` (same model and target, a
+    sibling key folder) whose spec differs from ``spec`` only by fewer generations, each with its
+    parent where the search needs it. A longer search repeats those generations exactly (each draws
+    its random numbers from (seed, generation)), so raising ``generations`` continues a finished
+    search instead of starting over."""
+    same = {k: v for k, v in spec.items() if k != "generations"}
+    best: list[dict] = []
+    for path in sorted(out.parent.parent.glob(f"*/{out.name}")):
+        if path == out:
+            continue
+        try:
+            data = read_json(path)
+        except (OSError, ValueError):
+            continue  # a damaged neighbour is not this search's business
+        other, history = data.get("spec", {}), data.get("history", [])
+        if (
+            {k: v for k, v in other.items() if k != "generations"} == same
+            and len(history) == other.get("generations") < spec["generations"]
+            and len(history) > len(best)
+        ):
+            best = [dict(row) for row in history]
+            best[-1]["parent"] = data["chosen_levels"]
+            log.info("evopress: continuing the %d generations of %s", len(best), path)
+    return best
 
 
 def _start_sparsities(path: Path | None, budget_key: str, target: float, units) -> list[float]:

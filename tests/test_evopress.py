@@ -422,6 +422,39 @@ def test_killed_search_resumes_after_its_last_generation(tiny, monkeypatch):
     assert first == sum(per_generation[:3])
 
 
+def test_more_generations_continue_a_finished_search_to_the_fresh_runs_result(tiny, monkeypatch):
+    """Raising ``generations`` (a new key folder) continues the finished shorter search beside it,
+    scoring only the new generations, to what a search run from scratch gives; a neighbour that
+    differs in anything else is not continued."""
+    from svnup.evopress import LevelScorer
+
+    root, model, _, _, calibration, databases = tiny
+    args = ({"batch_size": 4}, model, TARGET, calibration)
+    spec = search_spec(generations=4, offspring=4, fitness="ppl")
+    fresh = root / "fresh" / "k4" / "s.json"
+    stages.search(spec, *args, fresh, databases["wanda"])
+    searches = root / "continued"
+    stages.search({**spec, "generations": 2}, *args, searches / "k2" / "s.json", databases["wanda"])
+    stages.search(
+        {**spec, "seed": 1, "generations": 3},
+        *args,
+        searches / "other" / "s.json",
+        databases["wanda"],
+    )
+
+    calls = []
+    original = LevelScorer.__call__
+    monkeypatch.setattr(LevelScorer, "__call__", lambda *a: calls.append(1) or original(*a))
+    continued = searches / "k4" / "s.json"
+    stages.search(spec, *args, continued, databases["wanda"])
+    a, b = read_json(fresh), read_json(continued)
+    assert a["chosen_levels"] == b["chosen_levels"]
+    assert [h["fitness"] for h in a["history"]] == [h["fitness"] for h in b["history"]]
+    assert b["generations_run"] == 4 and b["stopped"] == "generations"
+    assert len(calls) == sum(h["evaluations"] for h in a["history"][2:])
+    assert not continued.with_suffix(".journal").exists()
+
+
 def test_bad_settings_are_named_before_the_search(tiny, tmp_path):
     root, model, _, _, calibration, databases = tiny
     run = lambda spec, database=databases["magnitude"]: stages.search(  # noqa: E731
