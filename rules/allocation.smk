@@ -7,7 +7,7 @@ rule metric:
         ),
         model=lambda wc: local_inputs(model_path(wc)),
     output:
-        "results/{model}/metrics/{metric}/{key}/scores.json",
+        kept("results/{model}/metrics/{metric}/{key}/scores.json"),
     log:
         "results/{model}/logs/metrics/{metric}/{key}.log",
     benchmark:
@@ -34,7 +34,7 @@ rule levels:
         calibration=lambda wc: calibration_path(wc.model, settings(wc)),
         model=lambda wc: local_inputs(model_path(wc)),
     output:
-        "results/{model}/levels/{allocation}/{key}/s{sparsity}.h5",
+        kept("results/{model}/levels/{allocation}/{key}/s{sparsity}.h5"),
     log:
         "results/{model}/logs/levels/{allocation}/{key}/s{sparsity}.log",
     benchmark:
@@ -62,7 +62,7 @@ rule search:
         database=search_database,
         start=search_start,
     output:
-        "results/{model}/search/{allocation}/{key}/s{sparsity}.json",
+        kept("results/{model}/search/{allocation}/{key}/s{sparsity}.json"),
     log:
         "results/{model}/logs/search/{allocation}/{key}/s{sparsity}.log",
     benchmark:
@@ -93,7 +93,7 @@ rule budget:
         scores=scores_input,
         calibration=lambda wc: calibration_path(wc.model, settings(wc)),
     output:
-        "results/{model}/budget/{allocation}/{key}/s{sparsity}.json",
+        kept("results/{model}/budget/{allocation}/{key}/s{sparsity}.json"),
     log:
         "results/{model}/logs/budget/{allocation}/{key}/s{sparsity}.log",
     benchmark:
@@ -113,7 +113,7 @@ rule curve:
     input:
         curve_inputs,
     output:
-        "results/{model}/curves/{allocation}/{key}/scores.json",
+        kept("results/{model}/curves/{allocation}/{key}/scores.json"),
     log:
         "results/{model}/logs/curves/{allocation}/{key}.log",
     benchmark:

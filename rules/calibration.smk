@@ -2,7 +2,7 @@ rule calibrate:
     input:
         lambda wc: local_inputs(model_path(wc), settings(wc)["calibration"]["dataset"]),
     output:
-        "results/{model}/calibration/{key}/calibration.h5",
+        kept("results/{model}/calibration/{key}/calibration.h5"),
     log:
         "results/{model}/logs/calibrate/{key}.log",
     benchmark:
@@ -25,7 +25,7 @@ rule probe:
     input:
         lambda wc: calibration_path(wc.model, settings(wc)),
     output:
-        "results/{model}/probe/{key}/masks.h5",
+        kept("results/{model}/probe/{key}/masks.h5"),
     log:
         "results/{model}/logs/probe/{key}.log",
     benchmark:

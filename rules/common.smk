@@ -457,6 +457,15 @@ def checkpoint_report(result):
     return report
 
 
+def kept(path):
+    """A file output Snakemake leaves in place until the job has replaced it (each stage writes
+    atomically; a failed job's previous version is restored): another run that plans the same
+    job (--nolock) must not delete the file this run's next job is reading. The stage CLI lets
+    one process at a time run a job and the second keep the first's result (svnup.cli).
+    """
+    return update(path)
+
+
 def pruned_model(path):
     """The pruned checkpoint is kept only when save_model is on; else only until evaluated."""
     return directory(path) if config.get("save_model", False) else temp(directory(path))

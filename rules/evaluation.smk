@@ -14,7 +14,9 @@ rule evaluate:
         ),
         data=lambda wc: local_inputs(*settings(wc)["evaluation"]["datasets"]),
     output:
-        "results/{model}/runs/{allocation}/s{sparsity}/{pruner}/{key}/eval/{dataset}.json",
+        kept(
+            "results/{model}/runs/{allocation}/s{sparsity}/{pruner}/{key}/eval/{dataset}.json"
+        ),
     log:
         "results/{model}/logs/evaluate/{allocation}/s{sparsity}/{pruner}/{key}/{dataset}.log",
     benchmark:
@@ -41,7 +43,7 @@ rule evaluate_dense:
         model=lambda wc: local_inputs(model_path(wc)),
         data=lambda wc: local_inputs(*settings(wc)["evaluation"]["datasets"]),
     output:
-        "results/{model}/runs/dense/{key}/eval/{dataset}.json",
+        kept("results/{model}/runs/dense/{key}/eval/{dataset}.json"),
     log:
         "results/{model}/logs/evaluate/dense/{key}/{dataset}.log",
     benchmark:
@@ -71,7 +73,7 @@ rule collect:
         zero_shot=lambda wc: zeroshot_paths(run_folder(wc), settings(wc)),
         checkpoint=lambda wc: f"{run_folder(wc)}/model",
     output:
-        "results/{model}/s{sparsity}/{allocation}/{pruner}/ppl.json",
+        kept("results/{model}/s{sparsity}/{allocation}/{pruner}/ppl.json"),
     log:
         "results/{model}/logs/collect/s{sparsity}/{allocation}/{pruner}.log",
     conda:
@@ -99,7 +101,7 @@ rule collect_dense:
             dense_dir(wc.model, settings(wc)), settings(wc)
         ),
     output:
-        "results/{model}/dense/ppl.json",
+        kept("results/{model}/dense/ppl.json"),
     log:
         "results/{model}/logs/collect/dense.log",
     conda:

@@ -11,7 +11,9 @@ rule recipe:
         budget=run_budget,
         model=lambda wc: local_inputs(model_path(wc)),
     output:
-        f"results/{{model}}/s{{sparsity}}/{{allocation}}/{{pruner,{'|'.join(MODIFIERS)}}}/recipe.yaml",
+        kept(
+            f"results/{{model}}/s{{sparsity}}/{{allocation}}/{{pruner,{'|'.join(MODIFIERS)}}}/recipe.yaml"
+        ),
     log:
         "results/{model}/logs/recipe/s{sparsity}/{allocation}/{pruner}.log",
     conda:

@@ -5,7 +5,9 @@ rule prune:
         model=pruned_model(
             "results/{model}/runs/{allocation}/s{sparsity}/{pruner}/{key}/model"
         ),
-        report="results/{model}/runs/{allocation}/s{sparsity}/{pruner}/{key}/prune.json",
+        report=kept(
+            "results/{model}/runs/{allocation}/s{sparsity}/{pruner}/{key}/prune.json"
+        ),
     log:
         "results/{model}/logs/prune/{allocation}/s{sparsity}/{pruner}/{key}.log",
     benchmark:

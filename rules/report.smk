@@ -2,10 +2,12 @@ rule summary:
     input:
         lambda wc: ppl_targets(wc.model),
     output:
-        report(
-            "results/{model}/summary.csv",
-            category="Perplexity",
-            labels={"model": "{model}", "table": "summary"},
+        kept(
+            report(
+                "results/{model}/summary.csv",
+                category="Perplexity",
+                labels={"model": "{model}", "table": "summary"},
+            )
         ),
     log:
         "results/{model}/logs/summary.log",
@@ -23,22 +25,28 @@ rule plots:
         ),
         budgets=report_budgets,
     output:
-        shapley=report(
-            "results/{model}/report/shapley.png",
-            category="Shapley values",
-            labels={"model": "{model}", "figure": "per-block values"},
+        shapley=kept(
+            report(
+                "results/{model}/report/shapley.png",
+                category="Shapley values",
+                labels={"model": "{model}", "figure": "per-block values"},
+            )
         ),
-        sparsity=report(
-            "results/{model}/report/sparsity.png",
-            category="Allocation",
-            labels={"model": "{model}", "figure": "per-block sparsity"},
+        sparsity=kept(
+            report(
+                "results/{model}/report/sparsity.png",
+                category="Allocation",
+                labels={"model": "{model}", "figure": "per-block sparsity"},
+            )
         ),
-        ppl=report(
-            "results/{model}/report/perplexity.png",
-            category="Perplexity",
-            labels={"model": "{model}", "figure": "perplexity vs sparsity"},
+        ppl=kept(
+            report(
+                "results/{model}/report/perplexity.png",
+                category="Perplexity",
+                labels={"model": "{model}", "figure": "perplexity vs sparsity"},
+            )
         ),
-        html="results/{model}/report/report.html",
+        html=kept("results/{model}/report/report.html"),
     log:
         "results/{model}/logs/report.log",
     conda:

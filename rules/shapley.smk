@@ -7,7 +7,7 @@ rule coalitions:
             else []
         ),
     output:
-        "results/{model}/coalitions/{store}/{estimator}/{key}/{job}.h5",
+        kept("results/{model}/coalitions/{store}/{estimator}/{key}/{job}.h5"),
     log:
         "results/{model}/logs/coalitions/{store}/{estimator}/{key}/{job}.log",
     benchmark:
@@ -39,11 +39,17 @@ rule shapley:
     input:
         lambda wc: job_paths(wc.model, shapley_settings(wc), wc.estimator),
     output:
-        values="results/{model}/shapley/{estimator}/{key}/scores.json",
-        table=report(
-            "results/{model}/shapley/{estimator}/{key}/shapley.csv",
-            category="Shapley values",
-            labels={"model": "{model}", "estimator": "{estimator}", "table": "values"},
+        values=kept("results/{model}/shapley/{estimator}/{key}/scores.json"),
+        table=kept(
+            report(
+                "results/{model}/shapley/{estimator}/{key}/shapley.csv",
+                category="Shapley values",
+                labels={
+                    "model": "{model}",
+                    "estimator": "{estimator}",
+                    "table": "values",
+                },
+            )
         ),
     log:
         "results/{model}/logs/shapley/{estimator}/{key}.log",

@@ -7,7 +7,9 @@ rule zeroshot:
             lambda wildcards, folder: f"{folder}/zeroshot/{wildcards.tasks}.json"
         ),
     output:
-        "results/{model}/runs/{allocation}/s{sparsity}/{pruner}/{key}/zeroshot/{tasks}.json",
+        kept(
+            "results/{model}/runs/{allocation}/s{sparsity}/{pruner}/{key}/zeroshot/{tasks}.json"
+        ),
     log:
         "results/{model}/logs/zeroshot/{allocation}/s{sparsity}/{pruner}/{key}/{tasks}.log",
     benchmark:
@@ -31,7 +33,7 @@ rule zeroshot_dense:
     input:
         model=lambda wc: local_inputs(model_path(wc)),
     output:
-        "results/{model}/runs/dense/{key}/zeroshot/{tasks}.json",
+        kept("results/{model}/runs/dense/{key}/zeroshot/{tasks}.json"),
     log:
         "results/{model}/logs/zeroshot/dense/{key}/{tasks}.log",
     benchmark:

@@ -7,6 +7,10 @@ parameter of the same name; the JSON options are checked against the stage's sch
 (``svnup.specs``). Every error is one line on stderr, ``svnup STAGE: error: ...``: bad input (a
 file that cannot be read is named first, ``<file>: <what>: <fix>``) with exit status 2, anything
 unexpected with its type and message and exit status 1, its traceback on stdout (the rule's log).
+
+One process at a time runs the job of a given output: a second one (another workflow run with
+``--nolock``, or a run after ``--unlock`` while an orphaned job still runs) waits for the first,
+or takes over from a dead one, and keeps what the first wrote instead of computing it again.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import traceback
 from pathlib import Path
 
 from svnup import specs, stages
+from svnup.io import write_json
 
 # stage -> (help, options); "?" marks an optional path, "*" a list of paths
 STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -239,13 +244,61 @@ def _runtime(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> None:
-    """Check the JSON options, then call the stage function with the parsed options as its
-    keyword arguments."""
-    function = getattr(stages, args.stage)
+    """Check the JSON options, then, as the only process running the job of these outputs, call
+    the stage function with the parsed options as its keyword arguments."""
+    from svnup.store import held
+
     values = vars(args)
     for option in ("spec", "model", "estimator"):
         if values.get(option) is not None:  # an optional one (collect's --model) may be absent
             specs.check(args.stage, option, values[option])
+    outputs = _outputs(args.stage, values)
+    record = outputs[0].with_name(f".{outputs[0].name}.job")
+    before = _stamps(outputs)
+    with held(outputs[0].with_name(f".{outputs[0].name}.lock")):
+        after = _stamps(outputs)
+        if after != before and _recorded(record) == after:
+            logging.getLogger("svnup").info(
+                "%s: written by another process running the same job (another workflow run) "
+                "while this one waited; keeping it",
+                ", ".join(map(str, outputs)),
+            )
+            return
+        _call(args, values)
+        write_json(record, {"stamps": _stamps(outputs)})
+
+
+def _outputs(stage: str, values: dict) -> list[Path]:
+    """The paths a stage writes (prune's ``--report`` is an output; collect's is an input)."""
+    names = ("out", "out_dir", "csv", *(("report",) if stage == "prune" else ()))
+    return [Path(values[name]) for name in names if values.get(name) is not None]
+
+
+def _stamps(paths: list[Path]) -> list[list[int] | None]:
+    """Each path's [inode, modification time], None where absent. Outputs that changed while a
+    job waited for the lock, to the stamps the finished job recorded beside them, are that job's
+    (each is replaced atomically); any other change (Snakemake restoring the previous version of
+    a failed job's output) is not."""
+    stamps = []
+    for path in paths:
+        try:
+            status = path.stat()
+        except FileNotFoundError:
+            stamps.append(None)
+        else:
+            stamps.append([status.st_ino, status.st_mtime_ns])
+    return stamps
+
+
+def _recorded(record: Path) -> list | None:
+    try:
+        return json.loads(record.read_text())["stamps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _call(args: argparse.Namespace, values: dict) -> None:
+    function = getattr(stages, args.stage)
     if _uses_model(args.stage):
         from svnup.gpus import claim_gpu
 

@@ -439,7 +439,9 @@ def search(
         _atp_search(spec, runtime, model, sparsity, calibration, Path(out))
 
 
-def _atp_search(spec: dict, runtime: dict, model: dict, sparsity: float, calibration: Path, out):
+def _atp_search(
+    spec: dict, runtime: dict, model: dict, sparsity: float, calibration: Path, out: Path
+) -> None:
     """ATP's search: the common difference beta of per-block sparsities S + beta * (b - (L-1)/2)
     with the lowest calibration loss after pruning with the run's pruner, on the reference's grid
     beta = step, 2 * step, ... up to the largest beta that keeps every block in [0, 1].
@@ -449,29 +451,8 @@ def _atp_search(spec: dict, runtime: dict, model: dict, sparsity: float, calibra
     searches the grid by golden section (the loss falls, then rises with beta: O(log n) prunes
     instead of n); ``strategy: grid`` scans it all. Each candidate is the allocation the budget
     stage would make of it (within the allocation bounds) and is journalled, so a killed search
-    resumes. One process at a time runs a search: a second one (another workflow run that needs
-    it) waits for the first and keeps its result.
+    resumes.
     """
-    from svnup.store import held
-
-    with held(Path(out).with_suffix(".lock")):
-        if _written(out, spec, sparsity):
-            log.info("%s holds this search already (another run wrote it meanwhile)", out)
-            return
-        _search(spec, runtime, model, sparsity, calibration, out)
-
-
-def _written(out: Path, spec: dict, sparsity: float) -> bool:
-    """Whether ``out`` holds the result of this search already."""
-    if not Path(out).exists():
-        return False
-    written = read_json(out)
-    return written.get("spec") == spec and written.get("target") == sparsity
-
-
-def _search(
-    spec: dict, runtime: dict, model: dict, sparsity: float, calibration: Path, out: Path
-) -> None:
     from svnup.allocation import allocate, atp_grid, unimodal_argmin
     from svnup.calibration import load_statistics
     from svnup.pruning import prune_and_score

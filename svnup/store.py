@@ -366,10 +366,7 @@ class _DirLock:
             reason = self._stale_reason()
             if reason is None:
                 return False
-            owner = self._owner()
-            warnings.warn(
-                f"breaking stale lock {self._path} ({reason}); owner: {owner}", stacklevel=3
-            )
+            self._breaking(reason)
             shutil.rmtree(self._path, ignore_errors=True)
             return True
         finally:
@@ -398,6 +395,11 @@ class _DirLock:
     def _waiting(self) -> None:
         """Called before each sleep while another process holds the lock."""
 
+    def _breaking(self, reason: str) -> None:
+        warnings.warn(
+            f"breaking stale lock {self._path} ({reason}); owner: {self._owner()}", stacklevel=4
+        )
+
     def beat(self) -> None:
         """Write the owner file with the current time: a lock held for long stays fresh."""
         owner = {**_me(), "time": time.time(), "token": self._token}
@@ -422,6 +424,10 @@ class _JobLock(_DirLock):
         if not self._told:
             self._told = True
             log.info("%s is held by %s, which runs the same job; waiting for it", *self._holder())
+
+    def _breaking(self, reason: str) -> None:
+        """A job killed before it could release its lock is the usual case: said in the log."""
+        log.info("taking over %s from a job that is gone (%s)", self._path, reason)
 
     def _holder(self) -> tuple[Path, str]:
         owner = self._owner() or {}

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -512,40 +514,86 @@ def test_a_held_job_runs_in_one_process_at_a_time(tmp_path):
     assert child.exitcode == 0 and not lock.exists()
 
 
-def test_a_held_lock_of_a_killed_job_is_taken_over(tmp_path):
+def test_a_held_lock_of_a_killed_job_is_taken_over(tmp_path, caplog):
     lock, holding = tmp_path / "s0.5.lock", CTX.Event()
     child = CTX.Process(target=_hold_then_mark, args=(lock, 600, holding, tmp_path / "m", 60))
     child.start()
     assert holding.wait(20)
     os.kill(child.pid, signal.SIGKILL)
     child.join(timeout=20)
-    with pytest.warns(UserWarning, match="stale lock .*has exited"), held(lock, poll_s=0.02):
+    with caplog.at_level(logging.INFO, logger="svnup"), held(lock, poll_s=0.02):
         pass
+    assert "taking over" in caplog.text and "has exited" in caplog.text
     assert not lock.exists()
 
 
-def test_a_search_run_twice_at_once_searches_once(tmp_path, monkeypatch):
-    """ATP's search journals outside the store: a second run of it waits and keeps the result."""
-    from svnup import stages
-    from svnup.io import write_scores
+def _slow_summary(calls: Path, started, seconds: float):
+    """A summary stage that takes ``seconds`` and notes each call's pid."""
 
-    calls, started = tmp_path / "calls", CTX.Event()
-
-    def slow_search(spec, runtime, model, sparsity, calibration, out) -> None:
+    def summary(runs, out) -> None:
         with calls.open("a") as f:
             f.write(f"{os.getpid()}\n")
         started.set()
-        time.sleep(0.5)
-        write_scores(out, [0.0, 1.0], spec=spec, target=sparsity)
+        time.sleep(seconds)
+        Path(out).write_text(f"written by {os.getpid()}\n")
 
-    monkeypatch.setattr(stages, "_search", slow_search)
-    out, spec = tmp_path / "s0.5.json", {"search": "atp", "step": 0.05}
-    args = (spec, {}, {"path": "unused"}, 0.5, tmp_path / "calibration.h5", out)
-    first = CTX.Process(target=stages.search, args=args)
+    return summary
+
+
+def test_a_job_run_twice_at_once_runs_once_and_the_second_keeps_its_output(
+    tmp_path, monkeypatch, caplog
+):
+    """Two processes running the job of one output (two --nolock workflow runs): the second waits
+    for the first and keeps what it wrote."""
+    from svnup import cli, stages
+
+    calls, started = tmp_path / "calls", CTX.Event()
+    monkeypatch.setattr(stages, "summary", _slow_summary(calls, started, 0.5))
+    out = tmp_path / "summary.csv"
+    argv = ["summary", "--runs", str(tmp_path / "ppl.json"), "--out", str(out)]
+    first = CTX.Process(target=cli.main, args=(argv,))
     first.start()
     assert started.wait(20)
-    stages.search(*args)
+    with caplog.at_level(logging.INFO, logger="svnup"):
+        assert cli.main(argv) == 0
     first.join(timeout=20)
     assert first.exitcode == 0
     assert calls.read_text().split() == [str(first.pid)]
-    assert json.loads(out.read_text())["target"] == 0.5
+    assert out.read_text() == f"written by {first.pid}\n"
+    assert "while this one waited; keeping it" in caplog.text
+    assert not (tmp_path / ".summary.csv.lock").exists()
+
+
+def test_a_job_recomputes_an_output_it_did_not_see_another_job_write(tmp_path, monkeypatch):
+    """An output that was there when the job started (Snakemake re-runs a job with update()
+    outputs in place), or that changed under the job without the other job's record (Snakemake
+    restoring a failed job's previous version), is computed again."""
+    from svnup import cli, stages
+
+    calls, started = tmp_path / "calls", CTX.Event()
+    monkeypatch.setattr(stages, "summary", _slow_summary(calls, started, 0.0))
+    out = tmp_path / "summary.csv"
+    argv = ["summary", "--runs", str(tmp_path / "ppl.json"), "--out", str(out)]
+    assert cli.main(argv) == 0
+    assert cli.main(argv) == 0  # present before it started: a re-run
+    assert calls.read_text().split() == [str(os.getpid())] * 2
+
+    lock = tmp_path / ".summary.csv.lock"
+    holding, released = CTX.Event(), CTX.Event()
+
+    def hold_then_restore() -> None:
+        with held(lock):
+            holding.set()
+            released.wait(20)
+            restored = out.with_name("restored")
+            restored.write_text("previous version\n")
+            os.replace(restored, out)
+
+    holder = CTX.Process(target=hold_then_restore)
+    holder.start()
+    assert holding.wait(20)
+    threading.Timer(0.3, released.set).start()
+    assert cli.main(argv) == 0
+    holder.join(timeout=20)
+    assert len(calls.read_text().split()) == 3
+    assert out.read_text() == f"written by {os.getpid()}\n"

@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from contextlib import chdir
 from pathlib import Path
@@ -837,6 +838,32 @@ def test_concurrent_runs_sharing_coalition_jobs_evaluate_each_coalition_once(pro
     recorded = read_records(store / "coalitions.h5")[0]
     assert len(recorded) > 0 and not list((store / "journal").iterdir())
     assert sum(map(_evaluated, consoles)) == len(recorded), "a coalition was evaluated twice"
+
+
+def test_a_rerun_job_keeps_its_previous_output_readable_until_it_replaces_it(project):
+    """Snakemake deletes a job's outputs before it runs the job; so a second ``--nolock`` run
+    that re-runs a job would delete the file the first run's next job is reading. Outputs are
+    kept until the job replaces them (atomically): a reader polling the Shapley values while
+    their jobs re-run never finds one gone."""
+    scores = sorted(project.glob("results/tiny/shapley/*/*/scores.json"))
+    before = {path: path.stat().st_mtime_ns for path in scores}
+    gone, stop = set(), threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            gone.update(path for path in scores if not path.exists())
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        snakemake(project, "--cores", "1", "--forcerun", "shapley", "--until", "shapley")
+    finally:
+        stop.set()
+        watcher.join()
+    assert any(path.stat().st_mtime_ns != before[path] for path in scores), "none re-ran"
+    assert not gone, f"deleted while their jobs re-ran: {sorted(map(str, gone))}"
+    snakemake(project, "--cores", "2")  # the rest re-run too: a finished project again
 
 
 @pytest.mark.parametrize(
