@@ -365,8 +365,9 @@ def describe(error: Exception) -> tuple[str, int]:
     raises about its input, a file that cannot be read), 1 for anything unexpected."""
     if isinstance(error, OSError) and error.filename is not None and error.strerror:
         fix = OS_FIXES.get(error.errno, "check the file and re-run")
-        # the temporary sibling an output is written to (svnup.io.atomic_path) names the output
-        name = re.sub(r"\.([^/]+)\.tmp-[0-9]+$", r"\1", str(error.filename))
+        # the hidden siblings of an output (the temporary file it is written to, svnup.io's
+        # atomic_path, and its job's lock and record) name the output
+        name = re.sub(r"\.([^/]+)\.(tmp-[0-9]+|lock|job)$", r"\1", str(error.filename))
         return f"{name}: {error.strerror}: {fix}", 2
     if isinstance(error, ValueError | OSError) and _raised_in_svnup(error):
         return _one_line(error), 2
