@@ -414,13 +414,14 @@ def report(args: argparse.Namespace, config: dict, numbers: dict, wall: dict) ->
         recommended = RECOMMENDED if RECOMMENDED in methods else MATCHED_PROBE.get(pruner)
         if recommended not in methods:
             recommended = s["allocation"]["method"]
-        changes = []
-        for target in grid["sparsities"]:
-            at = sub[sub["target"] == target]
-            ours = float(at[at["method"] == recommended]["ppl"].iloc[0])
-            rival = at[at["method"].isin(no_game)].sort_values("ppl").iloc[0]
-            changes.append(f"{ours / rival['ppl'] - 1:+.1%} vs {NAMES[rival['method']]}")
-        lines.append(_row(f"{NAMES.get(recommended, recommended)} vs best no-game", *changes))
+        if recommended in methods:  # a study of no-game methods only has no such row
+            changes = []
+            for target in grid["sparsities"]:
+                at = sub[sub["target"] == target]
+                ours = float(at[at["method"] == recommended]["ppl"].iloc[0])
+                rival = at[at["method"].isin(no_game)].sort_values("ppl").iloc[0]
+                changes.append(f"{ours / rival['ppl'] - 1:+.1%} vs {NAMES[rival['method']]}")
+            lines.append(_row(f"{NAMES.get(recommended, recommended)} vs best no-game", *changes))
         lines.append("")
     lines += [
         "## Cost of each method's scores",
