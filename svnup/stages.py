@@ -674,6 +674,7 @@ def _shorter_search(out: Path, spec: dict) -> list[dict]:
     search instead of starting over."""
     same = {k: v for k, v in spec.items() if k != "generations"}
     best: list[dict] = []
+    source = None
     for path in sorted(out.parent.parent.glob(f"*/{out.name}")):
         if path == out:
             continue
@@ -687,9 +688,10 @@ def _shorter_search(out: Path, spec: dict) -> list[dict]:
             and len(history) == other.get("generations") < spec["generations"]
             and len(history) > len(best)
         ):
-            best = [dict(row) for row in history]
+            best, source = [dict(row) for row in history], path
             best[-1]["parent"] = data["chosen_levels"]
-            log.info("evopress: continuing the %d generations of %s", len(best), path)
+    if source is not None:
+        log.info("evopress: continuing the %d generations of %s", len(best), source)
     return best
 
 
