@@ -199,17 +199,19 @@ def gpu_memory_gib(shape: costs.Shape, job: costs.Job, batch: int = 8) -> float:
     return (resident + hidden + extra + logits + activations) / 2**30
 
 
-def disk_bytes(shape: costs.Shape, dtype_bytes: int = 2) -> dict[str, float]:
-    """Disk of the full protocol's intermediates (formula of scale.md)."""
+def disk_bytes(shape: costs.Shape, target: float = 0.7, dtype_bytes: int = 2) -> dict[str, float]:
+    """Disk of the full protocol's intermediates (formula of scale.md): what is kept, and the
+    pruned layers a run at ``target`` keeps until it is evaluated (save_model off)."""
     n, s = FULL["nsamples"], FULL["seqlen"]
     norms = shape.blocks * sum(n_in * 4 for _, n_in in shape.layers().values())
     probes = [costs.probe_bytes(shape, level, "sparsegpt", dtype_bytes) for level in FULL["levels"]]
+    pruned = costs.probe_bytes(shape, target, "sparsegpt", dtype_bytes)
     return {
         "model": shape.weights * dtype_bytes,
         "calibration": n * s * 8 + norms,
         "probe masks": sum(p["masks"] for p in probes),
         "probe values": sum(p["values"] for p in probes),
-        "pruned checkpoint (temporary)": shape.weights * dtype_bytes,
+        "pruned layers (temporary)": pruned["masks"] + pruned["values"],
     }
 
 
@@ -341,7 +343,7 @@ def prediction_tables(relative: dict[str, float]) -> list[str]:
     lines += [
         "",
         "| model | GPU min, all stages | of which matrix FLOPs at the stage rates | "
-        "disk: intermediates / model | with the pruned checkpoint |",
+        "disk: intermediates / model | with a run's pruned layers, at 50 / 60 / 70 / 80% |",
         "| --- | --- | --- | --- | --- |",
     ]
     for name, shape, minutes, _ in totals:
@@ -356,9 +358,13 @@ def prediction_tables(relative: dict[str, float]) -> list[str]:
         )
         disk = disk_bytes(shape)
         kept = disk["calibration"] + disk["probe masks"] + disk["probe values"]
+        peaks = " / ".join(
+            f"{(kept + disk_bytes(shape, t)['pruned layers (temporary)']) / disk['model']:.2f}"
+            for t in (0.5, 0.6, 0.7, 0.8)
+        )
         lines.append(
             f"| {name} | {minutes:.1f} | {flop_minutes:.1f} | {kept / disk['model']:.2f} | "
-            f"{(kept + disk['pruned checkpoint (temporary)']) / disk['model']:.2f} |"
+            f"{peaks} |"
         )
     return lines
 

@@ -467,7 +467,8 @@ def kept(path):
 
 
 def pruned_model(path):
-    """The pruned checkpoint is kept only when save_model is on; else only until evaluated."""
+    """The pruned checkpoint is kept only when save_model is on; else its pruned layers only
+    until evaluated."""
     return directory(path) if config.get("save_model", False) else temp(directory(path))
 
 

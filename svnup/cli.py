@@ -29,7 +29,7 @@ from pathlib import Path
 from svnup import specs, stages
 from svnup.io import write_json
 
-# stage -> (help, options); "?" marks an optional path, "*" a list of paths
+# stage -> (help, options); "?" marks an optional path, "*" a list of paths, "!" a flag
 STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "convert": ("a GGUF checkpoint as a float32 Hugging Face folder", ("gguf", "out_dir")),
     "calibrate": ("sample calibration data, record dense statistics", ("spec", "out")),
@@ -61,7 +61,7 @@ STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
     "prune": (
         "prune with a budget and save the checkpoint",
-        ("spec", "model", "budget", "calibration", "out_dir", "report"),
+        ("spec", "model", "budget", "calibration", "out_dir", "report", "layers_only!"),
     ),
     "recipe": (
         "llm-compressor recipe of an allocation (SparseGPT, Wanda)",
@@ -121,6 +121,7 @@ OPTION_HELP = {
     "scores": "per-block scores (JSON) of the allocation method: Shapley values, a metric",
     "budget": "per-block sparsities (JSON) written by the budget stage",
     "out_dir": "output folder",
+    "layers_only": "save only the pruned layers, applied to the dense model where it is loaded",
     "report": "pruning report (JSON) written by the prune stage",
     "model_dir": "checkpoint folder (or hub id) to evaluate",
     "name": "model name as in the workflow config",
@@ -172,10 +173,12 @@ def _json(text: str):
 
 
 def _add_option(parser: argparse.ArgumentParser, option: str) -> None:
-    name = option.rstrip("?*")
+    name = option.rstrip("?*!")
     flag = "--" + name.replace("_", "-")
     text = OPTION_HELP.get(name)
-    if option.endswith("*"):
+    if option.endswith("!"):
+        parser.add_argument(flag, action="store_true", help=text)
+    elif option.endswith("*"):
         parser.add_argument(flag, type=Path, nargs="*", default=[], help=text)
     elif name in JSON_OPTIONS:
         required = not option.endswith("?")

@@ -16,6 +16,8 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from svnup.registry import PRUNERS
+
 # Coalition evaluation of a LLaMA-7B shape in bfloat16 on one H200 (benchmarks/results/
 # gpu-coalitions.md): block forwards and output heads at 477 TFLOP/s, 65% of the measured peak.
 GPU_COALITION_FLOPS = 477.1e12
@@ -196,15 +198,16 @@ def gpu_seconds(job: Job, shape: Shape, dtype_bytes: int = 2) -> float:
 
 
 def probe_bytes(shape: Shape, level: float, pruner: str, dtype_bytes: int) -> dict[str, int]:
-    """Disk of one probe level (``svnup.calibration.save_probe``): a bit per weight for the masks
-    (bit-packed, then gzip, which shrinks a random mask at most by the entropy's shortfall from
-    one bit), and for SparseGPT the kept weights, ``n - round(level * n)`` of each layer's ``n``,
-    in the model's dtype."""
+    """Disk of one probe level (``svnup.calibration.save_probe``), and of a run's pruned layers
+    at a uniform ``level`` (``svnup.pruning.pruned_layers``, the same format): a bit per weight
+    for the masks (bit-packed, then gzip, which shrinks a random mask at most by the entropy's
+    shortfall from one bit), and for a pruner that rewrites weights (SparseGPT) the kept ones,
+    ``n - round(level * n)`` of each layer's ``n``, in the model's dtype."""
     masks = values = 0
     for rows, n in shape.layers().values():
         weights = rows * n
         masks += -(-weights // 8)
-        if pruner == "sparsegpt":
+        if PRUNERS[pruner].rewrites:
             values += (weights - round(level * weights)) * dtype_bytes
     return {"masks": shape.blocks * masks, "values": shape.blocks * values}
 

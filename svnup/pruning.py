@@ -9,17 +9,21 @@ per linear layer) is decided elsewhere; this module is the unchanged pruner it f
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from svnup.calibration import block_statistics
+from svnup.calibration import ProbeFile, block_statistics
+from svnup.io import corrupt
 from svnup.kernels import LayerStats, magnitude_mask, parse_nm, sparsegpt_prune, wanda_mask
 from svnup.models import BlockModel, linear_layers
 from svnup.registry import PRUNERS, choices, resolve
+
+PRUNED_LAYERS = "pruned_layers.h5"  # a run's pruned linear layers, in place of a checkpoint
 
 
 @dataclass
@@ -197,6 +201,42 @@ def _prune(
                 hook.remove()
         reports.append(_block_report(index, targets[index], layers, sums, start))
     return reports, hidden
+
+
+def pruned_layers(model: BlockModel, pruner: str) -> Iterator[dict[str, torch.Tensor]]:
+    """Each block's pruned linear layers as ``svnup.calibration.save_probe`` stores a probe: the
+    weights where ``pruner`` rewrites the ones it keeps, else only which it zeroed. Against the
+    dense model that is the whole pruned checkpoint, at a fraction of its disk (a bit a weight,
+    plus the kept weights for SparseGPT)."""
+    rewrites = PRUNERS[pruner].rewrites
+    for block in model.blocks:
+        layers = linear_layers(block).items()
+        yield {
+            name: (layer.weight.data if rewrites else layer.weight.data == 0).cpu()
+            for name, layer in layers
+        }
+
+
+@torch.no_grad()
+def apply_pruned_layers(model: BlockModel, path: str | Path) -> None:
+    """Turn the dense ``model`` into the pruned one whose layers ``pruned_layers`` wrote to
+    ``path``: zero the masked weights, or take the stored weights where the pruner rewrote them."""
+    stored = ProbeFile(path)
+    if len(stored) != model.n_blocks:
+        raise corrupt(path, f"{len(stored)} blocks for the {model.n_blocks} of the model")
+    for index in tqdm(range(model.n_blocks), desc="pruned layers"):
+        block = model.blocks[index]
+        saved = stored[index]
+        with model.on_device(block, write=True):
+            for name, layer in linear_layers(block).items():
+                weight = layer.weight.data
+                if name not in saved or tuple(saved[name].shape) != tuple(weight.shape):
+                    raise corrupt(path, f"its block {index} {name} is not the model's layer")
+                value = saved[name].to(weight.device)
+                if value.dtype == torch.bool:
+                    weight.masked_fill_(value, 0)
+                else:
+                    weight.copy_(value)
 
 
 def _block_report(index, target, layers, sums, start) -> BlockReport:

@@ -30,12 +30,15 @@ class Param:
 @dataclass(frozen=True)
 class Pruner:
     """A per-layer pruning kernel. ``statistics`` is what it needs from each layer's calibration
-    inputs: None, ``col_norm`` (summed squared inputs per column) or ``hessian`` (2/n X X^T)."""
+    inputs: None, ``col_norm`` (summed squared inputs per column) or ``hessian`` (2/n X X^T).
+    ``rewrites``: it also changes the weights it keeps (else it only zeroes, and a mask says
+    all it did)."""
 
     statistics: str | None
     kernel: str
     reference: str
     label: str  # how reports name it
+    rewrites: bool = False
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,7 @@ PRUNERS: dict[str, Pruner] = {
         "svnup.pruning:prune_sparsegpt",
         "SparseGPT (Frantar & Alistarh, ICML 2023; IST-DASLab/sparsegpt)",
         "SparseGPT",
+        rewrites=True,
     ),
 }
 

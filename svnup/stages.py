@@ -46,9 +46,18 @@ def versions(*extra: str) -> dict:
 
 
 def _load(spec_model: dict, runtime: dict, with_tokenizer: bool = True, path: str | None = None):
+    """The model at ``path`` (the spec's model by default): a checkpoint folder or hub id, or a
+    folder of pruned layers (``prune --layers-only``), applied to the spec's dense model."""
     from svnup.content import check_model_dir
     from svnup.models import load_model
 
+    layers = _pruned_layers_file(path)
+    if layers is not None:
+        from svnup.pruning import apply_pruned_layers
+
+        engine, tokenizer = _load(spec_model, runtime, with_tokenizer)
+        apply_pruned_layers(engine, layers)
+        return engine, tokenizer
     path = path or spec_model["path"]
     if Path(path).expanduser().is_dir():  # a damaged file: one line, not a loader's traceback
         check_model_dir(Path(path).expanduser(), fix=_model_fix(spec_model, path))
@@ -61,6 +70,13 @@ def _load(spec_model: dict, runtime: dict, with_tokenizer: bool = True, path: st
         with_tokenizer=with_tokenizer,
         revision=spec_model.get("revision") if path == spec_model["path"] else None,
     )
+
+
+def _pruned_layers_file(path: str | Path | None) -> Path | None:
+    from svnup.pruning import PRUNED_LAYERS
+
+    found = None if path is None else Path(path).expanduser() / PRUNED_LAYERS
+    return found if found is not None and found.is_file() else None
 
 
 def _model_fix(spec_model: dict, path: str) -> str:
@@ -810,14 +826,20 @@ def prune(
     calibration: Path,
     out_dir: Path,
     report: Path,
+    layers_only: bool = False,
 ) -> None:
     """Prune with the budget's per-block sparsities and save a Hugging Face checkpoint, with its
     provenance (its identity: svnup.provenance) and an llm-compressor recipe of the allocation
-    beside it (svnup.export). ``spec["nm"]``, where set, prunes N of each M weights of a row."""
-    from svnup.calibration import load_statistics
+    beside it (svnup.export). ``spec["nm"]``, where set, prunes N of each M weights of a row.
+
+    ``layers_only`` saves only the pruned linear layers (``svnup.pruning.pruned_layers``) in
+    place of the checkpoint's weights: what a run keeps until it is evaluated, which the stages
+    load onto the dense model. It takes a fraction of the disk of a checkpoint (a sixteenth of
+    bfloat16 weights for Wanda's masks)."""
+    from svnup.calibration import load_statistics, save_probe
     from svnup.export import block_names, describe_checkpoint
     from svnup.provenance import checkpoint_identity, read_budget
-    from svnup.pruning import prune_model
+    from svnup.pruning import PRUNED_LAYERS, prune_model, pruned_layers
 
     plan = read_budget(budget, target=spec["sparsity"], spec_key=spec["budget"])
     identity = checkpoint_identity(spec, model, budget, calibration)
@@ -834,8 +856,13 @@ def prune(
     )
     seconds = time.perf_counter() - start
     with atomic_path(out_dir) as tmp:
-        engine.model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        if layers_only:
+            tmp.mkdir()
+            layers = pruned_layers(engine, spec["pruner"])
+            save_probe(tmp / PRUNED_LAYERS, layers, {"model": model, "versions": versions()})
+        else:
+            engine.model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         describe_checkpoint(
             tmp,
             plan=plan,
@@ -888,7 +915,8 @@ def evaluate(spec: dict, runtime: dict, model: dict, model_dir: str, out: Path) 
     check_source(spec["dataset"], spec["split"])  # before the model loads
     protocol = resolve_protocol(spec["dataset"], spec.get("protocol"))
     _check_checkpoint(model_dir)
-    check_context(model, spec["seqlen"], path=str(model_dir))
+    pruned_layers = _pruned_layers_file(model_dir) is not None  # the dense model's context
+    check_context(model, spec["seqlen"], path=None if pruned_layers else str(model_dir))
     identity = read_identity(model_dir, model)
     engine, tokenizer = _load(model, runtime, path=model_dir)
     result = dataset_perplexity(

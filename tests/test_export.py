@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 
+import h5py
 import pytest
 import torch
 import yaml
@@ -195,3 +196,43 @@ def test_magnitude_checkpoint_says_why_it_has_no_recipe(tmp_path):
     assert sidecar["llm_compressor_recipe"] is None
     assert "MagnitudePruningModifier" in sidecar["llm_compressor_note"]
     assert not (tmp_path / export.RECIPE).exists()
+
+
+@pytest.mark.parametrize("pruner", ["wanda", "sparsegpt"])
+def test_pruned_layers_evaluate_as_the_checkpoint_on_a_fraction_of_its_disk(pruned, pruner):
+    """With save_model off a run keeps only its pruned layers until it is evaluated: loaded onto
+    the dense model they give the checkpoint's perplexity to the bit, with the same identity, and
+    their file takes the disk of the probe formula (benchmarks/results/scale.md): a bit a weight,
+    plus the kept weights where the pruner rewrites them."""
+    from svnup.pruning import PRUNED_LAYERS
+
+    root, model = pruned["root"], pruned["model"]
+    spec = {**pruned["prune_spec"], "pruner": pruner}
+    evaluation = {"dataset": str(root / "data" / "heldout.jsonl"), "split": "test", "seqlen": 32}
+    results = {}
+    for layers_only in (False, True):
+        out = root / f"{pruner}-layers-{layers_only}"
+        report = out.with_suffix(".json")
+        inputs = (root / "budget.json", root / "calibration.h5")
+        stages.prune(spec, RUNTIME, model, *inputs, out, report, layers_only=layers_only)
+        stages.evaluate(evaluation, RUNTIME, model, str(out), out.with_suffix(".ppl.json"))
+        results[layers_only] = read_json(out.with_suffix(".ppl.json"))
+    assert results[True]["ppl"] == results[False]["ppl"]
+    assert results[True]["checkpoint_id"] == results[False]["checkpoint_id"]
+
+    layers = root / f"{pruner}-layers-True"
+    assert sorted(p.name for p in layers.iterdir()) == sorted(
+        [PRUNED_LAYERS, export.SIDECAR, *([export.RECIPE] if pruner in export.MODIFIERS else [])]
+    )
+    from safetensors.torch import load_file
+
+    checkpoint = load_file(root / f"{pruner}-layers-False" / "model.safetensors")
+    with h5py.File(layers / PRUNED_LAYERS) as f:
+        assert ("values" in f) == (pruner == "sparsegpt")
+        for block in f["blocks"]:
+            for name, bits in f["blocks"][block].items():
+                weight = checkpoint[f"model.layers.{block}.{name}.weight"]
+                assert bits.size == -(-weight.numel() // 8)  # a bit a weight
+                if pruner == "sparsegpt":  # and each kept weight once, in the model's dtype
+                    kept = f["values"][block][name]
+                    assert kept.shape == (int((weight != 0).sum()),) and kept.dtype == "float32"
