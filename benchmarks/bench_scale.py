@@ -81,6 +81,8 @@ LADDER = (
     # the model's dtype on the disk (probes stored in it): bfloat16
     Point("d512-L2-bf16", blocks=2, width=512, dtype="bfloat16", pruners=SPARSEGPT),
     Point("d256-L8", blocks=8, width=256, pruners=SPARSEGPT),
+    # host memory where one block is a sixteenth of the weights (a gigabyte in float32)
+    Point("d1024-L16", blocks=16, width=1024, pruners=SPARSEGPT),
 )
 
 

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from svnup.io import atomic_path, open_h5, read_meta
 from svnup.kernels import LayerStats, magnitude_mask, sparsegpt_prune, wanda_mask
-from svnup.models import BlockKwargs, BlockModel, linear_layers
+from svnup.models import BlockKwargs, BlockModel, linear_layers, return_freed_memory
 
 PROBE_PRUNERS = ("wanda", "magnitude", "sparsegpt")
 
@@ -58,6 +58,7 @@ def dense_statistics(model: BlockModel, calibration: torch.Tensor) -> list[Block
     for index in tqdm(range(model.n_blocks), desc="dense statistics"):
         stats, hidden = block_statistics(model, index, hidden, kwargs, hessian=False)
         result.append({name: s.col_norm_sq.cpu() for name, s in stats.items()})
+        return_freed_memory()
     return result
 
 
@@ -73,10 +74,17 @@ def probe_masks(
 ) -> list[BlockMasks]:
     """The mask each block gets when it is ablated: ``pruner`` (Wanda or magnitude, which need no
     more than the dense column norms) at ``sparsity``."""
+    return list(iter_probe_masks(model, stats, sparsity, pruner))
+
+
+def iter_probe_masks(
+    model: BlockModel, stats: list[BlockStats], sparsity: float, pruner: str = "wanda"
+) -> Iterator[BlockMasks]:
+    """``probe_masks`` one block at a time, so a probe is written as it is computed (the masks
+    of a whole model take a quarter of its float32 weights)."""
     _check_probe(sparsity, pruner)
     if pruner == "sparsegpt":
         raise ValueError("a SparseGPT probe needs the calibration tokens: use sparsegpt_probe")
-    masks = []
     for index, block in enumerate(tqdm(model.blocks, desc=f"{pruner} probe {sparsity:g}")):
         block_masks = {}
         for name, layer in linear_layers(block).items():
@@ -87,8 +95,8 @@ def probe_masks(
             else:
                 mask = magnitude_mask(weight, sparsity)
             block_masks[name] = mask.cpu()
-        masks.append(block_masks)
-    return masks
+        return_freed_memory()
+        yield block_masks
 
 
 @torch.no_grad()
@@ -112,6 +120,7 @@ def sparsegpt_probe(
             for name, layer in linear_layers(block).items():
                 weight = sparsegpt_prune(layer.weight.data, stats[name].pop_hessian(), sparsity)[0]
                 probe[name] = weight.cpu()
+        return_freed_memory()
         yield probe
 
 
@@ -152,6 +161,8 @@ def save_probe(path, blocks: Iterable[BlockProbe], attrs: dict) -> None:
                 ds.attrs["shape"] = tuple(mask.shape)
                 if tensor.dtype != torch.bool:
                     _write_values(f, f"values/{index}/{name}", tensor[~mask])
+            del block
+            return_freed_memory()
         f.attrs["meta"] = json.dumps(attrs, sort_keys=True)
 
 

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from svnup.calibration import ProbeFile, block_statistics
 from svnup.io import corrupt
 from svnup.kernels import LayerStats, magnitude_mask, parse_nm, sparsegpt_prune, wanda_mask
-from svnup.models import BlockModel, linear_layers
+from svnup.models import BlockModel, linear_layers, return_freed_memory
 from svnup.registry import PRUNERS, choices, resolve
 
 PRUNED_LAYERS = "pruned_layers.h5"  # a run's pruned linear layers, in place of a checkpoint
@@ -200,6 +200,7 @@ def _prune(
             for hook in hooks:
                 hook.remove()
         reports.append(_block_report(index, targets[index], layers, sums, start))
+        return_freed_memory()
     return reports, hidden
 
 
@@ -237,6 +238,8 @@ def apply_pruned_layers(model: BlockModel, path: str | Path) -> None:
                     weight.masked_fill_(value, 0)
                 else:
                     weight.copy_(value)
+        del saved
+        return_freed_memory()
 
 
 def _block_report(index, target, layers, sums, start) -> BlockReport:

@@ -140,7 +140,7 @@ def calibrate(spec: dict, runtime: dict, out: Path) -> None:
 def probe(spec: dict, runtime: dict, model: dict, calibration: Path, out: Path) -> None:
     """What each block becomes when a coalition ablates it: masks from the dense statistics, or
     for SparseGPT the weights it reconstructs from the dense inputs."""
-    from svnup.calibration import load_statistics, probe_masks, save_probe, sparsegpt_probe
+    from svnup.calibration import iter_probe_masks, load_statistics, save_probe, sparsegpt_probe
 
     engine, _ = _load(model, runtime, with_tokenizer=False)
     ids, stats, _ = load_statistics(calibration)
@@ -148,7 +148,7 @@ def probe(spec: dict, runtime: dict, model: dict, calibration: Path, out: Path) 
     if spec["pruner"] == "sparsegpt":
         blocks = sparsegpt_probe(engine, ids, spec["sparsity"])
     else:
-        blocks = probe_masks(engine, stats, spec["sparsity"], spec["pruner"])
+        blocks = iter_probe_masks(engine, stats, spec["sparsity"], spec["pruner"])
     save_probe(out, blocks, {"spec": spec, "versions": versions()})
     seconds = time.perf_counter() - start
     log.info("probe %s at %g: %.1f s", spec["pruner"], spec["sparsity"], seconds)
