@@ -251,8 +251,14 @@ def test_added_dataset_keeps_finished_evaluations(project):
     finally:
         _move(list(aside.glob("results/tiny/runs/*/s*/*/*/model")), aside, project)
         write_config(project, tiny_config())
-    # the checkpoints are back: what is left to do is bookkeeping (collect, summary)
-    assert not {"prune", "evaluate", "evaluate_dense"} & planned_jobs(project).keys()
+    # the checkpoints are back; pruning, whose last run wrote pruned layers (save_model off),
+    # runs again to write checkpoints, and no evaluation runs again
+    plan = planned_jobs(project)
+    assert plan.get("prune") == 2 and not {"evaluate", "evaluate_dense"} & plan.keys(), plan
+    run = snakemake(project, "--cores", "2")
+    jobs = _job_counts(run.stdout + run.stderr)
+    assert jobs.get("prune") == 2 and not {"evaluate", "evaluate_dense"} & jobs.keys(), jobs
+    assert all((c / "model.safetensors").is_file() for c in checkpoints)
 
 
 def test_edited_local_inputs_are_new_cache_keys(project, tmp_path):
