@@ -219,8 +219,11 @@ def test_pruned_layers_evaluate_as_the_checkpoint_on_a_fraction_of_its_disk(prun
         results[layers_only] = read_json(out.with_suffix(".ppl.json"))
     assert results[True]["ppl"] == results[False]["ppl"]
     assert results[True]["checkpoint_id"] == results[False]["checkpoint_id"]
-
+    offloaded = root / f"{pruner}-offloaded.ppl.json"  # blocks moved to the device one at a time
     layers = root / f"{pruner}-layers-True"
+    stages.evaluate(evaluation, {**RUNTIME, "offload": True}, model, str(layers), offloaded)
+    assert read_json(offloaded)["ppl"] == results[False]["ppl"]
+
     assert sorted(p.name for p in layers.iterdir()) == sorted(
         [PRUNED_LAYERS, export.SIDECAR, *([export.RECIPE] if pruner in export.MODIFIERS else [])]
     )
