@@ -75,8 +75,10 @@ def _load(spec_model: dict, runtime: dict, with_tokenizer: bool = True, path: st
 def _pruned_layers_file(path: str | Path | None) -> Path | None:
     from svnup.pruning import PRUNED_LAYERS
 
-    found = None if path is None else Path(path).expanduser() / PRUNED_LAYERS
-    return found if found is not None and found.is_file() else None
+    if path is None:
+        return None
+    found = Path(path).expanduser() / PRUNED_LAYERS
+    return found if found.is_file() else None
 
 
 def _model_fix(spec_model: dict, path: str) -> str:
@@ -843,7 +845,7 @@ def prune(
 
     plan = read_budget(budget, target=spec["sparsity"], spec_key=spec["budget"])
     identity = checkpoint_identity(spec, model, budget, calibration)
-    engine, tokenizer = _load(model, runtime)
+    engine, tokenizer = _load(model, runtime, with_tokenizer=not layers_only)
     ids, _, calibration_meta = load_statistics(calibration)
     start = time.perf_counter()
     reports = prune_model(

@@ -201,9 +201,10 @@ def test_magnitude_checkpoint_says_why_it_has_no_recipe(tmp_path):
 @pytest.mark.parametrize("pruner", ["wanda", "sparsegpt"])
 def test_pruned_layers_evaluate_as_the_checkpoint_on_a_fraction_of_its_disk(pruned, pruner):
     """With save_model off a run keeps only its pruned layers until it is evaluated: loaded onto
-    the dense model they give the checkpoint's perplexity to the bit, with the same identity, and
-    their file takes the disk of the probe formula (benchmarks/results/scale.md): a bit a weight,
-    plus the kept weights where the pruner rewrites them."""
+    the dense model (in place or block by block) they give the checkpoint's perplexity to the
+    bit, with the same identity, and their file holds what the probe formula of
+    benchmarks/results/scale.md counts: a bit a weight, plus each kept weight once in the model's
+    dtype where the pruner rewrites them."""
     from svnup.pruning import PRUNED_LAYERS
 
     root, model = pruned["root"], pruned["model"]
