@@ -236,6 +236,9 @@ class ProbeFile(Mapping):
         with open_h5(self.path, "r") as f:
             return _read_block(f, str(index))
 
+    def __contains__(self, index: object) -> bool:
+        return index in self._blocks  # Mapping's own would read the block's probe to answer
+
     def __iter__(self) -> Iterator[int]:
         return iter(self._blocks)
 

@@ -52,6 +52,28 @@ HUB_EVAL_TOKENS = {"wikitext2": 341_469, "ptb": 112_000}
 C4_WINDOWS = 256
 BYTES_PER_TOKEN = 4
 
+# A working buffer that grows with the tokens scored (a chunk of float32 logits, an evaluation
+# pass's hidden states) takes at most WORKING_SHARE of the weights' bytes (five shares for a
+# pass), and at least WORKING_MIN_BYTES, so a stage's memory is the model's plus a few percent
+# at any vocabulary, sequence length and evaluation set (benchmarks/results/scale.md).
+WORKING_SHARE = 0.01
+WORKING_MIN_BYTES = 16 << 20
+PASS_SHARES = 5
+
+
+def working_bytes(weight_bytes: float, shares: int = 1) -> int:
+    """Bytes a working buffer of ``shares`` working shares of the weights may take."""
+    return max(WORKING_MIN_BYTES, int(shares * WORKING_SHARE * weight_bytes))
+
+
+def eval_pass_windows(
+    weight_bytes: float, seqlen: int, hidden: int, dtype_bytes: int, batch: int
+) -> int:
+    """Evaluation windows whose hidden states (a block's input and output) fit PASS_SHARES
+    working shares, in whole micro-batches of ``batch`` (at least one)."""
+    per_window = 2 * seqlen * hidden * dtype_bytes
+    return max(1, working_bytes(weight_bytes, PASS_SHARES) // (per_window * batch)) * batch
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -157,8 +179,9 @@ class Work:
     forwards: int
 
 
-def work(job: Job, shape: Shape) -> Work:
-    """The matrix FLOPs, SparseGPT column steps and block forwards of ``job``."""
+def work(job: Job, shape: Shape, dtype_bytes: int = 2) -> Work:
+    """The matrix FLOPs, SparseGPT column steps and block forwards of ``job`` (an evaluation's
+    block forwards count its passes, which a bfloat16 model at batch size 8 makes)."""
     n, s, blocks = job.sequences, job.seqlen, shape.blocks
     forward = shape.block_flops(n, s)
     sparsegpt = job.pruner == "sparsegpt"
@@ -176,8 +199,10 @@ def work(job: Job, shape: Shape) -> Work:
         extra = shape.sparsegpt_flops(n, s) if sparsegpt else shape.mask_flops()
         steps = blocks * shape.sparsegpt_steps() if sparsegpt else 0
         return Work(blocks * (2 * forward + extra), steps, 2 * blocks)
-    if job.stage == "evaluate":
-        return Work(blocks * forward + shape.head_flops(n, s), 0, blocks)
+    if job.stage == "evaluate":  # every pass of windows goes through every block
+        window = eval_pass_windows(shape.weights * dtype_bytes, s, shape.hidden, dtype_bytes, 8)
+        passes = -(-n // window)
+        return Work(blocks * forward + shape.head_flops(n, s), 0, passes * blocks)
     raise ValueError(f"no cost model for stage {job.stage!r}")
 
 
@@ -188,7 +213,7 @@ def offloaded(shape: Shape, dtype_bytes: int = 2) -> bool:
 
 def gpu_seconds(job: Job, shape: Shape, dtype_bytes: int = 2) -> float:
     """Predicted seconds of ``job`` on one H200-class GPU (see the module's docstring)."""
-    done = work(job, shape)
+    done = work(job, shape, dtype_bytes)
     rate = GPU_COALITION_FLOPS * RELATIVE_THROUGHPUT[job.kind]
     load = shape.weights * dtype_bytes / GPU_LOAD_BYTES_PER_SECOND
     moved = 0.0

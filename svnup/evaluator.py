@@ -13,6 +13,7 @@ Ablation is applied in place by swapping weight tensors; the model is never copi
 
 from __future__ import annotations
 
+import collections
 import functools
 import operator
 import time
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from svnup.models import BlockKwargs, BlockModel, linear_layers
+from svnup.models import BlockKwargs, BlockModel, linear_layers, return_freed_memory
 from svnup.players import Player, block_masks
 
 ABLATIONS = ("prune", "skip")
@@ -117,25 +118,30 @@ class CoalitionEvaluator:
         """Predictions per evaluation: every position but the last of every sequence."""
         return self.input_ids.shape[0] * (self.input_ids.shape[1] - 1)
 
-    def _pruned_weights(self, index: int) -> dict[str, torch.Tensor]:
-        if index not in self._pruned:
+    def _pruned_weights(self, index: int, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """The pruned weights of block ``index``'s layers ``names``, made when first asked for
+        (a half-block player's coalitions make only its half)."""
+        made = self._pruned.setdefault(index, {})
+        missing = [name for name in names if name not in made]
+        if missing:
             if index not in self.probes:
                 raise KeyError(f"no probe for block {index}")
-            self._pruned[index] = {
-                name: _ablated_weight(layer.weight.data, self.probes[index][name])
-                for name, layer in linear_layers(self.model.blocks[index]).items()
-            }
-        return self._pruned[index]
+            probe = self.probes[index]
+            layers = linear_layers(self.model.blocks[index])
+            for name in missing:
+                made[name] = _ablated_weight(layers[name].weight.data, probe[name])
+        return made
 
-    def _ablated_layers(self, state: int) -> set[str] | None:
-        """The layers the players of ``state`` (a mask's bits of one block) ablate; None: all."""
+    def _ablated_layers(self, index: int, state: int) -> list[str]:
+        """The layers of block ``index`` that the players of ``state`` (a mask's bits of that
+        block) ablate."""
         names: set[str] = set()
         for bit, layers in enumerate(self._bit_layers):
             if (state >> bit) & 1:
                 if layers is None:
-                    return None
+                    return list(linear_layers(self.model.blocks[index]))
                 names.update(layers)
-        return names
+        return sorted(names)
 
     def _forward(self, index: int, hidden: torch.Tensor, kwargs: BlockKwargs, state: int):
         """Block ``index`` with the players of ``state`` ablated (0: dense)."""
@@ -144,21 +150,17 @@ class CoalitionEvaluator:
         self.block_forwards += 1
         if not state:
             return self.model.forward_block(index, hidden, kwargs)
-        ablated = self._ablated_layers(state)
-        layers = {
-            name: layer
-            for name, layer in linear_layers(self.model.blocks[index]).items()
-            if ablated is None or name in ablated
-        }
-        dense = {name: layer.weight.data for name, layer in layers.items()}
-        pruned = self._pruned_weights(index)
+        layers = linear_layers(self.model.blocks[index])
+        names = self._ablated_layers(index, state)
+        dense = {name: layers[name].weight.data for name in names}
+        pruned = self._pruned_weights(index, names)
         try:
-            for name, layer in layers.items():
-                layer.weight.data = pruned[name]
+            for name in names:
+                layers[name].weight.data = pruned[name]
             return self.model.forward_block(index, hidden, kwargs)
         finally:
-            for name, layer in layers.items():
-                layer.weight.data = dense[name]
+            for name in names:
+                layers[name].weight.data = dense[name]
 
     def naive_forwards(self, mask: int) -> int:
         """Block forwards a full forward per coalition would spend on ``mask``."""
@@ -172,7 +174,7 @@ class CoalitionEvaluator:
         ``seconds`` is the wall time since the previous result, so the stored times add up to the
         job's time. Memory holds one set of hidden states per branching depth of the trie (two
         for leave-one-out games, the window's width for SWSV), and the pruned weights of the
-        blocks whose coalitions are not all finished.
+        layers whose coalitions are not all finished.
         """
         masks = sorted(set(coalitions))
         n_blocks, n_players = self.model.n_blocks, self.n_players
@@ -196,9 +198,19 @@ class CoalitionEvaluator:
         self.block_forwards = 0
         progress = tqdm(total=len(masks), desc="coalitions", unit="coalition")
         clock = [time.perf_counter()]
-        # Coalitions still to finish that ablate each block: at 0 its pruned weights are freed,
-        # so a job holds those of the blocks it is between, not a pruned copy of the model.
-        uses = [sum(1 for m in masks if m & bits[b]) for b in range(n_blocks)]
+        # Coalitions still to finish that ablate each layer: at 0 its pruned weight is freed, so
+        # a job holds those of the players it is between, not a pruned copy of the model.
+        ablates = {
+            mask: [
+                (b, self._ablated_layers(b, mask & bits[b]))
+                for b in range(n_blocks)
+                if mask & bits[b]
+            ]
+            for mask in masks
+        }
+        uses = collections.Counter(
+            (b, name) for mask in masks for b, names in ablates[mask] for name in names
+        )
 
         def finish(mask: int, hidden: torch.Tensor) -> None:
             nll = self.model.sequence_nll(
@@ -212,11 +224,17 @@ class CoalitionEvaluator:
             on_result(mask, nll, self.n_tokens, now - clock[0])
             clock[0] = now
             progress.update(1)
-            for b in range(n_blocks):
-                if mask & bits[b]:
-                    uses[b] -= 1
-                    if not uses[b]:
-                        self._pruned.pop(b, None)
+            freed = False
+            for b, names in ablates[mask]:
+                for name in names:
+                    uses[b, name] -= 1
+                    if not uses[b, name] and name in self._pruned.get(b, {}):
+                        del self._pruned[b][name]
+                        freed = True
+                if not self._pruned.get(b, True):
+                    del self._pruned[b]
+            if freed:
+                return_freed_memory()
 
         def walk(index: int, box: list[torch.Tensor], group: list[int]) -> None:
             hidden = box.pop()

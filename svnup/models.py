@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from svnup import costs
 from svnup.families import family_of
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -108,6 +109,9 @@ class _Catcher(nn.Module):
         return hidden_states
 
 
+Span = tuple[int, int, int]  # (row, first position, end position) of a chunk of predictions
+
+
 @dataclass(frozen=True)
 class BlockKwargs:
     """The keyword arguments (masks, position embeddings, ...) the model passes each block.
@@ -167,14 +171,24 @@ class BlockModel:
         """Entries of the output head's next-token distribution."""
         return _get(self.model, self.family.head).out_features
 
+    @functools.cached_property
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    @property
+    def logit_chunk_tokens(self) -> int:
+        """Positions whose float32 logits are made at once: one chunk takes a working share of
+        the weights (``svnup.costs.working_bytes``; a 4,096-token chunk of a 128K vocabulary
+        would be 2 GB, a sixth of an 8B model)."""
+        return max(1, costs.working_bytes(self.weight_bytes) // (self.vocab_size * 4))
+
     def _decide_offload(self, offload: bool | str) -> bool:
         if offload != "auto":
             return bool(offload)
         if self.device.type != "cuda":
             return False
-        weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         free, _ = torch.cuda.mem_get_info(self.device)
-        return weight_bytes > 0.7 * free
+        return self.weight_bytes > 0.7 * free
 
     @contextlib.contextmanager
     def on_device(self, *modules: nn.Module | None, write: bool = False) -> Iterator[None]:
@@ -293,22 +307,41 @@ class BlockModel:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits.float()
 
-    def _row_chunks(self, input_ids: torch.Tensor, chunk_tokens: int) -> list[slice]:
+    def _token_chunks(self, input_ids: torch.Tensor, chunk_tokens: int | None) -> list[list[Span]]:
+        """Every predicted position (each row's but the last) in chunks of at most
+        ``chunk_tokens`` (default ``logit_chunk_tokens``), as (row, start, stop) spans in order;
+        a chunk spans rows where they are short and splits a row where it is long."""
         n, seqlen = input_ids.shape
-        step = max(1, chunk_tokens // seqlen)
-        return [slice(start, start + step) for start in range(0, n, step)]
+        step = chunk_tokens or self.logit_chunk_tokens
+        chunks: list[list[Span]] = [[]]
+        room = step
+        for row in range(n):
+            start = 0
+            while start < seqlen - 1:
+                stop = min(seqlen - 1, start + room)
+                chunks[-1].append((row, start, stop))
+                room -= stop - start
+                start = stop
+                if not room:
+                    chunks.append([])
+                    room = step
+        return [chunk for chunk in chunks if chunk]
+
+    def _chunk_logits(self, hidden: torch.Tensor, spans: list[Span]) -> torch.Tensor:
+        states = torch.cat([hidden[row, start:stop] for row, start, stop in spans])
+        return self._logits(states.to(self.device))
 
     @torch.no_grad()
     def next_token_probs(
-        self, hidden: torch.Tensor, input_ids: torch.Tensor, chunk_tokens: int = 4096
+        self, hidden: torch.Tensor, input_ids: torch.Tensor, chunk_tokens: int | None = None
     ) -> list[torch.Tensor]:
-        """Float32 next-token distributions of a last-block output, one tensor per row chunk of
-        ``sequence_nll`` (pass them as its ``reference_probs``)."""
+        """Float32 next-token distributions of a last-block output, one tensor per chunk of
+        ``sequence_nll`` (pass them as its ``reference_probs``, with the same ``chunk_tokens``)."""
         head = _get(self.model, self.family.head)
         with self.on_device(head, *self._stage(self.family.outputs)):
             return [
-                self._logits(hidden[rows, :-1].to(self.device)).softmax(-1)
-                for rows in self._row_chunks(input_ids, chunk_tokens)
+                self._chunk_logits(hidden, spans).softmax(-1)
+                for spans in self._token_chunks(input_ids, chunk_tokens)
             ]
 
     @torch.no_grad()
@@ -316,7 +349,7 @@ class BlockModel:
         self,
         hidden: torch.Tensor,
         input_ids: torch.Tensor,
-        chunk_tokens: int = 4096,
+        chunk_tokens: int | None = None,
         reference: torch.Tensor | None = None,
         reference_probs: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
@@ -327,29 +360,40 @@ class BlockModel:
         cross-entropy H(p_ref, p), which is KL(p_ref || p) plus the reference's own entropy.
         ``reference_probs`` are those distributions computed once by ``next_token_probs`` (same
         ``chunk_tokens``), for a caller that scores many outputs against one reference.
-        Logits are produced ``chunk_tokens`` at a time so a large vocabulary at a long sequence
-        length never materialises the whole float32 logit tensor.
+        Logits are produced ``chunk_tokens`` positions at a time (``logit_chunk_tokens`` by
+        default), so the float32 logits never take more than a few percent of the weights.
         """
         head = _get(self.model, self.family.head)
         outputs = self._stage(self.family.outputs)
         targets = input_ids[:, 1:].to(self.device)
         sums = torch.zeros(input_ids.shape[0], dtype=torch.float64)
         with self.on_device(head, *outputs):
-            for chunk, rows in enumerate(self._row_chunks(input_ids, chunk_tokens)):
-                logits = self._logits(hidden[rows, :-1])
+            for chunk, spans in enumerate(self._token_chunks(input_ids, chunk_tokens)):
+                logits = self._chunk_logits(hidden, spans)
                 if reference is None and reference_probs is None:
-                    nll = F.cross_entropy(
-                        logits.flatten(0, 1), targets[rows].flatten(), reduction="none"
-                    ).view(logits.shape[:2])
+                    wanted = torch.cat([targets[row, start:stop] for row, start, stop in spans])
+                    nll = F.cross_entropy(logits, wanted, reduction="none")
                 else:
                     expected = (
                         reference_probs[chunk]
                         if reference_probs is not None
-                        else self._logits(reference[rows, :-1].to(logits.device)).softmax(-1)
+                        else self._chunk_logits(reference, spans).softmax(-1)
                     )
                     nll = -(expected * logits.log_softmax(-1)).sum(-1)
-                sums[rows] = nll.double().sum(dim=1).cpu()
+                del logits
+                nll = nll.double().cpu()
+                offset = 0
+                for row, start, stop in spans:
+                    sums[row] += nll[offset : offset + stop - start].sum()
+                    offset += stop - start
         return sums
+
+    def windows_per_pass(self, seqlen: int) -> int:
+        """Evaluation windows a pass holds (``svnup.costs.eval_pass_windows``)."""
+        hidden = self.model.config.get_text_config().hidden_size
+        return costs.eval_pass_windows(
+            self.weight_bytes, seqlen, hidden, self.dtype.itemsize, self.batch_size
+        )
 
 
 def _move(module: nn.Module, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -48,12 +48,13 @@ def stream_perplexity(
     *,
     dataset: str = "",
     split: str = "",
-    windows_per_pass: int = 256,
+    windows_per_pass: int | None = None,
 ) -> PerplexityResult:
     """Perplexity of ``stream`` ([1, T] token ids) under the block engine.
 
-    Windows go through the blocks ``windows_per_pass`` at a time, so the hidden states held on the
-    device stay bounded however long the evaluation set is.
+    Windows go through the blocks ``windows_per_pass`` at a time (default: as many as
+    ``BlockModel.windows_per_pass`` lets a pass hold), so the hidden states held on the device
+    stay a few percent of the weights however long the evaluation set is.
     """
     start_time = time.perf_counter()
     n_windows = stream.shape[-1] // seqlen
@@ -63,6 +64,7 @@ def stream_perplexity(
         )
     windows = stream.reshape(-1)[: n_windows * seqlen].view(n_windows, seqlen)
     weighted = 0.0
+    windows_per_pass = windows_per_pass or model.windows_per_pass(seqlen)
     passes = -(-n_windows // windows_per_pass)
     name = Path(dataset).name or "stream"
     progress = tqdm(total=passes * model.n_blocks, desc=f"perplexity {name}", unit="block")

@@ -131,10 +131,95 @@ def test_probe_file_reads_one_block_at_a_time(tmp_path, tiny6):
         probes[BLOCKS]
 
 
-def test_leave_one_out_walk_holds_two_sets_of_hidden_states_and_one_pruned_block(tiny6):
+def test_asking_whether_a_probe_file_has_a_block_reads_no_probe(tmp_path, tiny6, monkeypatch):
+    """A coalition job checks that every block it ablates has a probe before it starts; the
+    check must not read each block's probe (it did, and grew the job's heap by the probes of the
+    whole model)."""
+    import svnup.calibration
+
+    engine, _ = load_model(tiny6, with_tokenizer=False)
+    save_probe(
+        tmp_path / "p.h5", iter(probe_masks(engine, dense_statistics(engine, _ids(4, 16)), 0.5)), {}
+    )
+    probes = ProbeFile(tmp_path / "p.h5")
+    reads = []
+    read = svnup.calibration._read_block
+    monkeypatch.setattr(
+        svnup.calibration, "_read_block", lambda f, key: reads.append(key) or read(f, key)
+    )
+    assert all(b in probes for b in range(BLOCKS)) and BLOCKS not in probes
+    assert reads == []
+    probes[2]
+    assert reads == ["2"]
+
+
+def test_logits_are_made_a_bounded_chunk_at_a_time_with_the_same_nll(tiny6, monkeypatch):
+    """The float32 logits of a chunk take at most the working share of the weights, a chunk
+    spans rows where they are short and splits a row where it is long, and the NLL (and the
+    cross-entropy to a reference) is that of the whole logits at once."""
+
+    engine, _ = load_model(tiny6, with_tokenizer=False)
+    ids = _ids(5, 24, seed=3)
+    hidden = engine.forward_blocks(*engine.embed(ids))
+    reference = hidden.flip(0)
+    with torch.no_grad():
+        logits = engine._logits(hidden[:, :-1])
+        whole = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none"
+        )
+        expected = engine._logits(reference[:, :-1]).softmax(-1)
+        cross = -(expected * logits.log_softmax(-1)).sum(-1)
+    whole, cross = whole.view(5, 23).double().sum(1), cross.double().sum(1)
+    monkeypatch.setattr(costs, "WORKING_MIN_BYTES", 0)
+    budget = costs.working_bytes(engine.weight_bytes)
+    step = engine.logit_chunk_tokens
+    assert step * engine.vocab_size * 4 <= budget < (step + 1) * engine.vocab_size * 4
+    assert 1 < step < 23  # a row is split: the budget is smaller than one row's logits
+    rows = []
+    make = engine._logits
+    monkeypatch.setattr(engine, "_logits", lambda h: rows.append(h.shape[0]) or make(h))
+    nll = engine.sequence_nll(hidden, ids)
+    assert max(rows) == step and sum(rows) == 5 * 23
+    torch.testing.assert_close(nll, whole, rtol=1e-6, atol=1e-6)
+    for chunk in (1, 7, 23, 30, 1000):
+        torch.testing.assert_close(engine.sequence_nll(hidden, ids, chunk), whole)
+        probs = engine.next_token_probs(reference, ids, chunk)
+        torch.testing.assert_close(
+            engine.sequence_nll(hidden, ids, chunk, reference_probs=probs), cross
+        )
+        torch.testing.assert_close(
+            engine.sequence_nll(hidden, ids, chunk, reference=reference), cross
+        )
+
+
+def test_an_evaluation_pass_holds_hidden_states_of_a_bounded_size(tiny6, monkeypatch):
+    """Perplexity goes through the blocks in passes of whole micro-batches whose hidden states
+    fit five working shares of the weights (``costs.eval_pass_windows``), with the perplexity of
+    one pass for all."""
+    from svnup.perplexity import stream_perplexity
+
+    engine, _ = load_model(tiny6, batch_size=2, with_tokenizer=False)
+    stream = _ids(1, 16 * 11, seed=4)
+    monkeypatch.setattr(costs, "WORKING_MIN_BYTES", 0)
+    per_window = 2 * 16 * engine.model.config.hidden_size * 4
+    windows = engine.windows_per_pass(16)
+    assert windows % 2 == 0 and windows * per_window <= 0.05 * engine.weight_bytes
+    assert 2 <= windows < 11
+    passes = []
+    embed = engine.embed
+    monkeypatch.setattr(engine, "embed", lambda batch: passes.append(len(batch)) or embed(batch))
+    bounded = stream_perplexity(engine, stream, 16)
+    assert max(passes) == windows and sum(passes) == 11
+    assert bounded.ppl == pytest.approx(
+        stream_perplexity(engine, stream, 16, windows_per_pass=11).ppl, rel=1e-12
+    )
+
+
+def test_leave_one_out_walk_holds_two_sets_of_hidden_states_and_one_pruned_half(tiny6):
     """The dense branch goes on in place, so a leave-one-out game over half-block players holds
-    the dense states and one branch's, not one set per block; each block's pruned weights are
-    freed once its coalitions are done."""
+    the dense states and one branch's, not one set per block; a player's pruned weights are
+    made for its own layers and freed once its coalitions are done, so the job holds at most
+    one half-block's."""
     engine, _ = load_model(tiny6, with_tokenizer=False)
     ids = _ids(4, 16)
     probes = dict(enumerate(probe_masks(engine, dense_statistics(engine, ids), 0.5)))
@@ -150,16 +235,19 @@ def test_leave_one_out_walk_holds_two_sets_of_hidden_states_and_one_pruned_block
         most["states"] = max(most["states"], sum(r() is not None for r in alive))
         return out
 
-    def counting_pruned(index):
-        weights = pruned(index)
-        most["pruned"] = max(most["pruned"], len(evaluator._pruned))
+    def counting_pruned(index, names):
+        weights = pruned(index, names)
+        held = sum(w.numel() for block in evaluator._pruned.values() for w in block.values())
+        most["pruned"] = max(most["pruned"], held)
         return weights
 
     engine.forward_block = counting_forward
     evaluator._pruned_weights = counting_pruned
     results = _nlls(evaluator, _loo_masks(len(players)))
     assert len(results) == 2 * BLOCKS + 1
-    assert most["states"] <= 3 and most["pruned"] == 1 and not evaluator._pruned
+    halves = [players[0].params + players[1].params, players[0].params, players[1].params]
+    assert most["states"] <= 3 and most["pruned"] == max(halves[1:]) < halves[0]
+    assert not evaluator._pruned
 
 
 @pytest.mark.parametrize(
