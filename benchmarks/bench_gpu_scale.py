@@ -90,7 +90,7 @@ def config(args: argparse.Namespace) -> dict:
     )
     settings = bench_scale.point_config(point)
     settings["models"][MODEL].update(device=args.device, batch_size=args.batch_size)
-    settings["save_model"] = False
+    settings["save_model"] = settings["keep_probes"] = False  # the defaults: the disk a user sees
     return settings
 
 

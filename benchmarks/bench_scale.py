@@ -129,6 +129,7 @@ def point_config(point: Point) -> dict:
             "windows": point.windows,
         },
         "save_model": True,  # keeps the pruned checkpoints, so their disk can be measured
+        "keep_probes": True,  # and the probes
         "targets": {
             "models": [MODEL],
             "sparsities": [TARGET],

@@ -25,7 +25,7 @@ rule probe:
     input:
         lambda wc: calibration_path(wc.model, settings(wc)),
     output:
-        kept("results/{model}/probe/{key}/masks.h5"),
+        probe_file("results/{model}/probe/{key}/masks.h5"),
     log:
         "results/{model}/logs/probe/{key}.log",
     benchmark:

@@ -466,6 +466,13 @@ def kept(path):
     return update(path)
 
 
+def probe_file(path):
+    """A probe is kept only with keep_probes on; else until the coalition jobs that read it are
+    done (with leave-one-out games one job a probe): a later game on the same probe makes it
+    again, bit for bit, and the store still holds every coalition played."""
+    return kept(path) if config.get("keep_probes", False) else temp(kept(path))
+
+
 def pruned_model(path):
     """The pruned checkpoint is kept only when save_model is on; else its pruned layers only
     until evaluated."""

@@ -38,16 +38,14 @@ def requested_runs(model, s, paths):
 
 
 def game_jobs(model, game, estimator):
-    """The probe and coalition jobs of one game whose outputs are missing (``estimator`` None:
-    the configured one)."""
+    """The coalition jobs of one game whose outputs are missing (``estimator`` None: the
+    configured one), and its probe job where they need a probe that is not on disk (a probe
+    removed after its games, keep_probes off, is made again only for a game still to play).
+    """
     shapley = game["shapley"]
     estimator = estimator or shapley["estimator"]
     n, seqlen = game["calibration"]["nsamples"], game["seqlen"]
-    jobs = {}
-    if shapley["ablation"] == "prune" and not Path(probe_path(model, game)).exists():
-        jobs[probe_path(model, game)] = costs.Job(
-            "probe", n, seqlen, shapley["probe_pruner"]
-        )
+    coalitions = {}
     per_block = players_per_block(cfg.players(game))
     bits = [
         ((1 << per_block) - 1) << (per_block * b) for b in range(cfg.n_blocks(game))
@@ -63,14 +61,20 @@ def game_jobs(model, game, estimator):
         if not Path(path).exists():
             skip = shapley["ablation"] == "skip"
             forwards = costs.trie_forwards(masks, bits, skip=skip)
-            jobs[path] = costs.Job(
+            coalitions[path] = costs.Job(
                 "coalitions",
                 shapley["eval_samples"],
                 seqlen,
                 forwards=forwards,
                 coalitions=len(masks),
             )
-    return jobs
+    probe = probe_path(model, game)
+    if coalitions and shapley["ablation"] == "prune" and not Path(probe).exists():
+        return {
+            probe: costs.Job("probe", n, seqlen, shapley["probe_pruner"]),
+            **coalitions,
+        }
+    return coalitions
 
 
 def evaluation_jobs(folder, s):

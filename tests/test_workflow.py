@@ -437,6 +437,29 @@ def test_sparsegpt_probe_plays_a_game_of_its_own(project):
     assert not {"probe", "coalitions", "shapley"} & planned_jobs(project).keys()
 
 
+def test_a_probe_is_removed_once_its_games_are_played_and_made_again_for_a_new_game(project):
+    """With keep_probes off (the default) a probe is deleted once the coalition jobs that read it
+    are done; the runs its games allocate then plan no probe, and only a game still to play on
+    it makes it again."""
+    logs, probes = project / "results/tiny/logs/probe", project / "results/tiny/probe"
+    before = {path.stem for path in logs.glob("*.log")}
+    dropped = {"keep_probes": False, "shapley.probe_sparsity": 0.6}
+    write_config(project, tiny_config(**dropped))
+    plan = planned_jobs(project)
+    assert plan["probe"] == 1 and plan["coalitions"] >= 1, plan
+    snakemake(project, "--cores", "2", "--until", "shapley")
+    (made,) = {path.stem for path in logs.glob("*.log")} - before
+    assert not (probes / made / "masks.h5").exists()
+    assert all((probes / key / "masks.h5").is_file() for key in before)  # kept ones stay
+    plan = planned_jobs(project)
+    assert plan.get("prune") and not {"probe", "coalitions", "shapley"} & plan.keys(), plan
+    write_config(project, tiny_config(**dropped, **{"shapley.window": 2}))
+    plan = planned_jobs(project)
+    assert plan["probe"] == 1 and plan["coalitions"] >= 1, plan
+    write_config(project, tiny_config())
+    assert planned_jobs(project) == {}
+
+
 def test_halves_play_a_game_of_their_own_and_prune_each_layer(project):
     """``players: halves`` re-plays the games over 2 players a block on the same probe; the
     budget, the pruning and the recipe then set each half; reverting re-runs nothing."""

@@ -42,6 +42,7 @@ def tiny_config(**overrides) -> dict:
         "pruner": "wanda",
         "evaluation": {"datasets": ["data/heldout.jsonl"], "split": "test"},
         "save_model": True,
+        "keep_probes": True,
         "targets": {
             "models": ["tiny"],
             "sparsities": [0.5],
