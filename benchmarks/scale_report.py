@@ -179,14 +179,20 @@ def full_jobs(shape: costs.Shape) -> list[costs.Job]:
 
 def gpu_memory_gib(shape: costs.Shape, job: costs.Job, batch: int = 8) -> float:
     """Peak GPU memory of a job (bf16): resident weights (or one block's and the head's when
-    offloaded), the hidden states a stage keeps, one block's float32 Hessians and SparseGPT's
-    working copies, the float32 logits of a 4,096-token chunk, a micro-batch's MLP activations."""
+    offloaded), the hidden states a stage keeps (an evaluation pass's, ``costs.eval_pass_windows``),
+    one block's float32 Hessians and SparseGPT's working copies, three float32 logit chunks of
+    ``costs.working_bytes`` (the logits, their log-softmax, the loss), a micro-batch's MLP
+    activations."""
     weights = shape.weights * 2
     block = shape.block_weights * 2
     resident = block + 2 * shape.vocab * shape.hidden * 2 if costs.offloaded(shape) else weights
     state = job.seqlen * shape.hidden * 2
     copies = {"calibrate": 2, "probe": 2, "prune": 2, "coalitions": 4, "evaluate": 2}[job.stage]
-    sequences = min(job.sequences, 256)
+    sequences = job.sequences
+    if job.stage == "evaluate":
+        sequences = min(
+            sequences, costs.eval_pass_windows(weights, job.seqlen, shape.hidden, 2, batch)
+        )
     hidden = copies * sequences * state
     extra = 0.0
     if job.pruner == "sparsegpt":
@@ -194,7 +200,7 @@ def gpu_memory_gib(shape: costs.Shape, job: costs.Job, batch: int = 8) -> float:
         hessians = sum(n * n * 4 for _, n in layers)
         widest = max(rows * n for rows, n in layers)
         extra = hessians + widest * 4 + 2 * max(n for _, n in layers) ** 2 * 4
-    logits = 3 * 4096 * shape.vocab * 4 if job.stage in ("coalitions", "evaluate") else 0
+    logits = 3 * costs.working_bytes(weights) if job.stage in ("coalitions", "evaluate") else 0
     activations = 3 * batch * job.seqlen * shape.intermediate * 2
     return (resident + hidden + extra + logits + activations) / 2**30
 
@@ -343,8 +349,9 @@ def prediction_tables(relative: dict[str, float]) -> list[str]:
     lines += [
         "",
         "| model | GPU min, all stages | of which matrix FLOPs at the stage rates | "
-        "disk: intermediates / model | with a run's pruned layers, at 50 / 60 / 70 / 80% |",
-        "| --- | --- | --- | --- | --- |",
+        "disk: intermediates / model | peak at 50 / 60 / 70 / 80% (probes dropped, the default) | "
+        "peak at 50 / 60 / 70 / 80% with keep_probes |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for name, shape, minutes, _ in totals:
         jobs = full_jobs(shape)
@@ -358,13 +365,16 @@ def prediction_tables(relative: dict[str, float]) -> list[str]:
         )
         disk = disk_bytes(shape)
         kept = disk["calibration"] + disk["probe masks"] + disk["probe values"]
-        peaks = " / ".join(
-            f"{(kept + disk_bytes(shape, t)['pruned layers (temporary)']) / disk['model']:.2f}"
-            for t in (0.5, 0.6, 0.7, 0.8)
+        targets = (0.5, 0.6, 0.7, 0.8)
+        pruned = [disk_bytes(shape, t)["pruned layers (temporary)"] for t in targets]
+        # probes dropped: they are gone before the first prune starts (the games come first)
+        dropped = " / ".join(
+            f"{max(kept, disk['calibration'] + p) / disk['model']:.2f}" for p in pruned
         )
+        kept_all = " / ".join(f"{(kept + p) / disk['model']:.2f}" for p in pruned)
         lines.append(
             f"| {name} | {minutes:.1f} | {flop_minutes:.1f} | {kept / disk['model']:.2f} | "
-            f"{peaks} |"
+            f"{dropped} | {kept_all} |"
         )
     return lines
 
