@@ -121,11 +121,12 @@ class CoalitionEvaluator:
     def _pruned_weights(self, index: int, names: Iterable[str]) -> dict[str, torch.Tensor]:
         """The pruned weights of block ``index``'s layers ``names``, made when first asked for
         (a half-block player's coalitions make only its half)."""
-        made = self._pruned.setdefault(index, {})
+        made = self._pruned.get(index, {})
         missing = [name for name in names if name not in made]
         if missing:
             if index not in self.probes:
                 raise KeyError(f"no probe for block {index}")
+            made = self._pruned.setdefault(index, {})
             probe = self.probes[index]
             layers = linear_layers(self.model.blocks[index])
             for name in missing:
