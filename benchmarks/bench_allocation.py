@@ -150,6 +150,20 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _cpu() -> str:
+    """The CPU's model name and the vector kernels torch picks on it: a SparseGPT-pruned
+    perplexity moves by about 2% between kernel sets (docs/results.md), so a table says which."""
+    import torch
+
+    name = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    return f"{name}, torch kernels {torch.backends.cpu.get_cpu_capability()}"
+
+
 def _link(link: Path, target: Path) -> None:
     if link.is_symlink() and link.resolve() == target.resolve():
         return
@@ -374,7 +388,7 @@ def report(args: argparse.Namespace, config: dict, numbers: dict, wall: dict) ->
         "",
         f"- command: `{command}`",
         f"- date: {datetime.now(UTC).isoformat(timespec='seconds')}",
-        f"- machine: {platform.machine()}, {os.cpu_count()} cores (load average "
+        f"- machine: {platform.machine()} ({_cpu()}), {os.cpu_count()} cores (load average "
         f"{os.getloadavg()[0]:.1f} at the end); snakemake --cores {args.cores}, 1 torch thread "
         "per job",
         f"- svnup {metadata.version('svnup')}, torch {metadata.version('torch')}, transformers "
