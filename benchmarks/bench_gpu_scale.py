@@ -14,7 +14,9 @@ and reports per stage the seconds, peak GPU memory, host memory and disk, each s
     PYTHONPATH=. python benchmarks/bench_gpu_scale.py --blocks 2 --width 256 --dtype float32 \\
         --device cpu --nsamples 4 --seqlen 128 --eval-samples 2 --windows 2 --out smoke.md
 
-The second line is the CPU smoke run at a tiny shape. Everything is written under ``--work``
+The second line is the CPU smoke run at a tiny shape. The GPU machine has no snakemake: write its
+wheels here with ``python benchmarks/device_wheels.py --out .whl``, carry ``.whl`` and begin the
+device command with the install line that script prints. Everything is written under ``--work``
 (default benchmarks/.cache/gpu-scale); a finished checkpoint there is reused.
 """
 
@@ -138,6 +140,20 @@ def prepare(args: argparse.Namespace) -> tuple[Path, Path, float]:
     return model, data, time.perf_counter() - start
 
 
+def run_until(command: list[str], cwd: Path, env: dict, log: Path, seconds: float) -> tuple:
+    """Run ``command`` with its output in ``log`` for at most ``seconds``; (exit code, whether
+    it was stopped at the deadline). A stopped workflow's finished jobs are still reported."""
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            return process.wait(timeout=max(seconds, 1)), False
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGTERM)
+            return process.wait(), True
+
+
 def run_workflow(args: argparse.Namespace, model: Path, data: Path) -> tuple[dict, list, float]:
     """Snakemake from an empty results/ folder; the jobs' records, the samples, the seconds."""
     workdir = args.work / "run"
@@ -162,31 +178,19 @@ def run_workflow(args: argparse.Namespace, model: Path, data: Path) -> tuple[dic
         str(workdir),
         "--configfile",
         str(workdir / "config.yaml"),
+        "--scheduler",  # the ILP scheduler needs pulp, which device_wheels.py does not carry
+        "greedy",
     ]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env["SVNUP_CACHE"] = str(workdir / ".cache" / "tokens")
     start = time.perf_counter()
     left = args.deadline - (time.monotonic() - args.started)
-    stopped = False
-    with Sampler(workdir / "results") as sampler, (workdir / "snakemake.log").open("w") as log:
-        process = subprocess.Popen(
-            command,
-            cwd=workdir,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            process.wait(timeout=max(left, 1))
-        except subprocess.TimeoutExpired:  # the finished jobs are still reported
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait()
-            stopped = True
+    with Sampler(workdir / "results") as sampler:
+        returncode, stopped = run_until(command, workdir, env, workdir / "snakemake.log", left)
     seconds = time.perf_counter() - start
-    if process.returncode != 0 and not stopped:
+    if returncode != 0 and not stopped:
         tail = (workdir / "snakemake.log").read_text()[-3000:]
-        raise SystemExit(f"snakemake failed (exit {process.returncode}):\n{tail}")
+        raise SystemExit(f"snakemake failed (exit {returncode}):\n{tail}")
     jobs = bench_scale.jobs(workdir / "results" / MODEL)
     record = {"jobs": jobs, "command": shlex.join(command[3:]), "stopped": stopped}
     return record, sampler.samples, seconds
