@@ -349,6 +349,14 @@ def _eval_text(protocol: str, texts: list[str]) -> str:
 
 
 def _tokenizer_identity(tokenizer) -> dict:
+    """What decides the tokens, not where the tokenizer was read from: a fast tokenizer's whole
+    pipeline (normaliser, pre-tokeniser, vocabulary and merges, post-processor), so the copy a
+    pruned checkpoint saves shares the cache of the model it came from; for another tokenizer its
+    name, size and vocabulary."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        pipeline = hashlib.sha256(backend.to_str().encode()).hexdigest()
+        return {"class": type(tokenizer).__name__, "pipeline": pipeline}
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
     return {
         "name": str(getattr(tokenizer, "name_or_path", type(tokenizer).__name__)),
@@ -425,9 +433,10 @@ def eval_stream(
     ``protocol`` says how the rows are joined (guessed from the name when None).
 
     The cache (``cache_dir``, else ``$SVNUP_CACHE``, else ``~/.cache/svnup/tokens``) is keyed by
-    the source (path, size and mtime for files), split, protocol, tokenizer (name, size, vocab
-    hash) and, for c4 only, ``seqlen``; editing a file or changing tokenizer invalidates it. A
-    damaged cache file is tokenised again and replaced, with a warning that names it.
+    the source (path, size and mtime for files), split, protocol, tokenizer (its content, not its
+    folder: ``_tokenizer_identity``) and, for c4 only, ``seqlen``; editing a file or changing
+    tokenizer invalidates it. A damaged cache file is tokenised again and replaced, with a
+    warning that names it.
     """
     split = _split_name(split)
     protocol = resolve_protocol(source, protocol)

@@ -449,3 +449,26 @@ def test_hub_that_does_not_answer_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
     with pytest.raises(ValueError, match=r"c4 \(validation split\).*did not answer in 3 s"):
         check_hub("c4", "validation")
+
+
+def test_a_saved_copy_of_a_tokenizer_shares_its_cache_and_another_tokenizer_does_not(tmp_path):
+    """A pruned checkpoint saves the tokenizer into its own folder: evaluating it must not
+    tokenise the dataset again, while a tokenizer that splits text differently must."""
+    from transformers import AutoTokenizer
+
+    from svnup.demo import train_tokenizer
+
+    texts = ["the cat sat on the mat", "a dog ran in the park"] * 20
+    source = write_jsonl(tmp_path / "wikitext" / "test.jsonl", texts)
+    cache = tmp_path / "cache"
+    for name, vocab in [("model", 300), ("pruned", 300), ("other", 280)]:
+        train_tokenizer(texts, vocab).save_pretrained(tmp_path / name)
+    model, pruned, other = (
+        AutoTokenizer.from_pretrained(tmp_path / n) for n in ("model", "pruned", "other")
+    )
+    ids = eval_stream(model, source, cache_dir=cache)
+    assert len(list(cache.iterdir())) == 1
+    assert torch.equal(eval_stream(pruned, source, cache_dir=cache), ids)
+    assert len(list(cache.iterdir())) == 1  # the copy in another folder read the same file
+    assert not torch.equal(eval_stream(other, source, cache_dir=cache), ids)
+    assert len(list(cache.iterdir())) == 2
