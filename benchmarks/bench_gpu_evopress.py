@@ -255,6 +255,15 @@ def stage_seconds(work: Path) -> dict[str, float]:
     return dict(sorted(totals.items()))
 
 
+def _dense(work: Path) -> str:
+    path = work / f"results/{MODEL}/dense/ppl.json"
+    return (
+        f"{next(iter(json.loads(path.read_text())['perplexity'].values())):.2f}"
+        if path.exists()
+        else "-"
+    )
+
+
 def report(args, config, wall: float, stopped: bool, rows, found, stages) -> str:
     import torch
 
@@ -272,7 +281,8 @@ def report(args, config, wall: float, stopped: bool, rows, found, stages) -> str
         f"each side, SparseGPT's level database; calibration {args.nsamples} x 512 tokens of the "
         f"first {bench_allocation.CALIBRATION_DOCS} C4 documents; SV-NUP-fit on halves, matched "
         f"probes, {args.eval_samples} game sequences",
-        f"- evaluation: WikiText-2 test, {args.windows or 'all'} windows of 512 tokens",
+        f"- evaluation: WikiText-2 test, {args.windows or 'all'} windows of 512 tokens; dense "
+        f"perplexity {_dense(args.work)}",
         f"- workflow: {wall:.0f} s wall"
         + (" (stopped at the deadline; missing cells did not finish)" if stopped else ""),
         "",
@@ -308,7 +318,7 @@ def run(args: argparse.Namespace) -> int:
     assemble(args.inputs, work)
     config = study_config(args)
     (work / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    targets = [
+    targets = [f"results/{MODEL}/dense/ppl.json"] + [
         f"results/{MODEL}/s{t}/{a}/{p}/ppl.json"
         for t in args.sparsities
         for a in ALLOCATIONS
