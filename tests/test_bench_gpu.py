@@ -3,6 +3,8 @@ session is lent a GPU."""
 
 import importlib.util
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -150,3 +152,32 @@ def test_gpu_evopress_reports_a_search_stopped_at_the_deadline_from_its_journal(
     text = script.report(args, script.study_config(args), 9.0, True, cells, [found], {})
     assert "| s0.5 (stopped) | 2 | 2.00 | 1 |" in text
     assert "| 50% | wanda | - | - | - |" in text
+
+
+def test_a_workflow_past_its_deadline_is_stopped_with_its_children_and_reported(tmp_path):
+    import sys
+
+    script = _script("bench_gpu_scale")
+    log = tmp_path / "log"
+    assert script.run_until([sys.executable, "-c", "print('done')"], tmp_path, {}, log, 30) == (
+        0,
+        False,
+    )
+    assert log.read_text() == "done\n"
+    child = tmp_path / "child.pid"
+    sleeper = (
+        "import os, subprocess, sys, time; "
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        f"open({str(child)!r}, 'w').write(str(p.pid)); time.sleep(60)"
+    )
+    returncode, stopped = script.run_until([sys.executable, "-c", sleeper], tmp_path, {}, log, 2)
+    assert stopped and returncode != 0
+    pid = int(child.read_text())
+    for _ in range(50):  # the job the workflow started goes with it
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the workflow's child outlived the deadline")
