@@ -30,9 +30,7 @@ than the 98 MB GGUF, so ``prepare`` (here, beside ../shared) writes two folders,
 from __future__ import annotations
 
 import argparse
-import copy
 import gzip
-import hashlib
 import json
 import os
 import shlex
@@ -53,6 +51,7 @@ import device_wheels  # noqa: E402
 from bench_gpu_scale import run_until  # noqa: E402
 
 from svnup import config as cfg  # noqa: E402
+from svnup import gguf_files  # noqa: E402
 
 MODEL = "smollm2-135m"
 GGUF = bench_allocation.SMOLLM_GGUF.name
@@ -105,14 +104,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _gzip(source: Path, target: Path, lines: int | None = None) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with source.open("rb") as f, gzip.open(target, "wb") as out:
@@ -134,7 +125,7 @@ def prepare(out: Path) -> None:
     data = bench_allocation.SMOLLM_GGUF.read_bytes()
     (first / f"{GGUF}.part1").write_bytes(data[:FIRST_PART])
     (second / f"{GGUF}.part2").write_bytes(data[FIRST_PART:])
-    manifest = {"gguf": GGUF, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    manifest = {"gguf": GGUF, "sha256": gguf_files.digest(bench_allocation.SMOLLM_GGUF)}
     (first / "manifest.json").write_text(json.dumps(manifest, indent=1))
     _gzip(bench_allocation.C4, first / f"{CALIBRATION}.gz", bench_allocation.CALIBRATION_DOCS)
     _gzip(bench_allocation.SHARED / TEST, first / f"{TEST}.gz")
@@ -165,12 +156,12 @@ def assemble(inputs: list[Path], work: Path) -> None:
     """The GGUF joined and checked, and the data unpacked, under ``work``."""
     manifest = json.loads(_find(inputs, "manifest.json").read_text())
     gguf = work / "models" / GGUF
-    if not gguf.exists() or _sha256(gguf) != manifest["sha256"]:
+    if not gguf.exists() or gguf_files.digest(gguf) != manifest["sha256"]:
         gguf.parent.mkdir(parents=True, exist_ok=True)
         with gguf.open("wb") as out:
             for part in (f"{GGUF}.part1", f"{GGUF}.part2"):
                 out.write(_find(inputs, part).read_bytes())
-        if _sha256(gguf) != manifest["sha256"]:
+        if gguf_files.digest(gguf) != manifest["sha256"]:
             raise SystemExit(f"{gguf} does not match the prepared checksum; prepare again")
     for name in (CALIBRATION, TEST):
         target = work / name
@@ -184,8 +175,7 @@ def study_config(args: argparse.Namespace) -> dict:
     """The CPU study's config (benchmarks/configs/allocation-smollm2-135m.yaml) on the GPU:
     EvoPress at the reference's settings, SV-NUP-fit on halves with matched probes, and the
     calibration large enough for the last selection step."""
-    base = yaml.safe_load((HERE / "configs" / f"allocation-{MODEL}.yaml").read_text())
-    config = copy.deepcopy(base)
+    config = yaml.safe_load((HERE / "configs" / f"allocation-{MODEL}.yaml").read_text())
     model = config["models"][MODEL]
     model.update(
         path=f"models/{GGUF}", dtype=args.dtype, device=args.device, batch_size=args.batch_size

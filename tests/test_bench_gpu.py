@@ -103,6 +103,7 @@ def test_gpu_evopress_inputs_travel_in_two_calls_and_join_to_the_checked_gguf(
     tmp_path, monkeypatch
 ):
     script = _script("bench_gpu_evopress")
+    monkeypatch.chdir(tmp_path)  # the digests' memo is a workflow path (results/gguf/)
     shared = tmp_path / "shared"
     gguf = shared / "model.gguf"
     test = shared / script.TEST
