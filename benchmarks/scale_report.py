@@ -191,7 +191,8 @@ def gpu_memory_gib(shape: costs.Shape, job: costs.Job, batch: int = 8) -> float:
     sequences = job.sequences
     if job.stage == "evaluate":
         sequences = min(
-            sequences, costs.eval_pass_windows(weights, job.seqlen, shape.hidden, 2, batch)
+            sequences,
+            costs.eval_pass_windows(weights, job.seqlen, shape.hidden, 2, batch, "cuda"),
         )
     hidden = copies * sequences * state
     extra = 0.0
@@ -200,7 +201,8 @@ def gpu_memory_gib(shape: costs.Shape, job: costs.Job, batch: int = 8) -> float:
         hessians = sum(n * n * 4 for _, n in layers)
         widest = max(rows * n for rows, n in layers)
         extra = hessians + widest * 4 + 2 * max(n for _, n in layers) ** 2 * 4
-    logits = 3 * costs.working_bytes(weights) if job.stage in ("coalitions", "evaluate") else 0
+    chunk = costs.working_bytes(weights, device_type="cuda")
+    logits = 3 * chunk if job.stage in ("coalitions", "evaluate") else 0
     activations = 3 * batch * job.seqlen * shape.intermediate * 2
     return (resident + hidden + extra + logits + activations) / 2**30
 

@@ -55,24 +55,36 @@ BYTES_PER_TOKEN = 4
 # A working buffer that grows with the tokens scored (a chunk of float32 logits, an evaluation
 # pass's hidden states) takes at most WORKING_SHARE of the weights' bytes (five shares for a
 # pass), and at least WORKING_MIN_BYTES, so a stage's memory is the model's plus a few percent
-# at any vocabulary, sequence length and evaluation set (benchmarks/results/scale.md).
+# at any vocabulary, sequence length and evaluation set (benchmarks/results/scale.md). On a GPU
+# the floor is GPU_WORKING_MIN_BYTES: a small model's 1% would cut its work into kernels too
+# small to run at speed (smollm2-135m's logits 85 positions at a time, thousands of chunks an
+# EvoPress generation), and 256 MiB is a fraction of a percent of a GPU that runs LLMs.
 WORKING_SHARE = 0.01
 WORKING_MIN_BYTES = 16 << 20
+GPU_WORKING_MIN_BYTES = 256 << 20
 PASS_SHARES = 5
 
 
-def working_bytes(weight_bytes: float, shares: int = 1) -> int:
-    """Bytes a working buffer of ``shares`` working shares of the weights may take."""
-    return max(WORKING_MIN_BYTES, int(shares * WORKING_SHARE * weight_bytes))
+def working_bytes(weight_bytes: float, shares: int = 1, device_type: str = "cpu") -> int:
+    """Bytes a working buffer of ``shares`` working shares of the weights may take on a device
+    of ``device_type`` (``torch.device.type``)."""
+    floor = GPU_WORKING_MIN_BYTES if device_type == "cuda" else WORKING_MIN_BYTES
+    return max(floor, int(shares * WORKING_SHARE * weight_bytes))
 
 
 def eval_pass_windows(
-    weight_bytes: float, seqlen: int, hidden: int, dtype_bytes: int, batch: int
+    weight_bytes: float,
+    seqlen: int,
+    hidden: int,
+    dtype_bytes: int,
+    batch: int,
+    device_type: str = "cpu",
 ) -> int:
     """Evaluation windows whose hidden states (a block's input and output) fit PASS_SHARES
     working shares, in whole micro-batches of ``batch`` (at least one)."""
     per_window = 2 * seqlen * hidden * dtype_bytes
-    return max(1, working_bytes(weight_bytes, PASS_SHARES) // (per_window * batch)) * batch
+    budget = working_bytes(weight_bytes, PASS_SHARES, device_type)
+    return max(1, budget // (per_window * batch)) * batch
 
 
 @dataclass(frozen=True)
@@ -200,7 +212,8 @@ def work(job: Job, shape: Shape, dtype_bytes: int = 2) -> Work:
         steps = blocks * shape.sparsegpt_steps() if sparsegpt else 0
         return Work(blocks * (2 * forward + extra), steps, 2 * blocks)
     if job.stage == "evaluate":  # every pass of windows goes through every block
-        window = eval_pass_windows(shape.weights * dtype_bytes, s, shape.hidden, dtype_bytes, 8)
+        weights = shape.weights * dtype_bytes
+        window = eval_pass_windows(weights, s, shape.hidden, dtype_bytes, 8, "cuda")
         passes = -(-n // window)
         return Work(blocks * forward + shape.head_flops(n, s), 0, passes * blocks)
     raise ValueError(f"no cost model for stage {job.stage!r}")

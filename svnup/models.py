@@ -180,7 +180,8 @@ class BlockModel:
         """Positions whose float32 logits are made at once: one chunk takes a working share of
         the weights (``svnup.costs.working_bytes``; a 4,096-token chunk of a 128K vocabulary
         would be 2 GB, a sixth of an 8B model)."""
-        return max(1, costs.working_bytes(self.weight_bytes) // (self.vocab_size * 4))
+        budget = costs.working_bytes(self.weight_bytes, device_type=self.device.type)
+        return max(1, budget // (self.vocab_size * 4))
 
     def _decide_offload(self, offload: bool | str) -> bool:
         if offload != "auto":
@@ -392,7 +393,12 @@ class BlockModel:
         """Evaluation windows a pass holds (``svnup.costs.eval_pass_windows``)."""
         hidden = self.model.config.get_text_config().hidden_size
         return costs.eval_pass_windows(
-            self.weight_bytes, seqlen, hidden, self.dtype.itemsize, self.batch_size
+            self.weight_bytes,
+            seqlen,
+            hidden,
+            self.dtype.itemsize,
+            self.batch_size,
+            self.device.type,
         )
 
 

@@ -215,6 +215,26 @@ def test_an_evaluation_pass_holds_hidden_states_of_a_bounded_size(tiny6, monkeyp
     )
 
 
+def test_on_a_gpu_the_working_buffers_have_a_larger_floor(tiny6):
+    """A small model's working share on a GPU would cut its logits and evaluation passes into
+    kernels too small to run at speed; there a buffer takes at least GPU_WORKING_MIN_BYTES,
+    on the CPU WORKING_MIN_BYTES, and a large model's 1% either way."""
+    engine, _ = load_model(tiny6, batch_size=2, with_tokenizer=False)
+    vocab, hidden = engine.vocab_size, engine.model.config.hidden_size
+    assert engine.logit_chunk_tokens == costs.WORKING_MIN_BYTES // (vocab * 4)
+    cpu_windows = engine.windows_per_pass(16)
+    engine.device = torch.device("cuda")  # read only by the bounds; nothing runs on it
+    assert engine.logit_chunk_tokens == costs.GPU_WORKING_MIN_BYTES // (vocab * 4)
+    per_window = 2 * 16 * hidden * 4
+    assert engine.windows_per_pass(16) == costs.GPU_WORKING_MIN_BYTES // (per_window * 2) * 2
+    assert engine.windows_per_pass(16) > cpu_windows
+    large = 100 * costs.GPU_WORKING_MIN_BYTES / costs.WORKING_SHARE
+    for device_type in ("cpu", "cuda"):
+        assert costs.working_bytes(large, device_type=device_type) == int(
+            costs.WORKING_SHARE * large
+        )
+
+
 def test_leave_one_out_walk_holds_two_sets_of_hidden_states_and_one_pruned_half(tiny6):
     """The dense branch goes on in place, so a leave-one-out game over half-block players holds
     the dense states and one branch's, not one set per block; a player's pruned weights are
