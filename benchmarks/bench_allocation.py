@@ -65,6 +65,8 @@ VARIANTS = {
     ),
     "svnup-fit-layers": ("svnup-fit", {"shapley": {"players": "layers", "probe_pruner": "match"}}),
     "lsa-projection": ("lsa", {"allocation": {"lsa": {"granularity": "projection"}}}),
+    # the level database pruned by each run's pruner instead of SparseGPT (the reference's)
+    "evopress-match": ("evopress", {"allocation": {"evopress": {"probe_pruner": "match"}}}),
     # the search starts where svnup-fit's games end: its folder plays them too (a search input)
     # seeded by the recommended SV-NUP-fit (halves, games probed by the search's pruner)
     "evopress-seeded": (
@@ -102,10 +104,15 @@ NAMES = {
     "svnup-fit-layers": "SV-NUP-fit (linear layers, matched probe)",
     "lsa-projection": "LSA (by projection)",
     "evopress-seeded": "EvoPress seeded by SV-NUP-fit (halves)",
+    "evopress-match": "EvoPress (level database of the run's pruner)",
 }
-# Methods that search once per target (ATP also once per pruner); EvoPress's cost includes its
-# level database.
-PER_TARGET = {"atp": "once per target and pruner", "evopress": "once per target"}
+# Methods that search once per target (ATP, and EvoPress on each pruner's database, also once per
+# pruner); EvoPress's cost includes its level database.
+PER_TARGET = {
+    "atp": "once per target and pruner",
+    "evopress": "once per target",
+    "evopress-match": "once per target and pruner",
+}
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -454,7 +461,7 @@ def report(args: argparse.Namespace, config: dict, numbers: dict, wall: dict) ->
     for method in methods:
         runs = table[table["method"] == method]
         searched = VARIANTS[method][0] if method in VARIANTS else method
-        per_run = PER_TARGET.get(searched, "once")
+        per_run = PER_TARGET.get(method, PER_TARGET.get(searched, "once"))
         seconds = runs["seconds"].mean() if searched in PER_TARGET else runs["seconds"].max()
         lines.append(
             _row(
