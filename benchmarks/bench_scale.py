@@ -40,6 +40,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 import shapes  # noqa: E402
+from bench_allocation import snakemake_command  # noqa: E402
 
 CACHE = HERE / ".cache" / "scale"
 MODEL = "m"  # the model's name inside each point's workflow
@@ -169,22 +170,7 @@ def run_point(point: Point, cores: int) -> dict:
     _link(workdir / "data" / data.name, data)
     config = point_config(point)
     (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    command = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "--cores",
-        str(cores),
-        *targets(point),
-        "--snakefile",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--configfile",
-        str(workdir / "config.yaml"),
-    ]
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    env["SVNUP_CACHE"] = str(workdir / ".cache" / "tokens")
+    command, env = snakemake_command(workdir, targets(point), cores)
     log = workdir / "snakemake.log"
     print(f"{point.id}: snakemake in {workdir} (log: {log})", flush=True)
     start = time.perf_counter()
