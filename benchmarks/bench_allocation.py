@@ -152,6 +152,15 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"{path} is missing; ../shared must sit beside the checkout")
     args.workdir = args.workdir.resolve()
     if args.out is None:
+        narrowed = [
+            f"--{name.replace('_', '-')}"
+            for name in ("pruners", "sparsities", "allocations", "evopress_generations", "only_run")
+            if getattr(args, name) is not None
+        ]
+        if args.variants != list(VARIANTS):
+            narrowed.append("--variants")
+        if narrowed:  # the default file is the committed table of the config's whole grid
+            p.error(f"{' '.join(narrowed)} narrow the grid: pass --out for its table")
         suffix = "" if args.windows is None else f"-{args.windows or 'all'}-windows"
         args.out = HERE / "results" / f"allocation-{args.model}{suffix}.md"
     return args
