@@ -190,8 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     params = [{name: shape[0] * shape[1] for name, shape in block.items()} for block in shapes]
     plans = {name: per_linear(budget, params) for name, budget in args.budgets.items()}
     target = args.budgets[next(iter(plans))]["target"]
-    allocations = recombined(plans, halves, params)
-    for name, plan in allocations.items():
+    allocations = {
+        name: plan
+        for name, plan in recombined(plans, halves, params).items()
+        if args.only is None or name in args.only
+    }
+    for name, plan in allocations.items():  # before any pruning
         if abs(total(plan, params) - target) > 1e-6:
             raise SystemExit(f"{name}: total {total(plan, params):.6f}, target {target}")
 
@@ -206,8 +210,6 @@ def main(argv: list[str] | None = None) -> int:
             "| allocation | perplexity | prune s | evaluate s |\n| --- | --- | --- | --- |\n"
         )
     for name, plan in allocations.items():
-        if args.only is not None and name not in args.only:
-            continue
         engine, tokenizer = load_model(model_dir, dtype="float32", device="cpu")
         start = time.perf_counter()
         block_means = [total([layers], [sizes]) for layers, sizes in zip(plan, params, strict=True)]
