@@ -44,7 +44,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--budget", action="append", required=True, metavar="NAME=PATH")
     p.add_argument("--pruner", default="sparsegpt")
-    p.add_argument("--windows", type=int, default=64, help="first windows of the evaluation set")
+    p.add_argument(
+        "--windows", type=int, default=64, help="first windows of the evaluation set (0: all)"
+    )
     p.add_argument("--only", nargs="*", default=None, help="names of the allocations to run")
     p.add_argument("--out", type=Path, required=True, help="Markdown table (appended per row)")
     args = p.parse_args(argv)
@@ -205,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(
             f"# Allocation anatomy: {args.model}, {args.pruner} at {target:.0%}\n\n"
             f"- command: `python benchmarks/allocation_anatomy.py {command}`\n"
-            f"- calibration `{calibration.relative_to(args.workdir)}`; first {args.windows} "
-            f"windows of {seqlen} tokens of `{settings['evaluation']['datasets'][0]}`\n\n"
+            f"- calibration `{calibration.relative_to(args.workdir)}`; "
+            f"{f'the first {args.windows}' if args.windows else 'all'} windows of {seqlen} "
+            f"tokens of `{settings['evaluation']['datasets'][0]}`\n\n"
             "| allocation | perplexity | prune s | evaluate s |\n| --- | --- | --- | --- |\n"
         )
     for name, plan in allocations.items():
@@ -221,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             str(dataset),
             split="test",
             seqlen=seqlen,
-            windows=args.windows,
+            windows=args.windows or None,
             protocol=resolve_protocol(str(dataset)),  # as the evaluate stage guesses it
         )
         seconds = time.perf_counter() - pruned
