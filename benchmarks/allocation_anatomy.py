@@ -31,8 +31,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import yaml
 
+from svnup.allocation import fit_mean
 from svnup.players import Player, make_players
 
 Plan = list[dict[str, float]]  # each block's {linear layer: sparsity}
@@ -86,25 +88,6 @@ def within_profile(
     return {name: sum(values) / len(values) for name, values in offsets.items()}
 
 
-def _shifted(
-    base: dict[str, float], sizes: dict[str, int], mean: float, low: float, high: float
-) -> dict[str, float]:
-    """``base`` moved by the one shift c that, after clipping to [low, high], keeps the
-    parameter-weighted mean at ``mean`` (bisection: the clipped mean grows with c)."""
-
-    def clipped(c: float) -> dict[str, float]:
-        return {n: min(high, max(low, v + c)) for n, v in base.items()}
-
-    def weighted(values: dict[str, float]) -> float:
-        return sum(values[n] * sizes[n] for n in values) / sum(sizes[n] for n in values)
-
-    lo, hi = -1.0, 1.0
-    for _ in range(100):
-        c = (lo + hi) / 2
-        lo, hi = (c, hi) if weighted(clipped(c)) < mean else (lo, c)
-    return clipped((lo + hi) / 2)
-
-
 def with_profile(
     plan: Plan,
     halves: Sequence[Player],
@@ -113,13 +96,15 @@ def with_profile(
     low: float = 0.0,
     high: float = 0.99,
 ) -> Plan:
-    """``plan``'s half means with ``profile``'s within-half offsets."""
+    """``plan``'s half means with ``profile``'s within-half offsets, shifted together where a
+    layer is clipped so that each half's mean stays (``svnup.allocation.fit_mean``)."""
     out: Plan = [{} for _ in plan]
     for half in halves:
         mean = half_mean(plan, half, params)
-        base = {n: mean + profile[n] for n in half.layers}
-        sizes = {n: params[half.block][n] for n in half.layers}
-        out[half.block].update(_shifted(base, sizes, mean, low, high))
+        base = np.array([mean + profile[n] for n in half.layers])
+        sizes = np.array([params[half.block][n] for n in half.layers], dtype=np.float64)
+        moved = fit_mean(base, np.ones_like(base), sizes / sizes.sum(), mean, low, high)
+        out[half.block].update(zip(half.layers, moved.tolist(), strict=True))
     return out
 
 

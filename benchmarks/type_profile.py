@@ -122,23 +122,17 @@ def equal_marginal_split(
     high: float = 0.99,
 ) -> dict[str, float]:
     """The sparsities of one half's layers, weighted mean ``mean``, that minimise
-    sum_t r_t exp(c_t s_t) for per-type curves (c_t, r_t): r_t c_t exp(c_t s_t) = mu w_t, each
-    layer clipped to [low, high], ln mu found by bisection (the weighted mean grows with it)."""
+    sum_t r_t exp(c_t s_t) for per-type curves (c_t, r_t): r_t c_t exp(c_t s_t) = mu w_t, so
+    s_t = ln(w_t / (r_t c_t)) / c_t + ln(mu) / c_t, each clipped to [low, high], with ln mu
+    solved exactly by ``svnup.allocation.fit_mean``."""
+    from svnup.allocation import fit_mean
 
-    def split(log_mu: float) -> dict[str, float]:
-        return {
-            t: min(high, max(low, (log_mu + np.log(params[t] / (r * c))) / c))
-            for t, (c, r) in curves.items()
-        }
-
-    def weighted(values: dict[str, float]) -> float:
-        return sum(values[t] * params[t] for t in values) / sum(params[t] for t in values)
-
-    lo, hi = -200.0, 200.0
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if weighted(split(mid)) < mean else (lo, mid)
-    return split((lo + hi) / 2)
+    names = list(curves)
+    c = np.array([curves[t][0] for t in names])
+    r = np.array([curves[t][1] for t in names])
+    w = np.array([params[t] for t in names], dtype=np.float64)
+    split = fit_mean(np.log(w / (r * c)) / c, 1.0 / c, w / w.sum(), mean, low, high)
+    return dict(zip(names, split.tolist(), strict=True))
 
 
 def play(args: argparse.Namespace) -> dict:

@@ -54,7 +54,7 @@ def _check_lam(lam: float) -> float:
     return lam
 
 
-def _fit_mean(
+def fit_mean(
     base: np.ndarray, slope: np.ndarray, weights: np.ndarray, target: float, lo: float, hi: float
 ) -> np.ndarray:
     """clip(base + c * slope, lo, hi) whose weighted mean is ``target`` (every slope > 0).
@@ -78,7 +78,7 @@ def _shift_to_mean(
     sparsity: np.ndarray, weights: np.ndarray, target: float, lo: float, hi: float
 ) -> np.ndarray:
     """clip(sparsity + c, lo, hi) whose weighted mean is ``target``."""
-    return _fit_mean(sparsity, np.ones_like(sparsity), weights, target, lo, hi)
+    return fit_mean(sparsity, np.ones_like(sparsity), weights, target, lo, hi)
 
 
 def _min_max(scores: np.ndarray) -> np.ndarray:
@@ -149,7 +149,7 @@ def alphapruning_allocation(
     if not 0.0 <= epsilon < 1.0:
         raise ValueError(f"alphapruning epsilon must be in [0, 1), got {epsilon}")
     ratio = (1.0 - epsilon) + 2.0 * epsilon * _min_max(scores)
-    return _fit_mean(np.zeros_like(ratio), ratio, weights, target, lo, hi)
+    return fit_mean(np.zeros_like(ratio), ratio, weights, target, lo, hi)
 
 
 def offset_allocation(
