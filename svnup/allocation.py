@@ -274,6 +274,54 @@ def damage_allocation(
     return _shift_to_mean((np.log(weights) - np.log(scale)) / curvature, weights, target, lo, hi)
 
 
+def type_curves(
+    damage: np.ndarray, levels: np.ndarray, floor: float = 0.05
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each layer type's own damage curve a_t exp(c_t s) (``fit_damage`` of its column alone)
+    from a [level, type] table of the type game (each type pruned in every block at once).
+
+    Scales below ``floor`` x the median positive scale are raised to it, as ``damage_allocation``
+    does for blocks, so a type whose damage is noise is not pruned on noise alone."""
+    damage = np.asarray(damage, dtype=np.float64)
+    if damage.ndim != 2 or damage.shape[1] < 1:
+        raise ValueError(f"type damage must be a [levels, types] table, got {damage.shape}")
+    fits = [fit_damage(damage[:, [t]], levels) for t in range(damage.shape[1])]
+    curvatures = np.array([c for c, _ in fits])
+    scales = np.array([float(a[0]) for _, a in fits])
+    if not np.any(scales > 0):
+        raise ValueError(
+            "no layer type's fitted damage is positive: the probe levels are too low to measure "
+            "damage on this evaluation set; raise the levels or the evaluation samples"
+        )
+    return curvatures, np.maximum(scales, floor * np.median(scales[scales > 0]))
+
+
+def split_at_equal_marginal(
+    mean: float,
+    params: np.ndarray,
+    curvatures: np.ndarray,
+    scales: np.ndarray,
+    bounds: Bounds = (0.0, 0.99),
+) -> np.ndarray:
+    """The sparsities of one player's linear layers, weighted mean exactly ``mean``, that
+    minimise sum_t a_t exp(c_t s_t) for each layer's type curve (c_t, a_t).
+
+    At the optimum the marginal damage per pruned weight is equal, a_t c_t exp(c_t s_t) = mu w_t,
+    so s_t = ln(w_t / (a_t c_t)) / c_t + ln(mu) / c_t: linear in ln mu with slope 1 / c_t, which
+    ``fit_mean`` solves exactly within the bounds. A common factor of the scales (the type game
+    sums a type's damage over every block) only moves mu."""
+    params = _check_params(params)
+    lo, hi = (float(b) for b in bounds)
+    if not lo <= mean <= hi:
+        raise ValueError(f"a player's sparsity {mean} lies outside the bounds {bounds}")
+    curvatures, scales = (np.asarray(v, dtype=np.float64) for v in (curvatures, scales))
+    if not (np.all(curvatures > 0) and np.all(scales > 0)):
+        raise ValueError("type curves need positive curvatures and scales")
+    weights = params / params.sum()
+    base = np.log(weights / (scales * curvatures)) / curvatures
+    return fit_mean(base, 1.0 / curvatures, weights, mean, lo, hi)
+
+
 def atp_grid(n_blocks: int, target: float, step: float) -> list[float]:
     """ATP's candidate common differences: step, 2 * step, ... while every block of the
     progression S + beta * (b - (L - 1) / 2) stays within [0, 1]."""

@@ -39,9 +39,13 @@ STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
         ("spec", "model", "estimator", "job", "calibration", "masks?", "store", "out"),
     ),
     "shapley": ("aggregate coalition jobs into per-block values", ("spec", "jobs*", "out", "csv")),
+    "type_game": (
+        "the damage of each linear-layer type pruned in every block at once (split: types)",
+        ("spec", "model", "calibration", "masks", "store", "out"),
+    ),
     "curve": (
         "a [level, block] table of Shapley values at several probe sparsities",
-        ("spec", "scores*", "out"),
+        ("spec", "scores*", "out", "type_games*"),
     ),
     "metric": (
         "a per-block metric of the dense model (OWL, DLP, AlphaPruning)",
@@ -116,6 +120,7 @@ OPTION_HELP = {
     "store": "coalition store folder shared by every job of this model and calibration",
     "out": "output file",
     "jobs": "coalition job files (HDF5) to aggregate",
+    "type_games": "type game results (JSON), one a level in the levels' order (split: types)",
     "csv": "per-block values as CSV",
     "sparsity": "target sparsity: the parameter-weighted mean of the per-block sparsities",
     "scores": "per-block scores (JSON) of the allocation method: Shapley values, a metric",

@@ -188,6 +188,7 @@ def validate(config: dict) -> dict:
                 f"config key 'shapley.players' of model '{name}': {players(settings)} needs "
                 "shapley.ablation: prune (skip removes whole blocks); set ablation: prune"
             )
+        _check_split(settings, name)
         if settings["shapley"]["eval_samples"] > settings["calibration"]["nsamples"]:
             raise ConfigError(
                 f"config key 'shapley.eval_samples' of model '{name}': "
@@ -209,6 +210,26 @@ def validate(config: dict) -> dict:
         _check_levels(settings, name)
         _check_methods(config, settings, name)
     return config
+
+
+def _check_split(settings: dict, name: str) -> None:
+    """``svnup-fit.split: types`` plays its type game on the probes, and splits players that hold
+    several linear layers."""
+    from svnup.registry import method_params
+
+    if method_params(settings["allocation"], "svnup-fit")["split"] != "types":
+        return
+    key_name = f"config key 'allocation.svnup-fit.split' of model '{name}'"
+    if settings["shapley"]["ablation"] != "prune":
+        raise ConfigError(
+            f"{key_name}: types prunes each layer type with the probes, which shapley.ablation "
+            "skip has none of; set ablation: prune, or split: none"
+        )
+    if players(settings) == "layers":
+        raise ConfigError(
+            f"{key_name}: with shapley.players: layers every player is one linear layer, so "
+            "there is nothing to split; use split: none, or players: halves"
+        )
 
 
 def _check_protocols(settings: dict, name: str) -> None:
@@ -556,6 +577,12 @@ def store_spec(settings: dict) -> dict:
     return spec
 
 
+def type_game_spec(settings: dict) -> dict:
+    """The store of the type game at the settings' probe (``svnup.stages.type_game``): a game of
+    ``layers`` players on the same probe, whose coalitions it shares."""
+    return store_spec({**settings, "shapley": {**settings["shapley"], "players": "layers"}})
+
+
 def estimator_params(settings: dict, estimator: str | None = None) -> dict:
     """The estimator and only the parameters it uses."""
     shapley = settings["shapley"]
@@ -632,7 +659,10 @@ def score_spec(settings: dict, method: str, pruner: str) -> dict | None:
     if source.kind == "levels":
         levels = values["levels"]
         games = [key(shapley_spec(at_probe(settings, p), source.name)) for p in levels]
-        return {"levels": levels, "shapley": games}
+        spec = {"levels": levels, "shapley": games}
+        if values.get("split", "none") == "types":
+            spec["type_games"] = [key(type_game_spec(at_probe(settings, p))) for p in levels]
+        return spec
     params = keyed_params(method, values, source.params)
     if source.kind == "metric":
         return metric_spec(settings, source.name, params)

@@ -10,6 +10,11 @@ module (``Family.attention``): every linear layer under it is attention, every o
 With ``layers`` every linear layer is a player of its own, block by block in the order the block
 holds them (q, k, v, o, gate, up, down in a LLaMA block): 224 players for LLaMA-7B. The same
 players carry per-linear allocations that do not come from a game (EvoPress, LSA by projection).
+
+The type game (``allocation.svnup-fit.split: types``) plays the ``layers`` players in groups:
+each coalition prunes one layer type (q_proj, ..., down_proj) in every block at once
+(``type_masks``), and each larger player's sparsity is then split between its layers where their
+types' marginal damages per weight meet (``type_layer_sparsities``).
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+
+import numpy as np
 
 KINDS = ("blocks", "halves", "layers")
 HALVES = ("attention", "mlp")
@@ -114,3 +121,55 @@ def block_sparsities(
         zeros[player.block] += float(sparsity) * player.params
         params[player.block] += player.params
     return [z / p for z, p in zip(zeros, params, strict=True)]
+
+
+def type_masks(players: Sequence[Player]) -> dict[str, int]:
+    """Each linear-layer type's coalition over ``layers`` players: the bits of the layer of that
+    name in every block. Every block must hold the same layer names."""
+    masks: dict[str, int] = {}
+    names: list[set[str]] = []
+    for bit, player in enumerate(players):
+        if len(player.layers) != 1:
+            raise ValueError(f"type masks need players 'layers', got player {player.name}")
+        (name,) = player.layers
+        masks[name] = masks.get(name, 0) | 1 << bit
+        if player.block == len(names):
+            names.append(set())
+        names[player.block].add(name)
+    if any(block != names[0] for block in names):
+        raise ValueError(
+            "the blocks hold different linear layers, so no layer type spans every block; "
+            "remove allocation.svnup-fit.split"
+        )
+    return masks
+
+
+def type_layer_sparsities(
+    players: Sequence[Player],
+    sparsities: Sequence[float],
+    layer_params: Sequence[Mapping[str, int]],
+    curves: Mapping[str, tuple[float, float]],
+    bounds: tuple[float, float],
+) -> list[dict[str, float]]:
+    """Each block's {linear layer: sparsity}: every player's sparsity split between its layers at
+    equal marginal damage per weight, by their types' curves {name: (curvature, scale)}
+    (``svnup.allocation.split_at_equal_marginal``), so each player keeps its weighted mean."""
+    from svnup.allocation import split_at_equal_marginal
+
+    if len(sparsities) != len(players):
+        raise ValueError(f"got {len(sparsities)} sparsities for {len(players)} players")
+    missing = {n for p in players for n in p.layers} - set(curves)
+    if missing:
+        raise ValueError(f"the type game has no curve for layers {', '.join(sorted(missing))}")
+    layers: list[dict[str, float]] = [{} for _ in range(len(layer_params))]
+    for player, sparsity in zip(players, sparsities, strict=True):
+        names = list(player.layers)
+        split = split_at_equal_marginal(
+            float(sparsity),
+            np.array([layer_params[player.block][n] for n in names], dtype=np.float64),
+            np.array([curves[n][0] for n in names]),
+            np.array([curves[n][1] for n in names]),
+            bounds,
+        )
+        layers[player.block].update(zip(names, split.tolist(), strict=True))
+    return layers

@@ -95,6 +95,8 @@ def _check_players(plan: dict, path: str | Path) -> None:
         or not all(isinstance(b, dict) and b and all(map(_fraction, b.values())) for b in layers)
     ):
         raise budget_error(path, f"layer_sparsities is not {n_blocks} maps of sparsities in [0, 1)")
+    if "layer_params" in plan:
+        _check_layer_means(plan, path)
     if "players" not in plan:
         if "player_sparsities" in plan:
             raise budget_error(path, "player_sparsities without players")
@@ -116,8 +118,33 @@ def _check_players(plan: dict, path: str | Path) -> None:
     derived = block_sparsities(players, given, n_blocks)
     if any(abs(a - b) > MEAN_TOLERANCE for a, b in zip(derived, plan["sparsities"], strict=True)):
         raise budget_error(path, "its block sparsities are not the means of its players'")
-    if layers != layer_sparsities(players, given, n_blocks):
+    if "layer_params" in plan:
+        for player, sparsity in zip(players, given, strict=True):
+            held = {name: plan["layer_params"][player.block][name] for name in player.layers}
+            mean = sum(layers[player.block][n] * w for n, w in held.items()) / sum(held.values())
+            if abs(mean - sparsity) > MEAN_TOLERANCE:
+                raise budget_error(path, f"its layers' mean in player {player.name} is not its own")
+    elif layers != layer_sparsities(players, given, n_blocks):
         raise budget_error(path, "its layer_sparsities are not its players' sparsities")
+
+
+def _check_layer_means(plan: dict, path: str | Path) -> None:
+    """A budget that splits players between their layers (``split: types``) holds each layer's
+    weights: they must add up to the blocks', and each block's layer sparsities to its mean."""
+    weights, layers = plan["layer_params"], plan.get("layer_sparsities")
+    if (
+        layers is None
+        or not isinstance(weights, list)
+        or [sorted(b) for b in weights if isinstance(b, dict)] != [sorted(b) for b in layers]
+        or not all(_count(w) for block in weights for w in block.values())
+    ):
+        raise budget_error(path, "its layer_params are not a weight count for every layer")
+    if [sum(block.values()) for block in weights] != plan["block_params"]:
+        raise budget_error(path, "its layer_params do not add up to block_params")
+    for block, (params, sparsities) in enumerate(zip(weights, layers, strict=True)):
+        mean = sum(sparsities[n] * w for n, w in params.items()) / sum(params.values())
+        if abs(mean - plan["sparsities"][block]) > MEAN_TOLERANCE:
+            raise budget_error(path, f"its layer sparsities in block {block} miss the block's")
 
 
 def read_budget(path: str | Path, target: float | None = None, spec_key: str | None = None) -> dict:

@@ -210,7 +210,7 @@ ALLOCATIONS: dict[str, Allocation] = {
         "SV-NUP: Shapley value of each block (svnup's estimators), linear map",
     ),
     "svnup-fit": Allocation(
-        Source("levels", params=("levels",)),
+        Source("levels", params=("levels", "split")),
         "svnup.allocation:damage_allocation",
         {
             "levels": Param(
@@ -226,6 +226,15 @@ ALLOCATIONS: dict[str, Allocation] = {
                 0.05,
                 {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
                 "smallest damage scale a block can have, as a fraction of the median",
+            ),
+            "split": Param(
+                "none",
+                {"enum": ["none", "types"]},
+                "how a player's sparsity is split between its linear layers: none (all the "
+                "same) or types (a game of layer types, each pruned in every block at once at "
+                "each level, fits a damage curve per type; each player is split where its "
+                "layers' marginal damages per weight meet; needs shapley.ablation: prune)",
+                optional=True,
             ),
         },
         "svnup: Shapley damage at several probe sparsities, fitted a_b exp(c s), minimised",

@@ -175,7 +175,7 @@ def coalitions(
     """
     from svnup.calibration import load_statistics
     from svnup.shapley import coalition_jobs, make_estimator
-    from svnup.store import CoalitionRecord, CoalitionStore, write_records
+    from svnup.store import CoalitionStore, write_records
 
     ids, _, meta = load_statistics(calibration)
     n_blocks = meta["n_blocks"]
@@ -186,33 +186,12 @@ def coalitions(
         raise ValueError(f"job {job!r} is not one of this estimator's jobs: {', '.join(jobs)}")
     records_store = CoalitionStore(store, n_players, spec)
     wanted = jobs[job]
-    evaluator, stats, evaluated = None, [], 0
-    with records_store.writer(job, claim=wanted) as writer:
-        todo = writer.claimed
-        recorded = len(set(wanted) & set(records_store.records()))
-        log.info(
-            "%s: %d coalitions, %d already in the store, %d claimed by other running jobs",
-            job,
-            len(wanted),
-            recorded,
-            len(wanted) - recorded - len(todo),
-        )
-
-        def record(mask: int, nll: float, tokens: int, seconds: float) -> None:
-            writer.append(mask, CoalitionRecord(nll, tokens, seconds))
-
-        while True:
-            if todo:
-                if evaluator is None:
-                    evaluator = _coalition_evaluator(
-                        model, runtime, spec, ids, masks, n_blocks, players
-                    )
-                stats.append(evaluator.evaluate(todo, record))
-                evaluated += len(todo)
-            todo = writer.take_over(wanted)  # waits for the coalitions other jobs claimed
-            if not todo:
-                break
-            log.info("%s: took over %d coalitions from a job that died", job, len(todo))
+    stats = _play(
+        records_store,
+        job,
+        wanted,
+        lambda: _coalition_evaluator(model, runtime, spec, ids, masks, n_blocks, players),
+    )
     forwards = sum(s.block_forwards for s in stats)
     naive = sum(s.naive_block_forwards for s in stats)
     seconds = sum(s.seconds for s in stats)
@@ -229,7 +208,7 @@ def coalitions(
     summary = {
         "job": job,
         "coalitions": len(wanted),
-        "evaluated": evaluated,
+        "evaluated": sum(s.coalitions for s in stats),
         "block_forwards": forwards,
         "naive_block_forwards": naive,
         "seconds": seconds,
@@ -244,6 +223,99 @@ def coalitions(
         attrs["players"] = _json([player.to_dict() for player in players])
     write_records(out, {m: records[m] for m in wanted}, n_players, attrs)
     return summary
+
+
+def _play(store, job: str, wanted: list[int], make_evaluator) -> list:
+    """Evaluate the coalitions ``wanted`` that ``store`` does not hold, journalled under tag
+    ``job``: claimed first, so a coalition another running job claimed is waited for (and taken
+    over if that job dies); the evaluator is made only once there is work for it. Returns each
+    evaluation's ``EvaluationStats``."""
+    from svnup.store import CoalitionRecord
+
+    evaluator, stats = None, []
+    with store.writer(job, claim=wanted) as writer:
+        todo = writer.claimed
+        recorded = len(set(wanted) & set(store.records()))
+        log.info(
+            "%s: %d coalitions, %d already in the store, %d claimed by other running jobs",
+            job,
+            len(wanted),
+            recorded,
+            len(wanted) - recorded - len(todo),
+        )
+
+        def record(mask: int, nll: float, tokens: int, seconds: float) -> None:
+            writer.append(mask, CoalitionRecord(nll, tokens, seconds))
+
+        while True:
+            if todo:
+                if evaluator is None:
+                    evaluator = make_evaluator()
+                stats.append(evaluator.evaluate(todo, record))
+            todo = writer.take_over(wanted)  # waits for the coalitions other jobs claimed
+            if not todo:
+                break
+            log.info("%s: took over %d coalitions from a job that died", job, len(todo))
+    return stats
+
+
+def type_game(
+    spec: dict,
+    runtime: dict,
+    model: dict,
+    calibration: Path,
+    masks: Path,
+    store: Path,
+    out: Path,
+) -> dict:
+    """The type game at one probe level: the mean NLL that pruning each linear-layer type
+    (q_proj, ..., down_proj) in every block at once adds to the dense model's, one coalition
+    a type over ``layers`` players (``svnup.players.type_masks``). Why: a per-linear game
+    measures each layer's damage below the noise of the game's tokens; a type's damage summed
+    over every block is as many times larger, for one coalition a type. Its coalitions are
+    journalled in the store of a ``layers`` game at the same probe, so a killed job resumes."""
+    from svnup.calibration import load_statistics
+    from svnup.players import type_masks
+    from svnup.store import CoalitionStore
+
+    if spec.get("players") != "layers" or spec["ablation"] != "prune":
+        raise ValueError(
+            "the type game plays 'layers' players with ablation 'prune'; pass the store spec "
+            "of such a game (the workflow's type_game rule does)"
+        )
+    ids, _, meta = load_statistics(calibration)
+    players = _game_players(spec, model, masks)
+    by_type = type_masks(players)
+    wanted = [0, *by_type.values()]
+    records_store = CoalitionStore(store, len(players), spec)
+    stats = _play(
+        records_store,
+        "types",
+        wanted,
+        lambda: _coalition_evaluator(model, runtime, spec, ids, masks, meta["n_blocks"], players),
+    )
+    records = records_store.records()
+    nll = {mask: records[mask].nll_sum / records[mask].n_tokens for mask in wanted}
+    layer_params: list[dict[str, int]] = [{} for _ in range(meta["n_blocks"])]
+    for player in players:
+        layer_params[player.block][player.layers[0]] = player.params
+    result = {
+        "spec": spec,
+        "types": list(by_type),
+        "damage": [nll[mask] - nll[0] for mask in by_type.values()],
+        "dense_nll": nll[0],
+        "layer_params": layer_params,
+        "coalitions": len(wanted),
+        "evaluated": sum(s.coalitions for s in stats),
+        "seconds": sum(records[mask].seconds for mask in wanted),
+        "versions": versions(),
+    }
+    log.info(
+        "type damage: %s",
+        ", ".join(f"{t} {d:.4f}" for t, d in zip(result["types"], result["damage"], strict=True)),
+    )
+    write_json(out, result)
+    return result
 
 
 def _game_players(spec: dict, model: dict, masks: Path | None):
@@ -356,14 +428,23 @@ def _json(data) -> str:
     return json.dumps(data, sort_keys=True)
 
 
-def curve(spec: dict, scores: list[Path], out: Path) -> None:
-    """One [level, block] table from the Shapley values measured at each probe sparsity."""
+def curve(spec: dict, scores: list[Path], out: Path, type_games: list[Path] | None = None) -> None:
+    """One [level, block] table from the Shapley values measured at each probe sparsity; with
+    ``spec["type_games"]`` (``split: types``) also the type games' [level, type] damage table,
+    from ``type_games`` (one file a level, in the levels' order), which the budget splits
+    players by."""
     if len(scores) != len(spec["levels"]):
         raise ValueError(f"got {len(scores)} score files for levels {spec['levels']}")
     rows = [read_scores(path) for path in scores]
     players = rows[0][2].get("players")
     if any(meta.get("players") != players for _, _, meta in rows):
         raise ValueError("the score files were measured with different players")
+    extra = {} if players is None else {"players": players}
+    if spec.get("type_games"):
+        extra["type_game"] = _type_table(spec, type_games or [])
+    elif type_games:
+        raise ValueError("type game files given (--type-games) for a curve without split: types")
+    games = extra.get("type_game", {}).get("games", [])
     write_scores(
         out,
         [values for values, _, _ in rows],
@@ -371,11 +452,40 @@ def curve(spec: dict, scores: list[Path], out: Path) -> None:
         source="levels",
         levels=spec["levels"],
         spec=spec,
-        n_coalitions=sum(meta.get("n_coalitions") or 0 for _, _, meta in rows),
-        seconds=sum(meta.get("seconds") or 0.0 for _, _, meta in rows),
+        n_coalitions=sum(meta.get("n_coalitions") or 0 for _, _, meta in rows)
+        + sum(game["coalitions"] for game in games),
+        seconds=sum(meta.get("seconds") or 0.0 for _, _, meta in rows)
+        + sum(game["seconds"] for game in games),
         versions=versions(),
-        **({} if players is None else {"players": players}),
+        **extra,
     )
+
+
+def _type_table(spec: dict, paths: list[Path]) -> dict:
+    """The type games of a curve's levels as one table: types, [level, type] damage, and each
+    block's {layer: weights}; every file must be the game its spec names, on the same layers."""
+    from svnup.config import key
+
+    if len(paths) != len(spec["type_games"]):
+        raise ValueError(
+            f"got {len(paths)} type game files (--type-games) for levels {spec['levels']}; "
+            "give one a level, in their order"
+        )
+    games = [read_json(path) for path in paths]
+    for path, game, expected in zip(paths, games, spec["type_games"], strict=True):
+        if key(game.get("spec", {})) != expected:
+            raise ValueError(
+                f"{path} is not the type game of this curve (store key {expected}); pass the "
+                "files the workflow builds for its levels, in their order"
+            )
+        if (game["types"], game["layer_params"]) != (games[0]["types"], games[0]["layer_params"]):
+            raise corrupt(path, "its layer types differ from those of the first level's game")
+    return {
+        "types": games[0]["types"],
+        "damage": [game["damage"] for game in games],
+        "layer_params": games[0]["layer_params"],
+        "games": [{k: game[k] for k in ("coalitions", "seconds", "dense_nll")} for game in games],
+    }
 
 
 def metric(spec: dict, runtime: dict, model: dict, calibration: Path | None, out: Path) -> None:
@@ -804,7 +914,37 @@ def budget(spec: dict, sparsity: float, calibration: Path, scores: Path | None, 
         plan["players"] = [player.to_dict() for player in players]
         plan["player_sparsities"] = sparsities.tolist()
         plan["layer_sparsities"] = layer_sparsities(players, sparsities, n_blocks)
+    if meta.get("type_game"):
+        plan |= _split_by_type(meta, players, sparsities, spec, block_params)
     write_json(out, plan)
+
+
+def _split_by_type(meta: dict, players, sparsities: np.ndarray, spec: dict, block_params) -> dict:
+    """The budget's per-layer sparsities with every player split between its layers by the type
+    game's curves (``split: types``), and the curves; whole blocks are players of all their
+    layers here. Each player keeps its sparsity as the weighted mean of its layers'."""
+    from svnup.allocation import type_curves
+    from svnup.players import Player, type_layer_sparsities
+
+    game = meta["type_game"]
+    layer_params = game["layer_params"]
+    if [sum(block.values()) for block in layer_params] != [int(p) for p in block_params]:
+        raise ValueError(
+            "the type game's layers do not hold the calibration's block weights; the type game "
+            "belongs to another model"
+        )
+    if players is None:
+        players = [
+            Player(b, tuple(layers), sum(layers.values()), str(b))
+            for b, layers in enumerate(layer_params)
+        ]
+    curvatures, scales = type_curves(game["damage"], meta["levels"], spec["floor"])
+    curves = dict(zip(game["types"], zip(curvatures, scales, strict=True), strict=True))
+    layers = type_layer_sparsities(
+        players, sparsities, layer_params, curves, (spec["min"], spec["max"])
+    )
+    fit = {t: {"curvature": float(c), "scale": float(a)} for t, (c, a) in curves.items()}
+    return {"layer_sparsities": layers, "layer_params": layer_params, "type_curves": fit}
 
 
 def _check_scores(path: Path, values, n_players: int) -> None:
@@ -1059,7 +1199,7 @@ def collect(
     if plan is not None:
         keys = ("achieved", "sparsities", "importance", "scores", "spec")
         data["budget"] = {k: plan[k] for k in keys}
-        for k in ("players", "player_sparsities", "layer_sparsities"):
+        for k in ("players", "player_sparsities", "layer_sparsities", "type_curves"):
             if k in plan:
                 data["budget"][k] = plan[k]
     if report is not None:
