@@ -111,7 +111,8 @@ rule budget:
 
 rule curve:
     input:
-        curve_inputs,
+        scores=curve_inputs,
+        type_games=curve_type_games,
     output:
         kept("results/{model}/curves/{allocation}/{key}/scores.json"),
     log:
@@ -122,6 +123,9 @@ rule curve:
         "../envs/svnup.yaml"
     params:
         spec=curve_spec_json,
+        type_games=lambda wc, input: (
+            f"--type-games {input.type_games}" if input.type_games else ""
+        ),
     shell:
-        "python -m svnup curve --spec {params.spec:q} --scores {input} --out {output} "
-        "> {log} 2>&1"
+        "python -m svnup curve --spec {params.spec:q} --scores {input.scores} "
+        "{params.type_games} --out {output} > {log} 2>&1"

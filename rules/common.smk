@@ -133,6 +133,20 @@ def curve_inputs(wildcards):
     ]
 
 
+def type_game_settings(wildcards):
+    return game_settings(wildcards, cfg.type_game_spec, name="store")
+
+
+def curve_type_games(wildcards):
+    """The type games at every level of a damage curve that splits players by layer type
+    (``split: types``); none for one that does not."""
+    s = curve_settings(wildcards)
+    spec = cfg.score_spec(s, wildcards.allocation, None)
+    if "type_games" not in spec:
+        return []
+    return [type_game_path(wildcards.model, cfg.at_probe(s, p)) for p in spec["levels"]]
+
+
 def curve_spec_json(wildcards):
     return as_json(
         cfg.score_spec(curve_settings(wildcards), wildcards.allocation, None)
@@ -192,6 +206,10 @@ def job_paths(model, s, estimator):
     )
     folder = f"{store_dir(model, s)}/{estimator}/{cfg.key(params)}"
     return [f"{folder}/{job}.h5" for job in coalition_jobs(planned)]
+
+
+def type_game_path(model, s):
+    return f"results/{model}/type-games/{cfg.key(cfg.type_game_spec(s))}/damage.json"
 
 
 def shapley_path(model, s, estimator=None):

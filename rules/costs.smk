@@ -77,6 +77,39 @@ def game_jobs(model, game, estimator):
     return coalitions
 
 
+def type_game_jobs(model, game):
+    """The type game at one level where its output is missing (``split: types``): the dense
+    coalition and one a layer type over ``layers`` players, and its probe where not on disk.
+    """
+    path = type_game_path(model, game)
+    if Path(path).exists():
+        return {}
+    n_blocks = cfg.n_blocks(game)
+    per_block = cfg.n_players(
+        {**game, "shapley": {**game["shapley"], "players": "layers"}}
+    )
+    per_block //= n_blocks
+    bits = [((1 << per_block) - 1) << (per_block * b) for b in range(n_blocks)]
+    masks = [0] + [
+        sum(1 << (per_block * b + t) for b in range(n_blocks)) for t in range(per_block)
+    ]
+    jobs = {
+        path: costs.Job(
+            "coalitions",
+            game["shapley"]["eval_samples"],
+            game["seqlen"],
+            forwards=costs.trie_forwards(masks, bits, skip=False),
+            coalitions=len(masks),
+        )
+    }
+    probe = probe_path(model, game)
+    if not Path(probe).exists():
+        n = game["calibration"]["nsamples"]
+        shapley = game["shapley"]
+        jobs[probe] = costs.Job("probe", n, game["seqlen"], shapley["probe_pruner"])
+    return jobs
+
+
 def evaluation_jobs(folder, s):
     n_windows = s["evaluation"].get("windows")
     jobs = {}
@@ -118,9 +151,11 @@ def planned_model_jobs(model, s, paths):
             if source.kind == "shapley":
                 jobs |= game_jobs(model, run, source.name)
             elif source.kind == "levels":
-                levels = cfg.score_spec(run, allocation, None)["levels"]
-                for level in levels:
+                spec = cfg.score_spec(run, allocation, None)
+                for level in spec["levels"]:
                     jobs |= game_jobs(model, cfg.at_probe(run, level), source.name)
+                    if "type_games" in spec:
+                        jobs |= type_game_jobs(model, cfg.at_probe(run, level))
             elif source.kind == "search":
                 unpriced.add(f"the {allocation} search")
         jobs[f"{folder}/prune.json"] = costs.Job("prune", n, seqlen, pruner)

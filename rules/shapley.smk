@@ -35,6 +35,34 @@ rule coalitions:
         )
 
 
+rule type_game:
+    input:
+        calibration=lambda wc: calibration_path(wc.model, settings(wc)),
+        masks=lambda wc: probe_path(wc.model, type_game_settings(wc)),
+    output:
+        kept("results/{model}/type-games/{store}/damage.json"),
+    log:
+        "results/{model}/logs/type-games/{store}.log",
+    benchmark:
+        "results/{model}/benchmarks/type-games/{store}.tsv"
+    conda:
+        "../envs/svnup.yaml"
+    resources:
+        **runtime_resources(),
+    params:
+        spec=lambda wc: as_json(cfg.type_game_spec(type_game_settings(wc))),
+        model=lambda wc: as_json(cfg.model_spec(settings(wc))),
+        store=lambda wc: f"results/{wc.model}/coalitions/{wc.store}/store",
+    shell:
+        logged(
+            "python -m svnup type_game --spec {params.spec:q} --model {params.model:q} "
+            "--device {resources.device} --batch-size {resources.batch_size} "
+            "--offload {resources.offload} --threads {threads} "
+            "--calibration {input.calibration} --masks {input.masks} "
+            "--store {params.store} --out {output}"
+        )
+
+
 rule shapley:
     input:
         lambda wc: job_paths(wc.model, shapley_settings(wc), wc.estimator),

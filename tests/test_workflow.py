@@ -497,6 +497,59 @@ def test_halves_play_a_game_of_their_own_and_prune_each_layer(project):
     assert not {"coalitions", "shapley", "budget", "prune"} & planned_jobs(project).keys()
 
 
+def test_type_split_plays_a_type_game_a_level_and_splits_each_half(project):
+    """``svnup-fit.split: types``: one type game a level, on the halves' probes (removed only
+    once the type game has read them), whose curves split each half between its layers at the
+    half's own sparsity; the type game's coalitions land in the store of a layers game."""
+    fit = {"levels": [0.3, 0.5], "split": "types"}
+    overrides = {
+        "shapley.players": "halves",
+        "shapley.estimator": "loo",
+        "allocation.svnup-fit": fit,
+        "keep_probes": False,
+    }
+    config = tiny_config(**overrides)
+    write_config(project, config)
+    target = "results/tiny/s0.5/svnup-fit/wanda/ppl.json"
+    try:
+        plan = planned_jobs(project, target)
+        assert plan["type_game"] == 2 and plan["curve"] == 1, plan
+        snakemake(project, "--cores", "2", target)
+        run = _ppl(project, target)
+        budget = run["budget"]
+        assert set(budget["type_curves"]) == set(budget["layer_sparsities"][0])
+        splits = [
+            {budget["layer_sparsities"][player["block"]][name] for name in player["layers"]}
+            for player in budget["players"]
+        ]
+        assert sum(len(split) > 1 for split in splits) >= 4, splits  # a half's types differ
+        pruned = {
+            (b, layer["name"]): layer["sparsity"]
+            for b, block in enumerate(run["pruning"]["blocks"])
+            for layer in block["layers"]
+        }
+        for (b, name), sparsity in pruned.items():
+            assert sparsity == pytest.approx(budget["layer_sparsities"][b][name], abs=1 / 32)
+        with chdir(project):
+            settings = cfg.model_settings(config, "tiny")
+            games = [cfg.at_probe(settings, level) for level in fit["levels"]]
+            stores = [cfg.key(cfg.type_game_spec(game)) for game in games]
+        for store in stores:
+            game = json.loads(
+                (project / f"results/tiny/type-games/{store}/damage.json").read_text()
+            )
+            assert len(game["damage"]) == 7 and game["coalitions"] == 8
+            assert (project / f"results/tiny/coalitions/{store}/store").is_dir()
+        assert planned_jobs(project, target) == {}
+        write_config(
+            project, tiny_config(**{**overrides, "allocation.svnup-fit": {"levels": fit["levels"]}})
+        )
+        plan = planned_jobs(project, target)
+        assert "type_game" not in plan and plan["curve"] == 1, plan
+    finally:
+        write_config(project, tiny_config())
+
+
 def test_evopress_and_lsa_by_projection_give_each_linear_layer_its_sparsity(project):
     """EvoPress's level database is built once per target and pruner, its search journals and
     resumes, and both per-linear methods reach pruning through the budget's layer players;
@@ -920,6 +973,18 @@ def test_a_rerun_job_keeps_its_previous_output_readable_until_it_replaces_it(pro
         (
             {"shapley.players": "halves", "shapley.ablation": "skip"},
             "'shapley.players' of model 'tiny': halves needs shapley.ablation: prune",
+        ),
+        (
+            {"allocation.svnup-fit": {"split": "types"}, "shapley.ablation": "skip"},
+            "'allocation.svnup-fit.split' of model 'tiny': types prunes each layer type",
+        ),
+        (
+            {"allocation.svnup-fit": {"split": "types"}, "shapley.players": "layers"},
+            "'allocation.svnup-fit.split' of model 'tiny': with shapley.players: layers",
+        ),
+        (
+            {"allocation.svnup-fit": {"split": "layers"}},
+            "config key 'allocation.svnup-fit.split': 'layers' is not one of",
         ),
     ],
 )
