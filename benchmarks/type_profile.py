@@ -15,6 +15,8 @@ layer's damage below the noise of the game's tokens. A type's damage summed over
   ``allocation_anatomy.py`` reads as a WITHIN profile.
 - ``--split per-type``: a curve (c_t, r_t) per type, and each half of the ``--across`` budget
   split where the marginal damages per weight meet. Writes the whole per-linear allocation.
+  The workflow's ``allocation.svnup-fit.split: types`` computes this split with the same
+  functions (``svnup.allocation.type_curves``, ``svnup.players.type_layer_sparsities``).
 
 Both keep the game's damage table (``type_game``); ``--game`` reads it back instead of playing.
 
@@ -92,15 +94,6 @@ def kept_probe(args: argparse.Namespace, root: Path, calibration: Path, level: f
     return kept
 
 
-def type_masks(players) -> dict[str, int]:
-    """Each layer type's coalition: the bits of its linear layer in every block."""
-    masks: dict[str, int] = {}
-    for bit, player in enumerate(players):
-        (name,) = player.layers
-        masks[name] = masks.get(name, 0) | 1 << bit
-    return masks
-
-
 def profile_offsets(
     scales: dict[str, float], curvature: float, params: dict[str, int], attention: str
 ) -> dict[str, float]:
@@ -114,27 +107,6 @@ def profile_offsets(
     return out
 
 
-def equal_marginal_split(
-    mean: float,
-    params: dict[str, int],
-    curves: dict[str, tuple[float, float]],
-    low: float = 0.0,
-    high: float = 0.99,
-) -> dict[str, float]:
-    """The sparsities of one half's layers, weighted mean ``mean``, that minimise
-    sum_t r_t exp(c_t s_t) for per-type curves (c_t, r_t): r_t c_t exp(c_t s_t) = mu w_t, so
-    s_t = ln(w_t / (r_t c_t)) / c_t + ln(mu) / c_t, each clipped to [low, high], with ln mu
-    solved exactly by ``svnup.allocation.fit_mean``."""
-    from svnup.allocation import fit_mean
-
-    names = list(curves)
-    c = np.array([curves[t][0] for t in names])
-    r = np.array([curves[t][1] for t in names])
-    w = np.array([params[t] for t in names], dtype=np.float64)
-    split = fit_mean(np.log(w / (r * c)) / c, 1.0 / c, w / w.sum(), mean, low, high)
-    return dict(zip(names, split.tolist(), strict=True))
-
-
 def play(args: argparse.Namespace) -> dict:
     """The type game's damage table: the mean NLL each type adds, pruned in every block."""
     import torch
@@ -142,7 +114,7 @@ def play(args: argparse.Namespace) -> dict:
     from svnup.calibration import ProbeFile, load_statistics, probe_shapes
     from svnup.evaluator import CoalitionEvaluator
     from svnup.models import load_model
-    from svnup.players import make_players
+    from svnup.players import make_players, type_masks
 
     torch.set_num_threads(1)
     settings = yaml.safe_load((args.workdir / "config.yaml").read_text())
@@ -204,27 +176,23 @@ def shared_profile(game: dict, target: float) -> list[dict[str, float]]:
 
 
 def per_type_plan(game: dict, across: dict) -> list[dict[str, float]]:
-    """A curve per type (its own curvature), each half of ``across`` split at its mean."""
-    from svnup.allocation import fit_damage
+    """A curve per type (``split: types``'s, ``svnup.allocation.type_curves``), each half of
+    ``across`` split at its mean (``svnup.players.type_layer_sparsities``)."""
+    from svnup.allocation import type_curves
+    from svnup.players import make_players, type_layer_sparsities
 
-    damage, levels = np.asarray(game["damage"]), np.asarray(game["levels"])
-    curves = {}
-    for column, t in enumerate(game["types"]):
-        curvature, (scale,) = fit_damage(damage[:, [column]], levels)
-        curves[t] = (curvature, float(scale))
-    game["fit"] = {"curves": curves}
+    curvatures, scales = type_curves(np.asarray(game["damage"]), np.asarray(game["levels"]))
+    curves = dict(zip(game["types"], zip(curvatures, scales, strict=True), strict=True))
+    game["fit"] = {"curves": {t: [float(c), float(a)] for t, (c, a) in curves.items()}}
     params, attention = game["params"], game["attention"]
-    plan = []
-    for layers in across["layer_sparsities"]:
-        block = {}
-        for is_attention in (True, False):
-            group = [t for t in layers if t.startswith(f"{attention}.") == is_attention]
-            mean = sum(layers[t] * params[t] for t in group) / sum(params[t] for t in group)
-            block |= equal_marginal_split(
-                mean, {t: params[t] for t in group}, {t: curves[t] for t in group}
-            )
-        plan.append(block)
-    return plan
+    shapes = [{t: (params[t], 1) for t in game["types"]}] * game["n_blocks"]
+    players = make_players("halves", shapes, attention)
+    means = []
+    for player in players:
+        layers = across["layer_sparsities"][player.block]
+        held = sum(params[t] for t in player.layers)
+        means.append(sum(layers[t] * params[t] for t in player.layers) / held)
+    return type_layer_sparsities(players, means, [params] * game["n_blocks"], curves, (0.0, 0.99))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,8 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from svnup.players import make_players
-
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "type_profile.py"
 SHAPES = {
     "self_attn.q_proj": (8, 8),
@@ -29,17 +27,6 @@ def types():
     return module
 
 
-def test_a_type_coalition_prunes_that_layer_in_every_block(types):
-    players = make_players("layers", [SHAPES] * 3, "self_attn")
-    masks = types.type_masks(players)
-    assert list(masks) == list(SHAPES)
-    assert sum(masks.values()) == (1 << len(players)) - 1  # disjoint, and they cover everyone
-    for name, mask in masks.items():
-        pruned = [p for bit, p in enumerate(players) if mask >> bit & 1]
-        assert [p.block for p in pruned] == [0, 1, 2]
-        assert {p.layers for p in pruned} == {(name,)}
-
-
 def test_the_offsets_equalise_the_marginal_damage_inside_each_half(types):
     scales = {"self_attn.q_proj": 1.0, "self_attn.k_proj": 0.5, "self_attn.v_proj": 2.0}
     scales |= {"self_attn.o_proj": 1.0, "mlp.gate_proj": 1.0, "mlp.up_proj": 1.0}
@@ -56,16 +43,19 @@ def test_the_offsets_equalise_the_marginal_damage_inside_each_half(types):
     assert offsets["mlp.down_proj"] < offsets["mlp.gate_proj"]
 
 
-def test_the_per_type_split_keeps_the_half_mean_and_meets_the_marginals(types):
-    curves = {"self_attn.q_proj": (5.0, 1e-3), "self_attn.k_proj": (7.0, 5e-4)}
-    curves |= {"self_attn.v_proj": (6.0, 3e-3), "self_attn.o_proj": (9.0, 1e-4)}
-    params = {t: PARAMS[t] for t in curves}
-    split = types.equal_marginal_split(0.5, params, curves)
-    mean = sum(split[t] * params[t] for t in split) / sum(params.values())
-    assert mean == pytest.approx(0.5, abs=1e-9)
-    marginal = [r * c * math.exp(c * split[t]) / params[t] for t, (c, r) in curves.items()]
-    assert marginal == pytest.approx([marginal[0]] * len(marginal), rel=1e-6)
-    clipped = types.equal_marginal_split(0.5, params, curves, low=0.3, high=0.6)
-    assert min(clipped.values()) >= 0.3 and max(clipped.values()) <= 0.6
-    mean = sum(clipped[t] * params[t] for t in clipped) / sum(params.values())
-    assert mean == pytest.approx(0.5, abs=1e-9)
+def test_the_per_type_plan_keeps_every_half_mean_of_the_budget_it_splits(types):
+    names = list(SHAPES)
+    levels = [0.6, 0.7, 0.8]
+    rates = [5.0, 7.0, 6.0, 9.0, 8.0, 10.0, 6.5]
+    damage = [[1e-3 * (t + 1) * math.exp(c * s) for t, c in enumerate(rates)] for s in levels]
+    game = {"damage": damage, "levels": levels, "types": names, "params": PARAMS}
+    game |= {"attention": "self_attn", "n_blocks": 2}
+    across = {"layer_sparsities": [dict.fromkeys(names, 0.4), dict.fromkeys(names, 0.6)]}
+    plan = types.per_type_plan(game, across)
+    assert game["fit"]["curves"]["mlp.up_proj"][0] == pytest.approx(10.0, rel=0.01)  # the grid
+    for block, mean in enumerate((0.4, 0.6)):
+        for half in ("self_attn.", "mlp."):
+            group = [t for t in names if t.startswith(half)]
+            held = sum(PARAMS[t] for t in group)
+            assert sum(plan[block][t] * PARAMS[t] for t in group) / held == pytest.approx(mean)
+        assert len(set(plan[block].values())) > 2  # the types differ inside each half
