@@ -64,6 +64,14 @@ VARIANTS = {
         {"shapley": {"players": "halves", "probe_pruner": "match", "targets": "dense"}},
     ),
     "svnup-fit-layers": ("svnup-fit", {"shapley": {"players": "layers", "probe_pruner": "match"}}),
+    # the halves split between their linear layers by the type game (docs/methods.md)
+    "svnup-fit-halves-types": (
+        "svnup-fit",
+        {
+            "shapley": {"players": "halves", "probe_pruner": "match"},
+            "allocation": {"svnup-fit": {"split": "types"}},
+        },
+    ),
     "lsa-projection": ("lsa", {"allocation": {"lsa": {"granularity": "projection"}}}),
     # the level database pruned by each run's pruner instead of SparseGPT (the reference's)
     "evopress-match": ("evopress", {"allocation": {"evopress": {"probe_pruner": "match"}}}),
@@ -102,6 +110,7 @@ NAMES = {
     "svnup-fit-halves": "SV-NUP-fit (halves, matched probe)",
     "svnup-fit-halves-kl": "SV-NUP-fit (halves, KL games, matched probe)",
     "svnup-fit-layers": "SV-NUP-fit (linear layers, matched probe)",
+    "svnup-fit-halves-types": "SV-NUP-fit (halves split by the type game, matched probe)",
     "lsa-projection": "LSA (by projection)",
     "evopress-seeded": "EvoPress seeded by SV-NUP-fit (halves)",
     "evopress-match": "EvoPress (level database of the run's pruner)",
