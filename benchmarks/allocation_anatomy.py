@@ -14,6 +14,10 @@ per-block) sparsities; the recombined allocations are
   its layer type from its half's mean, averaged over the blocks; where that leaves [min, max]
   the layer is clipped and the half's other layers shift together, so every half's mean, and so
   the total, stays exactly ACROSS's.
+- ``uniform+NAME-types`` and ``uniform+NAME-block-types``, for a budget of
+  ``allocation.svnup-fit.split: types`` (it holds ``type_curves``): every half, or every whole
+  block, at the target, split between its layers by NAME's type curves; the type game's split
+  without svnup-fit's across-block allocation, so without its games.
 
 All are pruned with one pruner from the folder's calibration record and evaluated on the
 folder's evaluation set and sequence length (its ``config.yaml``), one thread.
@@ -35,7 +39,7 @@ import numpy as np
 import yaml
 
 from svnup.allocation import fit_mean
-from svnup.players import Player, make_players
+from svnup.players import Player, make_players, type_layer_sparsities
 
 Plan = list[dict[str, float]]  # each block's {linear layer: sparsity}
 
@@ -149,6 +153,26 @@ def recombined(
     return kept
 
 
+def uniform_type_splits(
+    budgets: dict[str, dict], halves: Sequence[Player], params: Sequence[dict[str, int]]
+) -> dict[str, Plan]:
+    """For each budget with ``type_curves``: every half and every block at its target, split
+    by those curves (``svnup.players.type_layer_sparsities``)."""
+    blocks = [
+        Player(b, tuple(sizes), sum(sizes.values()), str(b)) for b, sizes in enumerate(params)
+    ]
+    plans: dict[str, Plan] = {}
+    for name, budget in budgets.items():
+        if "type_curves" not in budget:
+            continue
+        curves = {t: (c["curvature"], c["scale"]) for t, c in budget["type_curves"].items()}
+        for label, players in (("types", halves), ("block-types", blocks)):
+            plans[f"uniform+{name}-{label}"] = type_layer_sparsities(
+                players, [budget["target"]] * len(players), params, curves, (0.0, 0.99)
+            )
+    return plans
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
@@ -179,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     target = args.budgets[next(iter(plans))]["target"]
     allocations = {
         name: plan
-        for name, plan in recombined(plans, halves, params).items()
+        for name, plan in (
+            recombined(plans, halves, params) | uniform_type_splits(args.budgets, halves, params)
+        ).items()
         if args.only is None or name in args.only
     }
     for name, plan in allocations.items():  # before any pruning

@@ -106,3 +106,19 @@ def test_recombined_drops_copies_and_keeps_the_total(anatomy, model):
     assert anatomy.total(kept["blocks+per-linear-profile"], params) == pytest.approx(
         anatomy.total(plans["blocks"], params)
     )
+
+
+def test_uniform_type_splits_hold_the_target_in_every_half_or_block(anatomy, model):
+    halves, params = model
+    rates = dict(zip(SHAPES, (5.0, 7.0, 6.0, 9.0, 8.0, 10.0, 6.5), strict=True))
+    curves = {
+        n: {"curvature": c, "scale": 1e-3 * (i + 1)} for i, (n, c) in enumerate(rates.items())
+    }
+    budgets = {"fit": {"target": 0.6, "type_curves": curves}, "plain": {"target": 0.6}}
+    plans = anatomy.uniform_type_splits(budgets, halves, params)
+    assert set(plans) == {"uniform+fit-types", "uniform+fit-block-types"}
+    assert _half_means(plans["uniform+fit-types"], halves, params) == pytest.approx([0.6] * 6)
+    whole = plans["uniform+fit-block-types"]
+    for layers, sizes in zip(whole, params, strict=True):
+        assert anatomy.total([layers], [sizes]) == pytest.approx(0.6)
+    assert _half_means(whole, halves, params) != pytest.approx([0.6] * 6)  # halves trade too
