@@ -70,6 +70,15 @@ def build_tiny_opt(path: Path, layers: int = 3, seed: int = 0) -> Path:
     return path
 
 
+LLAMA_LAYERS = (  # the linear layers of a LLaMA block, in the order the block holds them
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 SLIDING_WINDOW = 4  # tokens; the tests run sequences of 16-32 so the window cuts in
 _TINY_DECODER = {
     "vocab_size": 96,

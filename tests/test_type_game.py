@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_tiny_llama, random_ids
+from conftest import LLAMA_LAYERS, build_tiny_llama, random_ids
 
 from svnup import config as cfg
 from svnup import stages
@@ -22,15 +22,7 @@ from svnup.models import linear_layers, load_model
 from svnup.players import make_players, type_layer_sparsities, type_masks
 
 N_BLOCKS = 3
-TYPES = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
+TYPES = LLAMA_LAYERS
 
 
 @pytest.fixture(scope="module")

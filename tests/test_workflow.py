@@ -24,6 +24,7 @@ from pathlib import Path
 import h5py
 import pytest
 import yaml
+from conftest import LLAMA_LAYERS
 from workflow_fixture import (
     REPO,
     SNAKEFILE,
@@ -39,16 +40,6 @@ from svnup import config as cfg
 from svnup import zeroshot
 from svnup.registry import ALLOCATIONS, PRUNERS
 from svnup.store import read_records
-
-LLAMA_LAYERS = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
 
 pytestmark = pytest.mark.workflow
 
