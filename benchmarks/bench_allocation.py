@@ -72,6 +72,8 @@ VARIANTS = {
             "allocation": {"svnup-fit": {"split": "types"}},
         },
     ),
+    # no coalition games: every half at the target, split by the type game alone
+    "svnup-types": ("svnup-types", {"shapley": {"probe_pruner": "match"}}),
     "lsa-projection": ("lsa", {"allocation": {"lsa": {"granularity": "projection"}}}),
     # the level database pruned by each run's pruner instead of SparseGPT (the reference's)
     "evopress-match": ("evopress", {"allocation": {"evopress": {"probe_pruner": "match"}}}),
@@ -111,6 +113,7 @@ NAMES = {
     "svnup-fit-halves-kl": "SV-NUP-fit (halves, KL games, matched probe)",
     "svnup-fit-layers": "SV-NUP-fit (linear layers, matched probe)",
     "svnup-fit-halves-types": "SV-NUP-fit (halves split by the type game, matched probe)",
+    "svnup-types": "svnup-types (halves at the target split by the type game, matched probe)",
     "lsa-projection": "LSA (by projection)",
     "evopress-seeded": "EvoPress seeded by SV-NUP-fit (halves)",
     "evopress-match": "EvoPress (level database of the run's pruner)",
@@ -295,12 +298,12 @@ def probe_seconds(folder: Path, settings: dict, model: str, method: str, pruner:
     with (SparseGPT probes cost a pruning kernel per layer and level; mask probes a few
     seconds)."""
     source = ALLOCATIONS[method].source
-    if source is None or source.kind not in ("shapley", "levels"):
+    if source is None or source.kind not in ("shapley", *cfg.LEVELLED):
         return 0.0
     if settings["shapley"]["ablation"] != "prune":
         return 0.0
     settings = cfg.for_pruner(settings, pruner)
-    if source.kind == "levels":
+    if source.kind in cfg.LEVELLED:
         levels = method_params(settings["allocation"], method)["levels"]
     else:
         levels = [settings["shapley"]["probe_sparsity"]]

@@ -123,9 +123,12 @@ def curve_settings(wildcards):
 
 
 def curve_inputs(wildcards):
-    """The Shapley values at every level of a damage-curve method's levels."""
+    """The Shapley values at every level of a damage-curve method's levels (none for
+    svnup-types, whose curve is its type games alone)."""
     s = curve_settings(wildcards)
     spec = cfg.score_spec(s, wildcards.allocation, None)
+    if "shapley" not in spec:
+        return []
     estimator = ALLOCATIONS[wildcards.allocation].source.name
     return [
         shapley_path(wildcards.model, cfg.at_probe(s, p), estimator)
@@ -226,7 +229,7 @@ def scores_path(model, s, allocation, sparsity, pruner):
     if source.kind == "shapley":
         return shapley_path(model, cfg.for_pruner(s, pruner), source.name)
     key = cfg.key(cfg.score_spec(s, allocation, pruner))
-    if source.kind == "levels":
+    if source.kind in cfg.LEVELLED:
         return f"results/{model}/curves/{allocation}/{key}/scores.json"
     if source.kind == "metric":
         return f"results/{model}/metrics/{source.name}/{key}/scores.json"

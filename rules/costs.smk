@@ -78,9 +78,9 @@ def game_jobs(model, game, estimator):
 
 
 def type_game_jobs(model, game):
-    """The type game at one level where its output is missing (``split: types``): the dense
-    coalition and one a layer type over ``layers`` players, and its probe where not on disk.
-    """
+    """The type game at one level where its output is missing (``split: types``, svnup-types):
+    the dense coalition and one a layer type over ``layers`` players, and its probe where not
+    on disk."""
     path = type_game_path(model, game)
     if Path(path).exists():
         return {}
@@ -146,14 +146,17 @@ def planned_model_jobs(model, s, paths):
         scores = scores_path(model, s, allocation, sparsity, pruner)
         if source is not None and not Path(scores).exists():
             run = (
-                cfg.for_pruner(s, pruner) if source.kind in ("shapley", "levels") else s
+                cfg.for_pruner(s, pruner)
+                if source.kind in ("shapley", *cfg.LEVELLED)
+                else s
             )
             if source.kind == "shapley":
                 jobs |= game_jobs(model, run, source.name)
-            elif source.kind == "levels":
+            elif source.kind in cfg.LEVELLED:
                 spec = cfg.score_spec(run, allocation, None)
                 for level in spec["levels"]:
-                    jobs |= game_jobs(model, cfg.at_probe(run, level), source.name)
+                    if "shapley" in spec:
+                        jobs |= game_jobs(model, cfg.at_probe(run, level), source.name)
                     if "type_games" in spec:
                         jobs |= type_game_jobs(model, cfg.at_probe(run, level))
             elif source.kind == "search":

@@ -385,7 +385,7 @@ def allocate(
             f"unknown allocation method {method!r}; choose one of {choices(ALLOCATIONS)}"
         )
     entry = ALLOCATIONS[method]
-    if entry.source is not None and scores is None:
+    if entry.source is not None and entry.source.kind != "types" and scores is None:
         raise ValueError(f"allocation method {method!r} needs per-block scores")
     unknown = set(method_params) - set(entry.mapping_params)
     if unknown:

@@ -26,6 +26,7 @@ import yaml
 GGUF_FOLDER = "results/gguf"  # float32 conversions of GGUF files, one folder per file content
 # shapley.probe_pruner's value for "probe each run's games with the pruner of that run".
 MATCH = "match"
+LEVELLED = ("levels", "types")  # score sources that play games at each of a method's levels
 MODEL_DEFAULTS = {
     "dtype": "float32",
     "seqlen": 2048,
@@ -300,6 +301,11 @@ def _check_methods(config: dict, settings: dict, name: str) -> None:
     from svnup.registry import method_params
 
     used = {*settings["targets"]["allocations"], settings["allocation"]["method"]}
+    if "svnup-types" in used and settings["shapley"]["ablation"] != "prune":
+        raise ConfigError(
+            f"config key 'shapley.ablation' of model '{name}': svnup-types prunes each layer "
+            "type with the probes, which ablation skip has none of; set ablation: prune"
+        )
     if "evopress" in used:
         _check_evopress(method_params(settings["allocation"], "evopress"), settings, name)
     lsa = method_params(settings["allocation"], "lsa")
@@ -316,7 +322,7 @@ def _check_levels(settings: dict, name: str) -> None:
     from svnup.registry import ALLOCATIONS, method_params
 
     for method, entry in ALLOCATIONS.items():
-        if entry.source is not None and entry.source.kind == "levels":
+        if entry.source is not None and entry.source.kind in LEVELLED:
             levels = method_params(settings["allocation"], method)["levels"]
             if any(b <= a for a, b in zip(levels, levels[1:], strict=False)):
                 raise ConfigError(
@@ -639,7 +645,7 @@ def probe_levels(settings: dict) -> list[float]:
 
     levels = {settings["shapley"]["probe_sparsity"]}
     for method, entry in ALLOCATIONS.items():
-        if entry.source is not None and entry.source.kind == "levels":
+        if entry.source is not None and entry.source.kind in LEVELLED:
             levels.update(method_params(settings["allocation"], method)["levels"])
     return sorted(levels)
 
@@ -651,17 +657,21 @@ def score_spec(settings: dict, method: str, pruner: str) -> dict | None:
     source = ALLOCATIONS[method].source
     if source is None:
         return None
-    if source.kind in ("shapley", "levels"):
+    if source.kind in ("shapley", *LEVELLED):
         settings = for_pruner(settings, pruner)
     if source.kind == "shapley":
         return shapley_spec(settings, source.name)
     values = method_params(settings["allocation"], method)
-    if source.kind == "levels":
+    if source.kind in LEVELLED:
         levels = values["levels"]
-        games = [key(shapley_spec(at_probe(settings, p), source.name)) for p in levels]
-        spec = {"levels": levels, "shapley": games}
-        if values.get("split", "none") == "types":
+        spec = {"levels": levels}
+        if source.kind == "levels":
+            games = [shapley_spec(at_probe(settings, p), source.name) for p in levels]
+            spec["shapley"] = [key(game) for game in games]
+        if source.kind == "types" or values.get("split", "none") == "types":
             spec["type_games"] = [key(type_game_spec(at_probe(settings, p))) for p in levels]
+        if source.kind == "types":  # no mapping reads them: the curve's spec carries them
+            spec |= {"floor": values["floor"], "unit": values["unit"]}
         return spec
     params = keyed_params(method, values, source.params)
     if source.kind == "metric":

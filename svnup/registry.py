@@ -60,8 +60,10 @@ class Source:
 
     ``kind`` is ``shapley`` (a Shapley stage; ``name`` is the estimator, None for the configured
     one), ``levels`` (the same at each of the probe sparsities in the method's ``levels``, as one
-    [level, block] table), ``metric`` (a Metric of the dense model) or ``search`` (a search over
-    allocations for one target and pruner). ``params`` names the method's parameters that the
+    [level, block] table), ``types`` (no per-block scores: the type game at each of the
+    method's ``levels``, which splits players at the target between their linear layers),
+    ``metric`` (a Metric of the dense model) or ``search`` (a search over allocations for one
+    target and pruner). ``params`` names the method's parameters that the
     scores depend on; the others only affect the mapping from scores to sparsities. A search
     with ``database`` reads the linear layers pruned at levels around its target (the levels
     stage), which depend on the calibration, the pruner and these of its parameters.
@@ -150,6 +152,27 @@ METRICS: dict[str, Metric] = {
 }
 
 
+def _levels() -> Param:
+    schema = {
+        "type": "array",
+        "minItems": 2,
+        "items": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+    }
+    return Param(
+        [0.6, 0.7, 0.8],
+        schema,
+        "probe sparsities at which the damage (of every player, or layer type) is measured",
+    )
+
+
+def _floor() -> Param:
+    return Param(
+        0.05,
+        {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "smallest damage scale a block (or layer type) can have, as a fraction of the median",
+    )
+
+
 def _counts(default: list[int], help_text: str) -> Param:
     schema = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 1}}
     return Param(default, schema, help_text)
@@ -213,20 +236,8 @@ ALLOCATIONS: dict[str, Allocation] = {
         Source("levels", params=("levels", "split")),
         "svnup.allocation:damage_allocation",
         {
-            "levels": Param(
-                [0.6, 0.7, 0.8],
-                {
-                    "type": "array",
-                    "minItems": 2,
-                    "items": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
-                },
-                "probe sparsities at which every block's damage (Shapley value) is measured",
-            ),
-            "floor": Param(
-                0.05,
-                {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-                "smallest damage scale a block can have, as a fraction of the median",
-            ),
+            "levels": _levels(),
+            "floor": _floor(),
             "split": Param(
                 "none",
                 {"enum": ["none", "types"]},
@@ -238,6 +249,23 @@ ALLOCATIONS: dict[str, Allocation] = {
             ),
         },
         "svnup: Shapley damage at several probe sparsities, fitted a_b exp(c s), minimised",
+    ),
+    "svnup-types": Allocation(
+        Source("types", params=("levels", "floor", "unit")),
+        "svnup.allocation:uniform_allocation",
+        {
+            "levels": _levels(),
+            "floor": _floor(),
+            "unit": Param(
+                "halves",
+                {"enum": ["halves", "blocks"]},
+                "what keeps the target before the split: each block's attention and MLP half "
+                "(halves) or each whole block (blocks)",
+            ),
+        },
+        "svnup, no coalition games: every half at the target, split between its linear layers "
+        "by the type game's damage curves (svnup-fit's split: types without its across-block "
+        "allocation)",
     ),
     "loo": Allocation(
         Source("shapley", "loo"),

@@ -285,6 +285,7 @@ def type_game(
         )
     ids, _, meta = load_statistics(calibration)
     players = _game_players(spec, model, masks)
+    attention = _family(model).attention
     by_type = type_masks(players)
     wanted = [0, *by_type.values()]
     records_store = CoalitionStore(store, len(players), spec)
@@ -305,6 +306,7 @@ def type_game(
         "damage": [nll[mask] - nll[0] for mask in by_type.values()],
         "dense_nll": nll[0],
         "layer_params": layer_params,
+        "attention": attention,  # the halves of svnup-types
         "coalitions": len(wanted),
         "evaluated": sum(s.coalitions for s in stats),
         "seconds": sum(records[mask].seconds for mask in wanted),
@@ -432,11 +434,16 @@ def curve(spec: dict, scores: list[Path], out: Path, type_games: list[Path] | No
     """One [level, block] table from the Shapley values measured at each probe sparsity; with
     ``spec["type_games"]`` (``split: types``) also the type games' [level, type] damage table,
     from ``type_games`` (one file a level, in the levels' order), which the budget splits
-    players by."""
-    if len(scores) != len(spec["levels"]):
-        raise ValueError(f"got {len(scores)} score files for levels {spec['levels']}")
+    players by. A spec without Shapley games (svnup-types) reads no scores: its file holds the
+    type table and the players (``spec["unit"]``) that the budget keeps at the target."""
+    games = spec.get("shapley", [])
+    if len(scores) != len(games):
+        raise ValueError(
+            f"got {len(scores)} score files for levels {spec['levels']}"
+            + ("" if games else " of a curve of type games alone, which reads none")
+        )
     rows = [read_scores(path) for path in scores]
-    players = rows[0][2].get("players")
+    players = rows[0][2].get("players") if rows else None
     if any(meta.get("players") != players for _, _, meta in rows):
         raise ValueError("the score files were measured with different players")
     extra = {} if players is None else {"players": players}
@@ -444,21 +451,39 @@ def curve(spec: dict, scores: list[Path], out: Path, type_games: list[Path] | No
         extra["type_game"] = _type_table(spec, type_games or [])
     elif type_games:
         raise ValueError("type game files given (--type-games) for a curve without split: types")
-    games = extra.get("type_game", {}).get("games", [])
+    if not games:
+        if "type_game" not in extra:
+            raise ValueError("a curve without Shapley games needs type games (spec type_games)")
+        extra["players"] = _units(spec["unit"], extra["type_game"], type_games[0])
+    type_games_played = extra.get("type_game", {}).get("games", [])
     write_scores(
         out,
-        [values for values, _, _ in rows],
-        [stderr for _, stderr, _ in rows],
-        source="levels",
+        [values for values, _, _ in rows] if games else None,
+        [stderr for _, stderr, _ in rows] if games else None,
+        source="levels" if games else "types",
         levels=spec["levels"],
         spec=spec,
         n_coalitions=sum(meta.get("n_coalitions") or 0 for _, _, meta in rows)
-        + sum(game["coalitions"] for game in games),
+        + sum(game["coalitions"] for game in type_games_played),
         seconds=sum(meta.get("seconds") or 0.0 for _, _, meta in rows)
-        + sum(game["seconds"] for game in games),
+        + sum(game["seconds"] for game in type_games_played),
         versions=versions(),
         **extra,
     )
+
+
+def _units(unit: str, table: dict, path: Path) -> list[dict]:
+    """The players svnup-types keeps at the target (``svnup.players.make_players``), from the
+    type game's layers and attention module."""
+    from svnup.players import make_players
+
+    if "attention" not in table:
+        raise ValueError(
+            f"{path} names no attention module (a type game of an older svnup); delete it and "
+            "re-run: its coalitions stay in the store, so none is evaluated again"
+        )
+    counts = [{name: (n,) for name, n in block.items()} for block in table["layer_params"]]
+    return [player.to_dict() for player in make_players(unit, counts, table["attention"])]
 
 
 def _type_table(spec: dict, paths: list[Path]) -> dict:
@@ -480,12 +505,15 @@ def _type_table(spec: dict, paths: list[Path]) -> dict:
             )
         if (game["types"], game["layer_params"]) != (games[0]["types"], games[0]["layer_params"]):
             raise corrupt(path, "its layer types differ from those of the first level's game")
-    return {
+    table = {
         "types": games[0]["types"],
         "damage": [game["damage"] for game in games],
         "layer_params": games[0]["layer_params"],
         "games": [{k: game[k] for k in ("coalitions", "seconds", "dense_nll")} for game in games],
     }
+    if "attention" in games[0]:
+        table["attention"] = games[0]["attention"]
+    return table
 
 
 def metric(spec: dict, runtime: dict, model: dict, calibration: Path | None, out: Path) -> None:
@@ -894,7 +922,7 @@ def budget(spec: dict, sparsity: float, calibration: Path, scores: Path | None, 
         params,
         sparsity,
         (spec["min"], spec["max"]),
-        levels=meta.get("levels"),
+        levels=meta.get("levels") if values is not None else None,
         **{name: spec[name] for name in ALLOCATIONS[method].mapping_params},
     )
     achieved = float(np.dot(sparsities, params) / params.sum())
@@ -915,11 +943,15 @@ def budget(spec: dict, sparsity: float, calibration: Path, scores: Path | None, 
         plan["player_sparsities"] = sparsities.tolist()
         plan["layer_sparsities"] = layer_sparsities(players, sparsities, n_blocks)
     if meta.get("type_game"):
-        plan |= _split_by_type(meta, players, sparsities, spec, block_params)
+        # the curves' floor: svnup-fit's mapping reads it too, svnup-types' scores carry it
+        floor = spec["floor"] if "floor" in spec else meta["spec"]["floor"]
+        plan |= _split_by_type(meta, players, sparsities, spec, block_params, floor)
     write_json(out, plan)
 
 
-def _split_by_type(meta: dict, players, sparsities: np.ndarray, spec: dict, block_params) -> dict:
+def _split_by_type(
+    meta: dict, players, sparsities: np.ndarray, spec: dict, block_params, floor: float
+) -> dict:
     """The budget's per-layer sparsities with every player split between its layers by the type
     game's curves (``split: types``), and the curves; whole blocks are players of all their
     layers here. Each player keeps its sparsity as the weighted mean of its layers'."""
@@ -938,7 +970,7 @@ def _split_by_type(meta: dict, players, sparsities: np.ndarray, spec: dict, bloc
             Player(b, tuple(layers), sum(layers.values()), str(b))
             for b, layers in enumerate(layer_params)
         ]
-    curvatures, scales = type_curves(game["damage"], meta["levels"], spec["floor"])
+    curvatures, scales = type_curves(game["damage"], meta["levels"], floor)
     curves = dict(zip(game["types"], zip(curvatures, scales, strict=True), strict=True))
     layers = type_layer_sparsities(
         players, sparsities, layer_params, curves, (spec["min"], spec["max"])

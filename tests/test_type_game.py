@@ -1,6 +1,6 @@
-"""``allocation.svnup-fit.split: types``: the type game (each linear-layer type pruned in every
-block at once), its per-type damage curves and the split of each player between its layers,
-each checked against a straightforward computation written out here."""
+"""``allocation.svnup-fit.split: types`` and ``svnup-types``: the type game (each linear-layer
+type pruned in every block at once), its per-type damage curves and the split of each player
+between its layers, each checked against a straightforward computation written out here."""
 
 from __future__ import annotations
 
@@ -150,6 +150,7 @@ def test_type_game_damage_is_each_type_pruned_in_every_block(tiny, tmp_path):
     stages.type_game(_game_spec(), runtime, model, calibration, masks, tmp_path / "store", out)
     game = read_json(out)
     assert sorted(game["types"]) == sorted(TYPES) and game["coalitions"] == len(TYPES) + 1
+    assert game["attention"] == "self_attn"
     dense = _nll_with_type_pruned(engine, ids[:3], probes, None)
     assert game["dense_nll"] == pytest.approx(dense, rel=1e-5)
     for name, damage in zip(game["types"], game["damage"], strict=True):
@@ -181,6 +182,7 @@ def _type_games(tmp_path, levels, layer_params):
             "damage": [a * np.exp(c * level) for c, a in curves.values()],
             "dense_nll": 3.0,
             "layer_params": layer_params,
+            "attention": "self_attn",
             "coalitions": 8,
             "seconds": 1.5,
         }
@@ -257,3 +259,84 @@ def test_budget_of_whole_blocks_splits_each_block_between_all_its_layers(tiny, t
         mean = sum(layers[n] * params[n] for n in params) / sum(params.values())
         assert mean == pytest.approx(sparsity, abs=1e-12)
         assert len(set(layers.values())) == len(TYPES)
+
+
+def _marginal_per_weight(plan, block, layers, curves):
+    """a_t c_t exp(c_t s) / w: the predicted damage of one more pruned weight of each layer."""
+    sparsity, params = plan["layer_sparsities"][block], plan["layer_params"][block]
+    return [
+        curves[n][1] * curves[n][0] * np.exp(curves[n][0] * sparsity[n]) / params[n] for n in layers
+    ]
+
+
+@pytest.mark.parametrize("unit", ["halves", "blocks"])
+def test_svnup_types_keeps_every_unit_at_the_target_and_equalises_its_marginal_damage(
+    tiny, tmp_path, unit
+):
+    """svnup-types reads no Shapley values: every half (or block) sits at the target, and
+    inside it each layer is where the type curves' marginal damage per weight is the same."""
+    _, engine, _, _, calibration, _ = tiny
+    layer_params = [{n: int(np.prod(s)) for n, s in b.items()} for b in _shapes(engine)]
+    levels = [0.6, 0.7, 0.8]
+    type_paths, keys = _type_games(tmp_path, levels, layer_params)
+    spec = {"levels": levels, "type_games": keys, "floor": 0.05, "unit": unit}
+    curve = tmp_path / "curve.json"
+    stages.curve(spec, [], curve, type_paths)
+    scores = read_json(curve)
+    assert scores["values"] is None and scores["source"] == "types"
+    assert scores["n_coalitions"] == 3 * 8 and scores["seconds"] == pytest.approx(4.5)
+    expected = make_players(unit, _shapes(engine), "self_attn")
+    assert scores["players"] == [player.to_dict() for player in expected]
+
+    stages.budget(
+        {"method": "svnup-types", "min": 0.0, "max": 0.99},
+        0.55,
+        calibration,
+        curve,
+        tmp_path / "budget.json",
+    )
+    plan = read_json(tmp_path / "budget.json")
+    assert plan["player_sparsities"] == [0.55] * len(expected)
+    assert plan["sparsities"] == pytest.approx([0.55] * N_BLOCKS, abs=1e-12)
+    assert plan["achieved"] == pytest.approx(0.55, abs=1e-12)
+    # the game's damage is a_t exp(c_t s) exactly: the fit (on a grid of curvatures) finds it
+    damage = np.array(scores["type_game"]["damage"])
+    curves = {}
+    for t, name in enumerate(scores["type_game"]["types"]):
+        c, log_a = np.polyfit(levels, np.log(damage[:, t]), 1)
+        fitted = plan["type_curves"][name]
+        assert fitted["curvature"] == pytest.approx(c, rel=0.01)  # the grid's step
+        assert fitted["scale"] == pytest.approx(np.exp(log_a), rel=0.06)  # and its trade-off
+        curves[name] = (fitted["curvature"], fitted["scale"])
+    for player in expected:
+        layers = plan["layer_sparsities"][player.block]
+        weights = [layer_params[player.block][n] for n in player.layers]
+        mean = np.dot([layers[n] for n in player.layers], weights) / sum(weights)
+        assert mean == pytest.approx(0.55, abs=1e-12)
+        marginal = np.array(_marginal_per_weight(plan, player.block, player.layers, curves))
+        sparsity = np.array([layers[n] for n in player.layers])
+        free = (sparsity > 1e-9) & (sparsity < 0.99 - 1e-9)
+        assert free.sum() >= 2
+        common = marginal[free][0]
+        np.testing.assert_allclose(marginal[free], common, rtol=1e-6)
+        # a layer held at the bound would go past it: at max it is cheaper to prune further
+        assert np.all(marginal[sparsity >= 0.99 - 1e-9] <= common * (1 + 1e-6))
+        assert np.all(marginal[sparsity <= 1e-9] >= common * (1 - 1e-6))
+
+
+def test_a_curve_of_type_games_alone_needs_them_and_their_attention(tiny, tmp_path):
+    _, engine, _, _, _, _ = tiny
+    layer_params = [{n: int(np.prod(s)) for n, s in b.items()} for b in _shapes(engine)]
+    type_paths, keys = _type_games(tmp_path, [0.6, 0.8], layer_params)
+    spec = {"levels": [0.6, 0.8], "type_games": keys, "floor": 0.05, "unit": "halves"}
+    curve = tmp_path / "curve.json"
+    with pytest.raises(ValueError, match="of a curve of type games alone, which reads none"):
+        stages.curve(spec, type_paths, curve, type_paths)
+    with pytest.raises(ValueError, match="needs type games"):
+        stages.curve({"levels": [0.6, 0.8], "floor": 0.05, "unit": "halves"}, [], curve)
+    game = read_json(type_paths[0])
+    del game["attention"]
+    type_paths[0].write_text(json.dumps(game))
+    with pytest.raises(ValueError, match="names no attention module"):
+        stages.curve(spec, [], curve, type_paths)
+    assert not curve.exists()

@@ -544,6 +544,43 @@ def test_type_split_plays_a_type_game_a_level_and_splits_each_half(project):
         write_config(project, tiny_config())
 
 
+def test_svnup_types_plays_the_type_games_alone_and_keeps_each_half_at_the_target(project):
+    """svnup-types: no coalition game, one type game a level (the same files svnup-fit's split:
+    types reads at those levels), every half at the target split by the type curves."""
+    levels = [0.3, 0.5]
+    config = tiny_config(**{"allocation.svnup-types": {"levels": levels}})
+    write_config(project, config)
+    target = "results/tiny/s0.5/svnup-types/wanda/ppl.json"
+    try:
+        plan = planned_jobs(project, target)
+        assert plan["type_game"] == 2 and plan["curve"] == 1, plan
+        assert not {"coalitions", "shapley"} & plan.keys(), plan
+        snakemake(project, "--cores", "2", target)
+        assert _ppl(project, target)["budget"]["type_curves"]
+        (path,) = project.glob("results/tiny/budget/svnup-types/*/s0.5.json")
+        budget = json.loads(path.read_text())
+        halves = 2 * len(budget["sparsities"])
+        assert len(budget["players"]) == halves and budget["player_sparsities"] == [0.5] * halves
+        for player in budget["players"]:
+            layers = budget["layer_sparsities"][player["block"]]
+            weights = [budget["layer_params"][player["block"]][n] for n in player["layers"]]
+            mean = sum(layers[n] * w for n, w in zip(player["layers"], weights, strict=True))
+            mean /= sum(weights)
+            assert mean == pytest.approx(0.5, abs=1e-12)
+            assert len({layers[n] for n in player["layers"]}) > 1, layers  # types differ
+        assert budget["scores"]["source"] == "types"
+        split = {"levels": levels, "split": "types"}
+        overrides = {"shapley.players": "halves", "shapley.estimator": "loo"}
+        write_config(project, tiny_config(**overrides, **{"allocation.svnup-fit": split}))
+        plan = planned_jobs(project, "results/tiny/s0.5/svnup-fit/wanda/ppl.json")
+        assert "type_game" not in plan and plan["coalitions"] == 2, plan  # the same type games
+        write_config(project, tiny_config(**{"allocation.svnup-types": {"unit": "blocks"}}))
+        plan = planned_jobs(project, target)
+        assert plan.keys() >= {"type_game", "curve", "budget"} and "coalitions" not in plan, plan
+    finally:
+        write_config(project, tiny_config())
+
+
 def test_evopress_and_lsa_by_projection_give_each_linear_layer_its_sparsity(project):
     """EvoPress's level database is built once per target and pruner, its search journals and
     resumes, and both per-linear methods reach pruning through the budget's layer players;
@@ -976,6 +1013,14 @@ def test_a_rerun_job_keeps_its_previous_output_readable_until_it_replaces_it(pro
         (
             {"allocation.svnup-fit": {"split": "types"}, "shapley.players": "layers"},
             "'allocation.svnup-fit.split' of model 'tiny': with shapley.players: layers",
+        ),
+        (
+            {"targets.allocations": ["svnup-types"], "shapley.ablation": "skip"},
+            "'shapley.ablation' of model 'tiny': svnup-types prunes each layer type",
+        ),
+        (
+            {"allocation.svnup-types": {"unit": "layers"}},
+            "config key 'allocation.svnup-types.unit': 'layers' is not one of",
         ),
         (
             {"allocation.svnup-fit": {"split": "layers"}},
