@@ -40,11 +40,13 @@ STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
     "shapley": ("aggregate coalition jobs into per-block values", ("spec", "jobs*", "out", "csv")),
     "type_game": (
-        "the damage of each linear-layer type pruned in every block at once (split: types)",
+        "the damage of each linear-layer type pruned in every block at once (split: types, "
+        "svnup-types)",
         ("spec", "model", "calibration", "masks", "store", "out"),
     ),
     "curve": (
-        "a [level, block] table of Shapley values at several probe sparsities",
+        "a [level, block] table of Shapley values at several probe sparsities, and/or the type "
+        "games' [level, type] table",
         ("spec", "scores*", "out", "type_games*"),
     ),
     "metric": (

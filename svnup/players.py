@@ -11,10 +11,10 @@ With ``layers`` every linear layer is a player of its own, block by block in the
 holds them (q, k, v, o, gate, up, down in a LLaMA block): 224 players for LLaMA-7B. The same
 players carry per-linear allocations that do not come from a game (EvoPress, LSA by projection).
 
-The type game (``allocation.svnup-fit.split: types``, and ``svnup-types``) plays the ``layers`` players in groups:
-each coalition prunes one layer type (q_proj, ..., down_proj) in every block at once
-(``type_masks``), and each larger player's sparsity is then split between its layers where their
-types' marginal damages per weight meet (``type_layer_sparsities``).
+The type game (``allocation.svnup-fit.split: types``, and ``svnup-types``) plays the ``layers``
+players in groups: each coalition prunes one layer type (q_proj, ..., down_proj) in every block
+at once (``type_masks``), and each larger player's sparsity is then split between its layers
+where their types' marginal damages per weight meet (``type_layer_sparsities``).
 """
 
 from __future__ import annotations

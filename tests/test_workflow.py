@@ -547,7 +547,7 @@ def test_type_split_plays_a_type_game_a_level_and_splits_each_half(project):
 def test_svnup_types_plays_the_type_games_alone_and_keeps_each_half_at_the_target(project):
     """svnup-types: no coalition game, one type game a level (the same files svnup-fit's split:
     types reads at those levels), every half at the target split by the type curves."""
-    levels = [0.3, 0.5]
+    levels = [0.35, 0.55]  # levels no other test plays, whose type games this test makes
     config = tiny_config(**{"allocation.svnup-types": {"levels": levels}})
     write_config(project, config)
     target = "results/tiny/s0.5/svnup-types/wanda/ppl.json"
@@ -574,9 +574,11 @@ def test_svnup_types_plays_the_type_games_alone_and_keeps_each_half_at_the_targe
         write_config(project, tiny_config(**overrides, **{"allocation.svnup-fit": split}))
         plan = planned_jobs(project, "results/tiny/s0.5/svnup-fit/wanda/ppl.json")
         assert "type_game" not in plan and plan["coalitions"] == 2, plan  # the same type games
-        write_config(project, tiny_config(**{"allocation.svnup-types": {"unit": "blocks"}}))
-        plan = planned_jobs(project, target)
-        assert plan.keys() >= {"type_game", "curve", "budget"} and "coalitions" not in plan, plan
+        blocks = {"levels": levels, "unit": "blocks"}
+        write_config(project, tiny_config(**{"allocation.svnup-types": blocks}))
+        plan = planned_jobs(project, target)  # another unit: the same type games, a new curve
+        assert plan.keys() >= {"curve", "budget", "prune"}, plan
+        assert not {"type_game", "coalitions"} & plan.keys(), plan
     finally:
         write_config(project, tiny_config())
 
