@@ -480,6 +480,25 @@ def test_predicted_gpu_time_is_printed_once_while_planning(cuda_project):
     }
 
 
+@pytest.mark.workflow
+def test_svnup_types_is_priced_as_its_probes_and_type_games(cuda_project):
+    """svnup-types plays no coalition game: its plan prices one probe and one type game (8
+    coalitions) a level, besides pruning and evaluation."""
+    from workflow_fixture import planned_jobs, snakemake
+
+    target = "results/tiny/s0.5/svnup-types/sparsegpt/ppl.json"
+    planned = planned_jobs(cuda_project, target, *CLUSTER)
+    assert planned["type_game"] == 3 and "coalitions" not in planned, planned
+    one = snakemake(cuda_project, target, "--dry-run", *CLUSTER)
+    assert _predicted(one.stdout)[1] == {
+        "calibrate": 1,
+        "probe": 3,
+        "coalitions": planned["type_game"],
+        "prune": 1,
+        "evaluate": 1,
+    }
+
+
 def test_planning_imports_no_torch():
     """What the planner's pricing imports leaves torch (seconds to import) alone."""
     code = (
