@@ -153,7 +153,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         nargs="+",
         metavar="LABEL",
         help="run the workflow only in these folders ('main' and variant labels) and read the "
-        "others' runs as they stand (they must hold every cell, evaluated on the same windows); "
+        "others' runs as they stand (they must hold every cell, evaluated on the same windows, "
+        "which is checked before anything runs); "
         "default: all",
     )
     p.add_argument("--workdir", type=Path, default=HERE / ".cache" / "allocation")
@@ -285,6 +286,26 @@ def run_snakemake(workdir: Path, config: dict, targets: list[str], cores: int) -
     if result.returncode != 0:
         raise SystemExit(f"snakemake failed (exit {result.returncode}); see {log}")
     return time.perf_counter() - start
+
+
+def check_readable(
+    label: str, folder: Path, model: str, settings: dict, reference: str | None
+) -> None:
+    """Exit unless ``folder``, which ``--only-run`` leaves to be read, holds every evaluation the
+    table reads from it: one per (target, allocation, pruner) of ``settings``' grid, and the cost
+    reference where it is the main folder."""
+    grid = settings["targets"]
+    cells = [
+        folder / f"results/{model}/s{target}/{method}/{pruner}/ppl.json"
+        for target in grid["sparsities"]
+        for method in grid["allocations"]
+        for pruner in grid["pruners"]
+    ] + ([] if reference is None else [folder / reference])
+    if missing := [cell for cell in cells if not cell.exists()]:
+        raise SystemExit(
+            f"--only-run leaves {label} to be read, but {missing[0]} is missing ({len(missing)}"
+            f" of its {len(cells)} runs): add {label} to --only-run"
+        )
 
 
 def _run(folder: Path, model: str, target: float, method: str, pruner: str) -> dict:
@@ -513,7 +534,6 @@ def report(args: argparse.Namespace, config: dict, numbers: dict, wall: dict) ->
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    prepare(args.workdir, args.model)
     config = yaml.safe_load((HERE / "configs" / f"allocation-{args.model}.yaml").read_text())
     if args.windows is not None:
         config["evaluation"]["windows"] = args.windows or None
@@ -532,22 +552,30 @@ def main(argv: list[str] | None = None) -> int:
     reference = f"results/{args.model}/s{grid['sparsities'][0]}/uniform/sparsegpt/ppl.json"
     targets = [f"results/{args.model}/summary.csv", reference]
 
-    def run(label: str, folder: Path, folder_config: dict, folder_targets: list[str]) -> None:
-        if args.only_run is None or label in args.only_run:
-            wall[label] = run_snakemake(folder, folder_config, folder_targets, args.cores)
-
-    run("main", args.workdir, config, targets)
-    for method in config["targets"]["allocations"]:
-        folders[method] = (args.workdir, config)
+    plan = {"main": (args.workdir, config, targets)}
     for label in args.variants:
         method, override = VARIANTS[label]
-        folder = args.workdir.with_name(f"{args.workdir.name}-{label}")
-        prepare(folder, args.model)
-        share_dense(args.workdir, folder, args.model)
         variant = _merge(config, override)
         variant["targets"] = {**config["targets"], "allocations": [method]}
-        run(label, folder, variant, targets[:1])
-        folders[label] = (folder, variant)
+        plan[label] = (args.workdir.with_name(f"{args.workdir.name}-{label}"), variant, targets[:1])
+    running = list(plan) if args.only_run is None else args.only_run
+    if unknown := sorted(set(running) - set(plan)):
+        raise SystemExit(f"--only-run {' '.join(unknown)}: not main or one of --variants")
+    for label in plan:
+        if label not in running:  # fail in seconds, not after the other folders' searches
+            folder, settings, _ = plan[label]
+            check_readable(
+                label, folder, args.model, settings, reference if label == "main" else None
+            )
+    for label, (folder, settings, folder_targets) in plan.items():
+        if label in running:
+            prepare(folder, args.model)
+            if label != "main":
+                share_dense(args.workdir, folder, args.model)
+            wall[label] = run_snakemake(folder, settings, folder_targets, args.cores)
+    for label, (folder, settings, _) in plan.items():
+        for method in settings["targets"]["allocations"] if label == "main" else [label]:
+            folders[method] = (folder, settings)
     numbers = collect(args, config, folders)
     numbers["reference_seconds"] = json.loads((args.workdir / reference).read_text())["pruning"][
         "seconds"

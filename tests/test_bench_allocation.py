@@ -44,3 +44,75 @@ def test_the_whole_grid_writes_the_default_table(bench):
     assert args.out == SCRIPT.parent / "results" / "allocation-smollm2-135m.md"
     args = bench._parse(["--model", "smollm2-135m", "--windows", "0"])
     assert args.out.name == "allocation-smollm2-135m-all-windows.md"
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.fixture
+def recorded(bench, tmp_path, monkeypatch):
+    """The folders ``main`` prepares and runs, with the workflow and the GGUF conversion stubbed
+    out and the table's collection stopped before it reads anything."""
+    calls = []
+    monkeypatch.setattr(bench, "prepare", lambda folder, model: calls.append(("prepare", folder)))
+    monkeypatch.setattr(bench, "share_dense", lambda *args: None)
+    monkeypatch.setattr(
+        bench, "run_snakemake", lambda folder, *args: calls.append(("run", folder)) or 1.0
+    )
+
+    def collect(args, config, folders):
+        calls.append(("collect", folders))
+        raise _Stop
+
+    monkeypatch.setattr(bench, "collect", collect)
+    return calls
+
+
+def _argv(tmp_path, *extra):
+    return [
+        "--model", "smollm2-135m", "--pruners", "wanda", "--sparsities", "0.6",
+        "--allocations", "uniform", "--workdir", str(tmp_path / "study"),
+        "--out", str(tmp_path / "t.md"), *extra,
+    ]  # fmt: skip
+
+
+def _finish(folder, cells):
+    for cell in cells:
+        path = folder / "results" / "smollm2-135m" / cell / "ppl.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}")
+
+
+def test_a_folder_only_read_must_hold_its_runs_before_anything_runs(bench, recorded, tmp_path):
+    argv = _argv(tmp_path, "--variants", "evopress-match", "--only-run", "evopress-match")
+    with pytest.raises(SystemExit, match="--only-run leaves main to be read, but .*s0.6/uniform"):
+        bench.main(argv)
+    assert recorded == []  # nothing prepared (no GGUF conversion), nothing run
+    _finish(tmp_path / "study", ["s0.6/uniform/wanda"])
+    with pytest.raises(SystemExit, match=r"s0.6/uniform/sparsegpt/ppl.json is missing \(1 of"):
+        bench.main(argv)  # the cost reference is read from main too
+    _finish(tmp_path / "study", ["s0.6/uniform/sparsegpt"])
+    with pytest.raises(_Stop):
+        bench.main(argv)
+    variant = tmp_path / "study-evopress-match"
+    assert recorded[:2] == [("prepare", variant), ("run", variant)]
+    assert set(recorded[2][1]) == {"uniform", "evopress-match"}
+    assert recorded[2][1]["uniform"][0] == tmp_path / "study"
+
+
+def test_a_variant_only_read_is_checked_too(bench, recorded, tmp_path):
+    argv = _argv(tmp_path, "--variants", "svnup-types", "--only-run", "main")
+    with pytest.raises(SystemExit, match="leaves svnup-types to be read.*add svnup-types"):
+        bench.main(argv)
+    assert recorded == []
+    _finish(tmp_path / "study-svnup-types", ["s0.6/svnup-types/wanda"])
+    with pytest.raises(_Stop):
+        bench.main(argv)
+    assert recorded[:2] == [("prepare", tmp_path / "study"), ("run", tmp_path / "study")]
+
+
+def test_only_run_names_a_folder_of_the_study(bench, recorded, tmp_path):
+    with pytest.raises(SystemExit, match="--only-run evopress-match: not main or one of"):
+        bench.main(_argv(tmp_path, "--variants", "--only-run", "main", "evopress-match"))
+    assert recorded == []
