@@ -296,7 +296,7 @@ def check_readable(
     reference where it is the main folder."""
     grid = settings["targets"]
     cells = [
-        folder / f"results/{model}/s{target}/{method}/{pruner}/ppl.json"
+        _cell(folder, model, target, method, pruner)
         for target in grid["sparsities"]
         for method in grid["allocations"]
         for pruner in grid["pruners"]
@@ -308,10 +308,12 @@ def check_readable(
         )
 
 
+def _cell(folder: Path, model: str, target: float, method: str, pruner: str) -> Path:
+    return folder / f"results/{model}/s{target}/{method}/{pruner}/ppl.json"
+
+
 def _run(folder: Path, model: str, target: float, method: str, pruner: str) -> dict:
-    return json.loads(
-        (folder / f"results/{model}/s{target}/{method}/{pruner}/ppl.json").read_text()
-    )
+    return json.loads(_cell(folder, model, target, method, pruner).read_text())
 
 
 def probe_seconds(folder: Path, settings: dict, model: str, method: str, pruner: str) -> float:
