@@ -33,6 +33,7 @@ WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
+PRUNED_LAYERS = "pruned_layers.h5"  # a run's pruned linear layers, in place of a checkpoint
 
 
 def refold(folder: str | Path, rebuilds: str = "prunes") -> str:
@@ -115,7 +116,11 @@ def check_torch_bin(path: str | Path, fix: str = REBUILD) -> None:
 
 def check_h5(path: str | Path, fix: str = REBUILD) -> None:
     """An HDF5 file must open and list its objects (this reads every object header)."""
-    with open_h5(path, "r") as f:
+    try:
+        handle = open_h5(path, "r")
+    except CorruptFileError as error:
+        raise corrupt(error.path, error.reason, fix) from None
+    with handle as f:
         try:
             f.visit(lambda name: None)
         except (OSError, RuntimeError, KeyError) as error:
@@ -124,9 +129,12 @@ def check_h5(path: str | Path, fix: str = REBUILD) -> None:
 
 def check_model_dir(path: str | Path, fix: str = REBUILD) -> None:
     """A Hugging Face model directory holds weights, its safetensors weights and JSON files are
-    whole, and every shard that an index names is there."""
+    whole, and every shard that an index names is there. A pruned run's folder may instead hold
+    only its pruned layers (``prune --layers-only``), applied to the dense model when it loads."""
     path = Path(path)
-    if not any((path / name).is_file() for name in WEIGHT_FILES):
+    if (path / PRUNED_LAYERS).is_file():
+        check_h5(path / PRUNED_LAYERS, fix)
+    elif not any((path / name).is_file() for name in WEIGHT_FILES):
         raise CorruptFileError(
             f"{path} holds no model weights ({', '.join(WEIGHT_FILES[::2])} or a shard index); "
             f"{fix}"

@@ -23,8 +23,6 @@ from svnup.kernels import LayerStats, magnitude_mask, parse_nm, sparsegpt_prune,
 from svnup.models import BlockModel, linear_layers, return_freed_memory
 from svnup.registry import PRUNERS, choices, resolve
 
-PRUNED_LAYERS = "pruned_layers.h5"  # a run's pruned linear layers, in place of a checkpoint
-
 
 @dataclass
 class LayerReport:

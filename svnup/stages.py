@@ -73,7 +73,7 @@ def _load(spec_model: dict, runtime: dict, with_tokenizer: bool = True, path: st
 
 
 def _pruned_layers_file(path: str | Path | None) -> Path | None:
-    from svnup.pruning import PRUNED_LAYERS
+    from svnup.content import PRUNED_LAYERS
 
     if path is None:
         return None
@@ -1011,9 +1011,10 @@ def prune(
     load onto the dense model. It takes a fraction of the disk of a checkpoint (a sixteenth of
     bfloat16 weights for Wanda's masks)."""
     from svnup.calibration import load_statistics, save_probe
+    from svnup.content import PRUNED_LAYERS
     from svnup.export import block_names, describe_checkpoint
     from svnup.provenance import checkpoint_identity, read_budget
-    from svnup.pruning import PRUNED_LAYERS, prune_model, pruned_layers
+    from svnup.pruning import prune_model, pruned_layers
 
     plan = read_budget(budget, target=spec["sparsity"], spec_key=spec["budget"])
     identity = checkpoint_identity(spec, model, budget, calibration)

@@ -205,7 +205,7 @@ def test_pruned_layers_evaluate_as_the_checkpoint_on_a_fraction_of_its_disk(prun
     bit, with the same identity, and their file holds what the probe formula of
     benchmarks/results/scale.md counts: a bit a weight, plus each kept weight once in the model's
     dtype where the pruner rewrites them."""
-    from svnup.pruning import PRUNED_LAYERS
+    from svnup.content import PRUNED_LAYERS
 
     root, model = pruned["root"], pruned["model"]
     spec = {**pruned["prune_spec"], "pruner": pruner}

@@ -74,6 +74,23 @@ def test_truncated_weights_and_missing_shards_are_named(tmp_path):
         content.check_intact(tmp_path / "broken.json")
 
 
+def test_a_folder_of_pruned_layers_is_a_model_folder(tmp_path):
+    """``prune --layers-only`` writes only the pruned layers; a run killed between its pruning
+    and its evaluation leaves that folder, which the next run's checks must accept."""
+    import h5py
+
+    layers = tmp_path / content.PRUNED_LAYERS
+    with h5py.File(layers, "w") as f:
+        f["blocks/0/q_proj"] = [1.0, 0.0]
+    content.check_model_dir(tmp_path)
+    layers.write_bytes(layers.read_bytes()[:100])
+    with pytest.raises(CorruptFileError, match="pruned_layers.h5 .*restore it"):
+        content.check_model_dir(tmp_path, fix="restore it")
+    layers.unlink()
+    with pytest.raises(CorruptFileError, match="holds no model weights"):
+        content.check_model_dir(tmp_path)
+
+
 def test_model_facts_come_from_config_json_without_loading(tmp_path):
     build_tiny_llama(tmp_path, layers=5)
     facts = preflight.model_facts(_settings(tmp_path))

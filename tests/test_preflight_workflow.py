@@ -189,3 +189,28 @@ def test_unknown_zero_shot_tasks_are_named_before_planning(project):
     assert len(indexes) == 2  # the harness's own and the include path's
     _plans(project, tiny_config(**{"evaluation.zero_shot": {"tasks": ["boolq"], **local}}))
     assert {p: p.stat().st_mtime_ns for p in indexes} == indexes, "an index was built again"
+
+
+def test_a_folder_of_pruned_layers_left_by_a_killed_run_is_accepted(project):
+    """A run killed between a pruning (``--layers-only``, the default) and its evaluation leaves
+    the pruned layers; the next run plans around them, and names the folder if they are damaged."""
+    import h5py
+
+    from svnup.content import PRUNED_LAYERS
+
+    planned = sorted(
+        path for path in _planned_files(project, tiny_config()) if path.endswith("/model")
+    )
+    assert planned, "the plan prunes no model"
+    folder = project / planned[0]
+    folder.mkdir(parents=True)
+    try:
+        with h5py.File(folder / PRUNED_LAYERS, "w") as f:
+            f["blocks/0/q_proj"] = [1.0, 0.0]
+        _plans(project, tiny_config())
+        (folder / PRUNED_LAYERS).write_bytes(b"not an HDF5 file")
+        line = _one_line_error(project, tiny_config())
+        assert f"{PRUNED_LAYERS} is truncated or corrupt" in line
+        assert f"delete the folder {planned[0]} and re-run snakemake" in line
+    finally:
+        shutil.rmtree(folder)
