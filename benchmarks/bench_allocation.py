@@ -202,15 +202,32 @@ def _link(link: Path, target: Path) -> None:
     link.symlink_to(target.resolve(), target_is_directory=target.is_dir())
 
 
-def prepare(workdir: Path, model: str) -> None:
-    """Fixture links, the converted smollm2 checkpoint and the calibration documents."""
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system
+        shutil.copy2(source, target)
+
+
+def prepare(workdir: Path, model: str, checkpoint_from: Path | None = None) -> None:
+    """Fixture links, the converted smollm2 checkpoint and the calibration documents.
+
+    A variant's folder takes the main folder's conversion (``checkpoint_from``) as hard links
+    or copies that keep its modification times: a large weights file is fingerprinted by its size
+    and mtime (svnup.content), so a conversion of its own would key the dense model's runs apart
+    and ``share_dense`` would share nothing."""
     workdir.mkdir(parents=True, exist_ok=True)
     _link(workdir / "data", SHARED / "data")
     models = workdir / "models"
     models.mkdir(exist_ok=True)
+    converted = checkpoint_from / "models" / model if checkpoint_from else None
     if model == "c4-llama-12L":
         _link(models / model, SHARED / "models" / model)
-    elif not (models / model / "config.json").exists():
+    elif (models / model / "config.json").exists():
+        pass
+    elif converted is not None and (converted / "config.json").exists():
+        shutil.copytree(converted, models / model, copy_function=_link_or_copy)
+    else:
         command = [
             sys.executable,
             str(SHARED / "tools" / "gguf_to_hf.py"),
@@ -571,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     for label, (folder, settings, folder_targets) in plan.items():
         if label in running:
-            prepare(folder, args.model)
+            prepare(folder, args.model, None if label == "main" else args.workdir)
             if label != "main":
                 share_dense(args.workdir, folder, args.model)
             wall[label] = run_snakemake(folder, settings, folder_targets, args.cores)

@@ -1,6 +1,7 @@
 """The allocation benchmark keeps its default table for the config's whole grid."""
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,7 @@ def recorded(bench, tmp_path, monkeypatch):
     """The folders ``main`` prepares and runs, with the workflow and the GGUF conversion stubbed
     out and the table's collection stopped before it reads anything."""
     calls = []
-    monkeypatch.setattr(bench, "prepare", lambda folder, model: calls.append(("prepare", folder)))
+    monkeypatch.setattr(bench, "prepare", lambda folder, *args: calls.append(("prepare", folder)))
     monkeypatch.setattr(bench, "share_dense", lambda *args: None)
     monkeypatch.setattr(
         bench, "run_snakemake", lambda folder, *args: calls.append(("run", folder)) or 1.0
@@ -116,3 +117,22 @@ def test_only_run_names_a_folder_of_the_study(bench, recorded, tmp_path):
     with pytest.raises(SystemExit, match="--only-run evopress-match: not main or one of"):
         bench.main(_argv(tmp_path, "--variants", "--only-run", "main", "evopress-match"))
     assert recorded == []
+
+
+def test_a_variant_folder_takes_the_main_folders_checkpoint_and_its_keys(bench, tmp_path):
+    """Each folder converting the GGUF itself gave the dense model a key per folder (a large
+    weights file is fingerprinted by size and mtime), so its evaluations were not shared."""
+    from svnup.content import HASH_LIMIT, fingerprint
+
+    bench.C4.write_text('{"text": "a"}\n' * bench.CALIBRATION_DOCS)
+    main = tmp_path / "main" / "models" / "smollm2-135m"
+    main.mkdir(parents=True)
+    (main / "config.json").write_text("{}")
+    with open(main / "model.safetensors", "wb") as weights:
+        weights.truncate(HASH_LIMIT + 1)  # fingerprinted by size and mtime
+    os.utime(main / "model.safetensors", ns=(0, 10**18))
+    bench.prepare(tmp_path / "variant", "smollm2-135m", tmp_path / "main")
+    copy = tmp_path / "variant" / "models" / "smollm2-135m"
+    assert sorted(p.name for p in copy.iterdir()) == ["config.json", "model.safetensors"]
+    assert fingerprint(copy) == fingerprint(main)
+    assert (tmp_path / "variant" / "calib" / f"c4-first-{bench.CALIBRATION_DOCS}.jsonl").is_file()
