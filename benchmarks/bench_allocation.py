@@ -209,33 +209,42 @@ def _link_or_copy(source: str, target: str) -> None:
         shutil.copy2(source, target)
 
 
-def prepare(workdir: Path, model: str, checkpoint_from: Path | None = None) -> None:
-    """Fixture links, the converted smollm2 checkpoint and the calibration documents.
+def _smollm2_checkpoint(target: Path, converted: Path | None) -> None:
+    """The float32 conversion of the GGUF fixture at ``target``. A variant's folder takes the
+    main folder's (``converted``) as hard links, or copies that keep its modification times: a
+    large weights file is fingerprinted by its size and mtime (svnup.content), so a conversion of
+    its own would key the dense model's runs apart and ``share_dense`` would share nothing."""
+    if (target / "config.json").exists():
+        return
+    if converted is not None and (converted / "config.json").exists():
+        partial = target.with_name(f".{target.name}.partial")  # a killed copy is no checkpoint
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(converted, partial, copy_function=_link_or_copy)
+        shutil.rmtree(target, ignore_errors=True)
+        partial.rename(target)
+        return
+    command = [
+        sys.executable,
+        str(SHARED / "tools" / "gguf_to_hf.py"),
+        str(SMOLLM_GGUF),
+        str(target),
+    ]
+    print(f"converting the GGUF fixture: {shlex.join(command)}", flush=True)
+    subprocess.run(command, check=True)
 
-    A variant's folder takes the main folder's conversion (``checkpoint_from``) as hard links
-    or copies that keep its modification times: a large weights file is fingerprinted by its size
-    and mtime (svnup.content), so a conversion of its own would key the dense model's runs apart
-    and ``share_dense`` would share nothing."""
+
+def prepare(workdir: Path, model: str, checkpoint_from: Path | None = None) -> None:
+    """Fixture links, the converted smollm2 checkpoint (``checkpoint_from``'s where given) and the
+    calibration documents."""
     workdir.mkdir(parents=True, exist_ok=True)
     _link(workdir / "data", SHARED / "data")
     models = workdir / "models"
     models.mkdir(exist_ok=True)
-    converted = checkpoint_from / "models" / model if checkpoint_from else None
     if model == "c4-llama-12L":
         _link(models / model, SHARED / "models" / model)
-    elif (models / model / "config.json").exists():
-        pass
-    elif converted is not None and (converted / "config.json").exists():
-        shutil.copytree(converted, models / model, copy_function=_link_or_copy)
     else:
-        command = [
-            sys.executable,
-            str(SHARED / "tools" / "gguf_to_hf.py"),
-            str(SMOLLM_GGUF),
-            str(models / model),
-        ]
-        print(f"converting the GGUF fixture: {shlex.join(command)}", flush=True)
-        subprocess.run(command, check=True)
+        converted = checkpoint_from / "models" / model if checkpoint_from else None
+        _smollm2_checkpoint(models / model, converted)
     calib = workdir / "calib" / f"c4-first-{CALIBRATION_DOCS}.jsonl"
     if not calib.exists():
         calib.parent.mkdir(exist_ok=True)

@@ -134,5 +134,6 @@ def test_a_variant_folder_takes_the_main_folders_checkpoint_and_its_keys(bench, 
     bench.prepare(tmp_path / "variant", "smollm2-135m", tmp_path / "main")
     copy = tmp_path / "variant" / "models" / "smollm2-135m"
     assert sorted(p.name for p in copy.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in copy.parent.iterdir()) == ["smollm2-135m"]  # no partial copy
     assert fingerprint(copy) == fingerprint(main)
     assert (tmp_path / "variant" / "calib" / f"c4-first-{bench.CALIBRATION_DOCS}.jsonl").is_file()
