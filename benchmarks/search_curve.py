@@ -4,9 +4,11 @@ Why: a search run at fewer generations than the reference's 400 is only a fair r
 reader can see whether it converged. Each search JSON (``results/<model>/search/evopress/<key>/
 s<S>.json``) records the best fitness of every generation's last selection step, measured on that
 step's fresh minibatch, so single values are noisy; the table shows them every ``--every``
-generations with the mean of the last ``--window``.
+generations with the mean of the last ``--window``. ``--blocks N`` adds the mean of each run of N
+generations and its change from the run before, the figure that says whether a search has
+levelled off.
 
-    python benchmarks/search_curve.py uniform=PATH seeded=PATH --every 5
+    python benchmarks/search_curve.py uniform=PATH seeded=PATH --every 5 --blocks 50
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("searches", nargs="+", metavar="LABEL=PATH", help="search JSON files")
     p.add_argument("--every", type=int, default=5, help="show every n-th generation")
     p.add_argument("--window", type=int, default=5, help="generations of the trailing mean")
+    p.add_argument(
+        "--blocks", type=int, default=0, help="also tabulate the mean of each run of N generations"
+    )
     args = p.parse_args(argv)
     for item in args.searches:
         if "=" not in item:
@@ -56,6 +61,29 @@ def table(curves: dict[str, list[float]], every: int, window: int) -> list[str]:
     return lines
 
 
+def block_means(curve: list[float], size: int) -> list[float]:
+    """The mean fitness of each whole run of ``size`` generations; a partial run is dropped."""
+    return [sum(curve[i : i + size]) / size for i in range(0, len(curve) - size + 1, size)]
+
+
+def block_table(curves: dict[str, list[float]], size: int) -> list[str]:
+    labels = list(curves)
+    means = {label: block_means(curve, size) for label, curve in curves.items()}
+    heads = " | ".join(f"{label} | change" for label in labels)
+    lines = [f"| generations | {heads} |", "| --- |" + " --- | --- |" * len(labels)]
+    for b in range(max(len(m) for m in means.values())):
+        cells = []
+        for label in labels:
+            m = means[label]
+            if b >= len(m):
+                cells += ["", ""]
+                continue
+            change = f"{100 * (m[b] / m[b - 1] - 1):+.1f}%" if b else ""
+            cells += [f"{m[b]:.4f}", change]
+        lines.append(f"| {b * size + 1}-{(b + 1) * size} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     curves = {}
@@ -63,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         label, path = item.split("=", 1)
         curves[label] = fitness_curve(Path(path))
     print("\n".join(table(curves, args.every, args.window)))
+    if args.blocks:
+        print()
+        print("\n".join(block_table(curves, args.blocks)))
     return 0
 
 

@@ -24,3 +24,13 @@ def test_curve_is_in_generation_order_and_the_mean_trails(tmp_path):
     assert lines[0] == "| generation | a | mean of last 2 | b | mean of last 2 |"
     assert lines[2] == "| 2 | 0.4000 | 0.4500 |  |  |"
     assert lines[3] == "| 3 | 0.3000 | 0.3500 |  |  |"
+
+
+def test_block_means_leave_out_a_partial_run_and_give_the_change():
+    curve = _script()
+    assert curve.block_means([4.0, 2.0, 1.0, 2.0, 9.0], 2) == [3.0, 1.5]
+    lines = curve.block_table({"a": [4.0, 2.0, 1.0, 2.0, 9.0], "b": [1.0, 1.0]}, 2)
+    assert lines[0] == "| generations | a | change | b | change |"
+    assert lines[2] == "| 1-2 | 3.0000 |  | 1.0000 |  |"
+    assert lines[3] == "| 3-4 | 1.5000 | -50.0% |  |  |"
+    assert len(lines) == 4
