@@ -86,7 +86,22 @@ VARIANTS = {
             "shapley": {"players": "halves", "probe_pruner": "match"},
         },
     ),
+    # seeded by the best setting svnup ships (halves split by the type game), searching on each
+    # pruner's own level database
+    "evopress-seeded-types": (
+        "evopress",
+        {
+            "allocation": {
+                "evopress": {"start": "svnup-fit", "probe_pruner": "match"},
+                "svnup-fit": {"split": "types"},
+            },
+            "shapley": {"players": "halves", "probe_pruner": "match"},
+        },
+    ),
 }
+# A seeded search's folder plays its seed's games anyway: it also evaluates the seed, tabulated
+# under the seed's variant label where that variant is not run in a folder of its own.
+SEEDS = {"evopress-seeded-types": "svnup-fit-halves-types"}
 # The recommended allocation (README "Allocation on real models"): SV-NUP-fit on half-block players,
 # each pruner's games probed with that pruner. Where that variant did not run, the block games with
 # the matched probe: the config's method, or for a pruner whose probe is not the config's this.
@@ -117,6 +132,7 @@ NAMES = {
     "lsa-projection": "LSA (by projection)",
     "evopress-seeded": "EvoPress seeded by SV-NUP-fit (halves)",
     "evopress-match": "EvoPress (level database of the run's pruner)",
+    "evopress-seeded-types": "EvoPress seeded by SV-NUP-fit (halves split by the type game)",
 }
 # Methods that search once per target (ATP, and EvoPress on each pruner's database, also once per
 # pruner); EvoPress's cost includes its level database.
@@ -124,6 +140,7 @@ PER_TARGET = {
     "atp": "once per target and pruner",
     "evopress": "once per target",
     "evopress-match": "once per target and pruner",
+    "evopress-seeded-types": "once per target and pruner",
 }
 
 
@@ -389,7 +406,7 @@ def start_cost(folder: Path, settings: dict, model: str, method: str, pruner: st
 
 def collect(args: argparse.Namespace, config: dict, folders: dict[str, tuple[Path, dict]]) -> dict:
     grid, model = config["targets"], args.model
-    rows, allocations = [], {}
+    rows, allocations, budgets = [], {}, {}
     for label, (folder, folder_config) in folders.items():
         method = VARIANTS[label][0] if label in VARIANTS else label
         settings = cfg.model_settings(folder_config, model)
@@ -419,6 +436,7 @@ def collect(args: argparse.Namespace, config: dict, folders: dict[str, tuple[Pat
                     }
                 )
                 allocations[(label, pruner, target)] = run["budget"]["sparsities"]
+                budgets[f"{label}/{pruner}/s{target}"] = {"ppl": ppl, **run["budget"]}
     mixed = pd.DataFrame(rows).groupby("windows")["method"].unique()
     if len(mixed) > 1:
         raise SystemExit(
@@ -429,6 +447,7 @@ def collect(args: argparse.Namespace, config: dict, folders: dict[str, tuple[Pat
     return {
         "rows": pd.DataFrame(rows),
         "allocations": allocations,
+        "budgets": budgets,
         "dense": dense_perplexity(args.workdir, model, rows[0]["windows"]),
     }
 
@@ -584,7 +603,10 @@ def main(argv: list[str] | None = None) -> int:
     for label in args.variants:
         method, override = VARIANTS[label]
         variant = _merge(config, override)
-        variant["targets"] = {**config["targets"], "allocations": [method]}
+        evaluated = [method]
+        if (seed := SEEDS.get(label)) is not None and seed not in args.variants:
+            evaluated.append(VARIANTS[seed][0])
+        variant["targets"] = {**config["targets"], "allocations": evaluated}
         plan[label] = (args.workdir.with_name(f"{args.workdir.name}-{label}"), variant, targets[:1])
     running = list(plan) if args.only_run is None else args.only_run
     if unknown := sorted(set(running) - set(plan)):
@@ -604,13 +626,20 @@ def main(argv: list[str] | None = None) -> int:
     for label, (folder, settings, _) in plan.items():
         for method in settings["targets"]["allocations"] if label == "main" else [label]:
             folders[method] = (folder, settings)
+        if label in SEEDS and len(settings["targets"]["allocations"]) > 1:
+            folders[SEEDS[label]] = (folder, settings)
     numbers = collect(args, config, folders)
     numbers["reference_seconds"] = json.loads((args.workdir / reference).read_text())["pruning"][
         "seconds"
     ]
     lines = report(args, config, numbers, wall)
     args.out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+    # Every cell's allocation (per block, and per linear layer where the method sets them), so a
+    # table can be pruned again from it on another machine (`python -m svnup prune --budget`)
+    # once the folders that searched it are gone.
+    budgets = args.out.with_suffix(".budgets.json")
+    budgets.write_text(json.dumps(numbers["budgets"], indent=1) + "\n")
+    print(f"wrote {args.out} and {budgets.name}")
     return 0
 
 

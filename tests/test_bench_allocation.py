@@ -137,3 +137,32 @@ def test_a_variant_folder_takes_the_main_folders_checkpoint_and_its_keys(bench, 
     assert sorted(p.name for p in copy.parent.iterdir()) == ["smollm2-135m"]  # no partial copy
     assert fingerprint(copy) == fingerprint(main)
     assert (tmp_path / "variant" / "calib" / f"c4-first-{bench.CALIBRATION_DOCS}.jsonl").is_file()
+
+
+def test_a_seeded_search_folder_also_evaluates_its_seed(bench, recorded, tmp_path, monkeypatch):
+    """The seed's games are played in the seeded search's folder anyway: its allocation is
+    evaluated there and tabulated under its own label, unless that variant has a folder."""
+    configs = {}
+
+    def run(folder, settings, *args):
+        configs[folder.name] = settings
+        return 1.0
+
+    monkeypatch.setattr(bench, "run_snakemake", run)
+    argv = _argv(tmp_path, "--variants", "evopress-seeded-types")
+    with pytest.raises(_Stop):
+        bench.main(argv)
+    seeded = configs["study-evopress-seeded-types"]
+    assert seeded["targets"]["allocations"] == ["evopress", "svnup-fit"]
+    assert seeded["allocation"]["svnup-fit"]["split"] == "types"
+    assert seeded["allocation"]["evopress"]["start"] == "svnup-fit"
+    folders = recorded[-1][1]
+    assert set(folders) == {"uniform", "evopress-seeded-types", "svnup-fit-halves-types"}
+    assert folders["svnup-fit-halves-types"][0] == tmp_path / "study-evopress-seeded-types"
+
+    recorded.clear()
+    with pytest.raises(_Stop):
+        bench.main(_argv(tmp_path, "--variants", "evopress-seeded-types", "svnup-fit-halves-types"))
+    assert configs["study-evopress-seeded-types"]["targets"]["allocations"] == ["evopress"]
+    folders = recorded[-1][1]
+    assert folders["svnup-fit-halves-types"][0] == tmp_path / "study-svnup-fit-halves-types"
