@@ -6,7 +6,8 @@ pretrained model and at a cost comparable to pruning itself. The study runs the 
 (``snakemake``) on the configs in ``benchmarks/configs/allocation-<model>.yaml`` so that every
 number is what a user gets, then tabulates perplexity per (pruner, target, method), the per-block
 allocations, and each method's scoring cost in CPU seconds relative to one SparseGPT pruning pass
-on the same calibration set, all from the same run.
+on the same calibration set, all from the same run. Beside each table, ``<table>.budgets.json``
+keeps every cell's allocation (per block and, where set, per linear layer).
 
 The working directory (``benchmarks/.cache/allocation``) links ``data`` to ``../shared/data`` and
 ``models/c4-llama-12L`` to the fixture, converts smollm2-135m from its GGUF into

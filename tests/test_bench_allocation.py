@@ -166,3 +166,21 @@ def test_a_seeded_search_folder_also_evaluates_its_seed(bench, recorded, tmp_pat
     assert configs["study-evopress-seeded-types"]["targets"]["allocations"] == ["evopress"]
     folders = recorded[-1][1]
     assert folders["svnup-fit-halves-types"][0] == tmp_path / "study-svnup-fit-halves-types"
+
+
+def test_a_table_writes_its_cells_budgets_beside_it(bench, recorded, tmp_path, monkeypatch):
+    """A searched allocation outlives its folder: the table's budgets file holds every cell's."""
+    import json
+
+    budget = {"ppl": 98.6, "sparsities": [0.6], "layer_sparsities": [{"mlp.up_proj": 0.6}]}
+    monkeypatch.setattr(
+        bench, "collect", lambda *args: {"budgets": {"evopress/wanda/s0.6": budget}}
+    )
+    monkeypatch.setattr(bench, "report", lambda *args: ["# table"])
+    _finish(tmp_path / "study", ["s0.6/uniform/sparsegpt"])
+    (tmp_path / "study/results/smollm2-135m/s0.6/uniform/sparsegpt/ppl.json").write_text(
+        '{"pruning": {"seconds": 1.0}}'
+    )
+    bench.main(_argv(tmp_path, "--variants"))
+    assert (tmp_path / "t.md").read_text() == "# table\n"
+    assert json.loads((tmp_path / "t.budgets.json").read_text()) == {"evopress/wanda/s0.6": budget}
