@@ -7,7 +7,7 @@ pretrained model and at a cost comparable to pruning itself. The study runs the 
 number is what a user gets, then tabulates perplexity per (pruner, target, method), the per-block
 allocations, and each method's scoring cost in CPU seconds relative to one SparseGPT pruning pass
 on the same calibration set, all from the same run. Beside each table, ``<table>.budgets.json``
-keeps every cell's allocation (per block and, where set, per linear layer).
+keeps every cell's perplexity and budget file (per block and, where set, per linear layer).
 
 The working directory (``benchmarks/.cache/allocation``) links ``data`` to ``../shared/data`` and
 ``models/c4-llama-12L`` to the fixture, converts smollm2-135m from its GGUF into
@@ -360,6 +360,16 @@ def _run(folder: Path, model: str, target: float, method: str, pruner: str) -> d
     return json.loads(_cell(folder, model, target, method, pruner).read_text())
 
 
+def run_budget(folder: Path, model: str, method: str, run: dict) -> dict:
+    """The budget file a run was pruned with, whole: what ``python -m svnup prune --budget``
+    reads (the run's JSON keeps only part of it)."""
+    key = cfg.key(run["budget"]["spec"])
+    target = run["target_sparsity"]
+    return json.loads(
+        (folder / f"results/{model}/budget/{method}/{key}/s{target}.json").read_text()
+    )
+
+
 def probe_seconds(folder: Path, settings: dict, model: str, method: str, pruner: str) -> float:
     """Seconds of the probe jobs whose probes ``method``'s games for ``pruner``'s runs ablate
     with (SparseGPT probes cost a pruning kernel per layer and level; mask probes a few
@@ -437,7 +447,10 @@ def collect(args: argparse.Namespace, config: dict, folders: dict[str, tuple[Pat
                     }
                 )
                 allocations[(label, pruner, target)] = run["budget"]["sparsities"]
-                budgets[f"{label}/{pruner}/s{target}"] = {"ppl": ppl, **run["budget"]}
+                budgets[f"{label}/{pruner}/s{target}"] = {
+                    "ppl": ppl,
+                    "budget": run_budget(folder, model, method, run),
+                }
     mixed = pd.DataFrame(rows).groupby("windows")["method"].unique()
     if len(mixed) > 1:
         raise SystemExit(
@@ -627,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, (folder, settings, _) in plan.items():
         for method in settings["targets"]["allocations"] if label == "main" else [label]:
             folders[method] = (folder, settings)
-        if label in SEEDS and len(settings["targets"]["allocations"]) > 1:
+        if label in SEEDS and SEEDS[label] not in args.variants:
             folders[SEEDS[label]] = (folder, settings)
     numbers = collect(args, config, folders)
     numbers["reference_seconds"] = json.loads((args.workdir / reference).read_text())["pruning"][
@@ -635,9 +648,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     lines = report(args, config, numbers, wall)
     args.out.write_text("\n".join(lines) + "\n")
-    # Every cell's allocation (per block, and per linear layer where the method sets them), so a
-    # table can be pruned again from it on another machine (`python -m svnup prune --budget`)
-    # once the folders that searched it are gone.
+    # Every cell's budget file (per block, and per linear layer where the method sets them), so a
+    # cell can be pruned again on another machine (`python -m svnup prune --budget`) once the
+    # folder that searched it is gone.
     budgets = args.out.with_suffix(".budgets.json")
     budgets.write_text(json.dumps(numbers["budgets"], indent=1) + "\n")
     print(f"wrote {args.out} and {budgets.name}")

@@ -184,3 +184,26 @@ def test_a_table_writes_its_cells_budgets_beside_it(bench, recorded, tmp_path, m
     bench.main(_argv(tmp_path, "--variants"))
     assert (tmp_path / "t.md").read_text() == "# table\n"
     assert json.loads((tmp_path / "t.budgets.json").read_text()) == {"evopress/wanda/s0.6": budget}
+
+
+def test_a_cells_budget_is_the_file_the_prune_stage_reads(bench, tmp_path):
+    """The run's JSON keeps only part of its budget; the budgets file keeps the whole budget
+    file, which ``svnup prune --budget`` accepts as it is."""
+    import json
+
+    from svnup.config import key
+    from svnup.provenance import check_budget
+
+    spec = {"calibration": "61a827a69432", "max": 0.99, "method": "uniform", "min": 0.0}
+    budget = {
+        "spec": spec, "target": 0.6, "achieved": 0.6, "sparsities": [0.6, 0.6],
+        "block_params": [10, 10], "importance": None,
+        "scores": {"source": None, "n_coalitions": None, "seconds": None},
+    }  # fmt: skip
+    path = tmp_path / f"results/smollm2-135m/budget/uniform/{key(spec)}/s0.6.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(budget))
+    run = {"target_sparsity": 0.6, "budget": {k: budget[k] for k in ("spec", "sparsities")}}
+    found = bench.run_budget(tmp_path, "smollm2-135m", "uniform", run)
+    assert found == budget
+    check_budget(found, path, target=0.6, spec_key=key(spec))
